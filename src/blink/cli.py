@@ -1,0 +1,136 @@
+"""The `blink` command: the only place that reads flags and the environment, and wires the parts together.
+
+blink serve     gateway + in-memory bus + one pre-warmed replica, in one process
+blink prepare   convert the model once into the cache (serve does this too when needed)
+blink models    list the models this installation can serve
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import uvicorn
+
+from blink import __version__
+from blink.config import EngineConfig, GatewayConfig, ModelConfig, ServeConfig, add_flags, from_flags
+
+log = logging.getLogger("blink")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blink", description="Real-time LLM serving.")
+    parser.add_argument("--version", action="version", version=f"blink {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the model over WebSocket (/v1/realtime) and OpenAI-compatible HTTP",
+        description="Start the gateway, the in-memory event bus and one pre-warmed replica in this process. "
+        "/readyz answers 200 once the replica has loaded and warmed its model.",
+    )
+    for cls in (ModelConfig, EngineConfig, GatewayConfig):
+        add_flags(serve, cls)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    prepare = sub.add_parser("prepare", help="prepare a model into the cache (dequantize once, load fast after)")
+    add_flags(prepare, ModelConfig)
+
+    sub.add_parser("models", help="list the models this installation can serve")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        from blink.models import registry
+
+        for name in registry.names():
+            print(name)
+        return 0
+    if args.command == "prepare":
+        from blink.models import loader, registry
+
+        cfg = from_flags(ModelConfig, args)
+        print(loader.prepare(registry.get(cfg.model), cfg.cache_dir))
+        return 0
+    config = ServeConfig(
+        model=from_flags(ModelConfig, args),
+        engine=from_flags(EngineConfig, args),
+        gateway=from_flags(GatewayConfig, args),
+    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(config, log_level=args.log_level)
+
+
+def serve(config: ServeConfig, *, log_level: str = "info") -> int:
+    from blink.bus.memory import MemoryBus
+    from blink.errors import BlinkError
+    from blink.gateway.app import create_app
+    from blink.gateway.service import Gateway
+    from blink.models import registry
+    from blink.worker.replica import Replica
+
+    try:
+        registry.get(config.model.model).locate()
+    except BlinkError as exc:
+        print(f"blink: {exc.message}", file=sys.stderr)
+        return 2
+    gw = config.gateway
+    bus = MemoryBus(max_pending=gw.max_pending_requests, stream_events=gw.stream_queue_events)
+    gateway = Gateway(bus, gw, [config.model.model])
+    replica = Replica(bus, config.model, config.engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        await bus.start()
+        task = asyncio.create_task(replica.run())
+        task.add_done_callback(_report_replica_exit)
+        log.info("listening on http://%s:%d; loading %s", gw.host, gw.port, config.model.model)
+        yield
+        await replica.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await bus.close()
+
+    app = create_app(gateway, lifespan)
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=gw.host,
+            port=gw.port,
+            log_level=log_level,
+            ws_max_size=4 * gw.max_request_bytes,
+            timeout_graceful_shutdown=int(gw.shutdown_grace_s) + 5,
+        ),
+        gateway,
+    )
+    server.run()
+    return 0
+
+
+def _report_replica_exit(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the replica stopped: %r", task.exception())
+
+
+class _Server(uvicorn.Server):
+    """uvicorn closes WebSockets (1012) as soon as its shutdown starts; drain our streams before that, so each
+    in-flight response first ends with response.done (status incomplete)."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Any) -> None:
+        super().__init__(config)
+        self._gateway = gateway
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await self._gateway.shutdown()
+        await super().shutdown(sockets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""One frozen dataclass per subsystem, composed into `ServeConfig`.
+
+Command-line flags are generated from the fields (`add_flags` / `from_flags`), so a new setting is one field with
+a `help` in its metadata. Only `cli.py` calls these; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "blink"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _help("model to serve (see `blink models`)", "smollm2-135m-instruct")
+    cache_dir: Path = _help("where prepared models are kept", default_cache_dir())
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    threads: int = _help("torch threads for the model (0: one per core)", 0)
+    max_num_seqs: int = _help("sequences decoded together in one batch", 16)
+    max_model_len: int = _help("longest prompt + output, in tokens", 2048)
+    max_prefill_tokens: int = _help("prompt tokens prefilled in one engine step", 2048)
+    warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = _help("address to listen on", "127.0.0.1")
+    port: int = _help("port to listen on", 8000)
+    stream_queue_events: int = _help(
+        "events buffered per response for a slow client; past it the response is cancelled", 1024
+    )
+    max_pending_requests: int = _help("requests queued for replicas before new ones get 429", 256)
+    max_request_bytes: int = _help("largest accepted HTTP body or WebSocket message", 1 << 20)
+    shutdown_grace_s: float = _help("seconds in-flight streams get to finish on SIGTERM", 5.0)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+
+
+def resolve_threads(threads: int) -> int:
+    return threads if threads > 0 else max(1, len(os.sched_getaffinity(0)))
+
+
+T = TypeVar("T")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per field of the frozen dataclass `cls`, typed and documented from the field."""
+    group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower())
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default
+        kind = type(default)
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default: {default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            group.add_argument(flag, type=kind, default=default, help=text, metavar=f.name.upper())
+
+
+def from_flags(cls: type[T], args: argparse.Namespace) -> T:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    return cls(**values)

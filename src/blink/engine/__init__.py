@@ -1,0 +1,1 @@
+"""The synchronous engine: add_request / abort / step(). No I/O, no asyncio."""

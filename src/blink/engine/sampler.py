@@ -1,0 +1,35 @@
+"""Token sampling as a pure function of logits and parameters.
+
+For a row with temperature T, top-k K and top-p P: p = softmax(logits / T); keep the K most likely tokens;
+keep the smallest set of the most likely tokens whose mass reaches P; renormalise; draw one with the row's
+own generator, so a seeded request gives the same tokens whatever else is in the batch. T = 0 is argmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blink.engine.sequence import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """logits [B, V] (float32) -> one token id per row."""
+    out = logits.argmax(dim=-1).tolist()  # greedy for every row; sampled rows are overwritten below
+    for i, p in enumerate(params):
+        if not p.greedy:
+            out[i] = _sample_row(logits[i], p, generators[i])
+    return out
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    logits = logits / p.temperature  # [V]
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly before each token
+        sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)  # the first token is always kept
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=gen).item())

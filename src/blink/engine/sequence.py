@@ -1,0 +1,84 @@
+"""A request inside the engine, with its sampling parameters and lifecycle."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be 0 (off) or positive")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_TRANSITIONS = {
+    SeqStatus.WAITING: {SeqStatus.RUNNING, SeqStatus.FINISHED},
+    SeqStatus.RUNNING: {SeqStatus.FINISHED},
+    SeqStatus.FINISHED: set(),
+}
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # a stop token (or, decided by the caller, a stop string)
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORTED = "aborted"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    slot: int | None = None  # KV cache slot while running
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+
+    def set_status(self, new: SeqStatus) -> None:
+        if new not in _TRANSITIONS[self.status]:
+            raise RuntimeError(f"{self.request_id}: illegal transition {self.status.value} -> {new.value}")
+        self.status = new
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def uncomputed_tokens(self) -> list[int]:
+        """Tokens that must go through the model at the next step (whole prompt at first, then one)."""
+        return (self.prompt_token_ids + self.output_token_ids)[self.num_computed :]

@@ -1,0 +1,70 @@
+"""The ASGI application: routes, error translation, health and readiness.
+
+Only pure ASGI pieces sit on the streaming path (no BaseHTTPMiddleware).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from blink.errors import BlinkError, InvalidRequest
+from blink.gateway.openai_http import OpenAIRoutes
+from blink.gateway.realtime import realtime_endpoint
+from blink.gateway.service import Gateway
+from blink.gateway.wire import error_response
+
+
+def create_app(
+    gateway: Gateway, lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None
+) -> Starlette:
+    """Build the app around `gateway`. `lifespan` starts and stops what the gateway talks to (bus, replicas)."""
+    routes_api = OpenAIRoutes(gateway)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        replicas = [
+            {"id": r.replica_id, "model": r.model, "state": r.state.value, "running": r.running, "waiting": r.waiting}
+            for r in gateway.bus.replicas()
+        ]
+        ready = bool(gateway.ready_replicas()) and not gateway.shutting_down
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not_ready",
+            "replicas": replicas,
+            "active_responses": gateway.num_active,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def on_blink_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, BlinkError)
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error = InvalidRequest(exc.detail, code="not_found" if exc.status_code == 404 else "invalid_request")
+        error.status = exc.status_code
+        return error_response(error)
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/v1/models", routes_api.models),
+            Route("/v1/chat/completions", routes_api.chat_completions, methods=["POST"]),
+            Route("/v1/completions", routes_api.completions, methods=["POST"]),
+            WebSocketRoute("/v1/realtime", realtime_endpoint),
+        ],
+        exception_handlers={BlinkError: on_blink_error, HTTPException: on_http_error},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

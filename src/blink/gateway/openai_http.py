@@ -1,0 +1,235 @@
+"""OpenAI-compatible HTTP: POST /v1/chat/completions, POST /v1/completions (stream: SSE), GET /v1/models.
+
+Streams end with `data: [DONE]`. An error before the first byte is an HTTP status with an OpenAI error body;
+an error after it (the replica failed, the server is shutting down) is an SSE event `{"error": {...}}`.
+A client that disconnects cancels its generation, streaming or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from blink.bus.messages import FinishStatus, GenerateRequest
+from blink.errors import BlinkError, InvalidRequest, NotReady, RequestTooLarge, from_wire
+from blink.gateway import validation as v
+from blink.gateway.service import Gateway, Generation
+from blink.gateway.wire import error_body, sse
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"the request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(f"the request body is larger than {limit} bytes")
+    return v.parse_object(bytes(body))
+
+
+def parse_messages(raw: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InvalidRequest(f"'{where}' must be an object", param=where)
+        role = v.get_str(msg, "role", required=True, param=f"{where}.role")
+        if role not in ROLES:
+            raise InvalidRequest(f"'{where}.role' must be one of {sorted(ROLES)}", param=f"{where}.role")
+        out.append({"role": ROLES[role], "content": _content_text(msg.get("content"), f"{where}.content")})
+    return tuple(out)
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise InvalidRequest(f"'{where}' parts must be {{type: 'text', text: string}}", param=where)
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequest(f"'{where}' must be a string or a list of text parts", param=where)
+
+
+def _common(gateway: Gateway, body: dict[str, Any]) -> tuple[str, bool, bool, Any]:
+    model = v.get_str(body, "model", required=True)
+    assert model is not None
+    gateway.check_model(model)
+    v.get_number(body, "n", 1, 1, integer=True)  # one choice per request
+    stream = v.get_bool(body, "stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    include_usage = v.get_bool(options, "include_usage", False)
+    sampling = v.get_sampling(
+        body,
+        max_tokens_keys=("max_completion_tokens", "max_tokens"),
+        max_model_len=gateway.max_model_len(model),
+        default_temperature=1.0,
+    )
+    return model, stream, include_usage, sampling
+
+
+def _usage(gen: Generation) -> dict[str, Any]:
+    fin = gen.finished
+    prompt = fin.prompt_tokens if fin and fin.prompt_tokens else gen.prompt_tokens
+    completion = fin.completion_tokens if fin else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+
+def _failure(gen: Generation) -> BlinkError | None:
+    """The error to report for a generation that did not end normally, else None."""
+    fin = gen.finished
+    assert fin is not None
+    if fin.status is FinishStatus.ERROR:
+        return from_wire(fin.error_code or "", fin.error_message or "", fin.error_param)
+    if fin.status is FinishStatus.CANCELLED:
+        if gen.cancel_reason == "shutdown":
+            return NotReady("the server is shutting down", code="server_shutdown")
+        return BlinkError("the response was cancelled", code="cancelled")
+    return None
+
+
+class OpenAIRoutes:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def models(self, request: Request) -> Response:
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "blink"} for m in self.gateway.models]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request) -> Response:
+        started = time.monotonic()
+        body = await read_json(request, self.gateway.config.max_request_bytes)
+        model, stream, include_usage, sampling = _common(self.gateway, body)
+        messages = parse_messages(body.get("messages"))
+        req = GenerateRequest(self.gateway.new_id("chatcmpl"), model, sampling, messages=messages)
+        return await self._respond(request, req, started, stream, include_usage, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        started = time.monotonic()
+        body = await read_json(request, self.gateway.config.max_request_bytes)
+        model, stream, include_usage, sampling = _common(self.gateway, body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidRequest("'prompt' must be a string (one prompt per request)", param="prompt")
+        if not prompt:
+            raise InvalidRequest("'prompt' is empty", param="prompt")
+        req = GenerateRequest(self.gateway.new_id("cmpl"), model, sampling, prompt=prompt)
+        return await self._respond(request, req, started, stream, include_usage, chat=False)
+
+    async def _respond(
+        self, request: Request, req: GenerateRequest, started: float, stream: bool, include_usage: bool, *, chat: bool
+    ) -> Response:
+        gen = await self.gateway.generate(req, started=started)
+        if stream:
+            return StreamingResponse(
+                self._stream(gen, include_usage, chat=chat),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            await _until_done_or_disconnect(gen, request)
+        finally:
+            await gen.close()
+        error = _failure(gen)
+        if error is not None:
+            raise error
+        assert gen.finished is not None
+        reason = gen.finished.status.value
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": gen.text},
+                "finish_reason": reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": gen.text, "finish_reason": reason, "logprobs": None}
+        return JSONResponse(
+            {
+                "id": req.request_id,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(req.created),
+                "model": req.model,
+                "choices": [choice],
+                "usage": _usage(gen),
+            }
+        )
+
+    async def _stream(self, gen: Generation, include_usage: bool, *, chat: bool) -> AsyncIterator[bytes]:
+        req = gen.request
+        base = {
+            "id": req.request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(req.created),
+            "model": req.model,
+        }
+
+        def chunk(text: str | None, finish: str | None = None, *, role: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return sse({**base, "choices": [choice]})
+
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            async for text in gen.deltas():
+                yield chunk(text)
+            error = _failure(gen)
+            if error is not None:
+                yield sse(error_body(error))
+            else:
+                assert gen.finished is not None
+                yield chunk(None if chat else "", gen.finished.status.value)
+                if include_usage:
+                    yield sse({**base, "choices": [], "usage": _usage(gen)})
+            yield sse("[DONE]")
+        finally:
+            # also reached when the client disconnects and this generator is closed or cancelled
+            self.gateway.background(gen.close())
+
+
+async def _until_done_or_disconnect(gen: Generation, request: Request) -> None:
+    collect = asyncio.ensure_future(gen.collect())
+    disconnect = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({collect, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not collect.done():
+            collect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collect
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,188 @@
+"""The gateway's core, shared by every API: admit a request, stream its text, cancel it, drain on shutdown.
+
+    generation = await gateway.generate(request)   # raises BlinkError (bad input, not ready, overloaded)
+    async for text in generation.deltas(): ...     # then generation.finished says how it ended
+    await generation.cancel("client")              # the replica frees the sequence; deltas() then ends
+
+Every generation is registered until it ends, so `shutdown()` can end them all with status incomplete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from blink.bus.base import Bus, ResponseStream
+from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, ReplicaState, TokenEvent
+from blink.config import GatewayConfig
+from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, from_wire
+
+log = logging.getLogger("blink.gateway")
+
+ACCEPT_TIMEOUT_S = 60.0  # a replica tokenizes and answers Accepted within one engine step; this is a dead one
+CANCEL_TIMEOUT_S = 10.0
+
+
+class Generation:
+    def __init__(self, gateway: Gateway, request: GenerateRequest, stream: ResponseStream, started: float) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.request_id = request.request_id
+        self._stream = stream
+        self._events = stream.__aiter__()
+        self.started = started  # monotonic time the client's request arrived
+        self.first_delta: float | None = None
+        self.prompt_tokens = 0
+        self.finished: Finished | None = None
+        self.cancel_reason: str | None = None  # "client", "disconnect", "shutdown"
+        self.text_parts: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    async def _next(self, timeout: float | None = None) -> Any:
+        return await asyncio.wait_for(self._events.__anext__(), timeout)
+
+    async def wait_accepted(self) -> None:
+        """Wait for the replica's answer; raise the error it reported (e.g. the prompt is too long)."""
+        try:
+            event = await self._next(ACCEPT_TIMEOUT_S)
+        except TimeoutError:
+            await self.cancel("timeout")
+            raise EngineFailure("no replica took the request in time") from None
+        if isinstance(event, Accepted):
+            self.prompt_tokens = event.prompt_tokens
+        elif isinstance(event, Finished):
+            self._end(event)
+            if event.status is FinishStatus.ERROR:
+                raise from_wire(event.error_code or "", event.error_message or "", event.error_param)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Yield text as it arrives; return once the response finished (see `finished`)."""
+        while not self.done:
+            try:
+                event = await self._next(None if self.cancel_reason is None else CANCEL_TIMEOUT_S)
+            except (TimeoutError, StopAsyncIteration):
+                self._end(Finished(self.request_id, FinishStatus.CANCELLED))
+                return
+            if isinstance(event, TokenEvent):
+                if self.first_delta is None:
+                    self.first_delta = time.monotonic()
+                self.text_parts.append(event.text)
+                yield event.text
+            elif isinstance(event, Finished):
+                self._end(event)
+
+    async def collect(self) -> str:
+        async for _ in self.deltas():
+            pass
+        return self.text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    async def cancel(self, reason: str) -> None:
+        """Ask the replica to stop; `deltas()` ends when it confirms. The first reason given wins."""
+        if self.done or self.cancel_reason is not None:
+            return
+        self.cancel_reason = reason
+        await self.gateway.bus.cancel(self.request_id, self.request.model)
+
+    def _end(self, finished: Finished) -> None:
+        self.finished = finished
+        self.gateway._forget(self.request_id)
+
+    async def close(self) -> None:
+        """Release the stream; if the response is still running, cancel it (the client went away)."""
+        if not self.done:
+            await self.cancel("disconnect")
+            self.gateway._forget(self.request_id)
+        await self._stream.close()
+
+    def timings(self) -> dict[str, Any]:
+        now = time.monotonic()
+        out: dict[str, Any] = dict(self.finished.timings) if self.finished else {}
+        if self.first_delta is not None:
+            out["ttft_ms"] = round((self.first_delta - self.started) * 1000, 3)
+        out["total_ms"] = round((now - self.started) * 1000, 3)
+        return out
+
+
+class Gateway:
+    def __init__(self, bus: Bus, config: GatewayConfig, models: list[str]) -> None:
+        self.bus = bus
+        self.config = config
+        self.models = models
+        self.default_model = models[0]
+        self._active: dict[str, Generation] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.shutting_down = False
+        self._idle = asyncio.Event()  # set whenever no generation is active
+        self._idle.set()
+
+    def ready_replicas(self, model: str | None = None) -> list[Any]:
+        return [r for r in self.bus.replicas() if r.state is ReplicaState.READY and (model is None or r.model == model)]
+
+    def max_model_len(self, model: str) -> int:
+        lengths = [r.max_model_len for r in self.ready_replicas(model)]
+        return min(lengths) if lengths else 1 << 20
+
+    def check_model(self, model: str) -> None:
+        if model not in self.models:
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this server serves {', '.join(self.models)}", param="model"
+            )
+        if self.shutting_down:
+            raise NotReady("the server is shutting down", code="server_shutdown")
+        if not self.ready_replicas(model):
+            raise NotReady(f"no replica of {model!r} is ready yet; retry shortly")
+
+    async def generate(self, request: GenerateRequest, *, started: float | None = None) -> Generation:
+        self.check_model(request.model)
+        stream = await self.bus.submit(request)
+        generation = Generation(self, request, stream, started or time.monotonic())
+        self._active[request.request_id] = generation
+        self._idle.clear()
+        try:
+            await generation.wait_accepted()
+        except BaseException:
+            await generation.close()
+            raise
+        return generation
+
+    def _forget(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+        if not self._active:
+            self._idle.set()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` detached (e.g. a cleanup from a cancelled task), keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        """Refuse new work, cancel every running generation (they end as incomplete), wait for them."""
+        self.shutting_down = True
+        active = list(self._active.values())
+        log.info("shutting down: %d response(s) in flight", len(active))
+        for generation in active:
+            with contextlib.suppress(BlinkError):
+                await generation.cancel("shutdown")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.config.shutdown_grace_s)

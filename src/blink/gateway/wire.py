@@ -1,0 +1,31 @@
+"""Where errors become HTTP responses and WebSocket events (the one translation point), and SSE framing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from blink.errors import BlinkError
+
+
+def error_body(exc: BlinkError) -> dict[str, Any]:
+    return {"error": exc.to_dict()}
+
+
+def error_response(exc: BlinkError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+
+def error_event(exc: BlinkError, event_id: str | None = None) -> dict[str, Any]:
+    error = exc.to_dict()
+    if event_id is not None:
+        error["event_id"] = event_id
+    return {"type": "error", "error": error}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,1 @@
+"""Model families, weight loading, tokenizers and the registry of servable models."""

@@ -1,0 +1,144 @@
+"""The Llama family (SmolLM2, Llama, Qwen2: Qwen2 adds biases on q/k/v) as one readable PyTorch module.
+
+The model knows nothing of KV caches or batching: tokens of all sequences in a step come flattened as [N],
+and each attention layer hands its q/k/v to an `AttentionBackend` supplied by the runner, which stores k/v
+wherever the engine keeps them and returns the attention output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    architecture: str = "llama"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LlamaConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, H, D], k/v [N, KVH, D] for this step's tokens -> attention output [N, H, D]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.n_heads, self.head_dim)  # [N, H, D]
+        k = self.k_proj(x).view(n, self.n_kv, self.head_dim)  # [N, KVH, D]
+        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)  # [N, KVH, D]
+        q = q * cos + rotate_half(q) * sin  # cos/sin [N, 1, D] broadcast over heads
+        k = k * cos + rotate_half(k) * sin
+        out = backend.attend(self.layer, q, k, v)  # [N, H, D]
+        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    rope_cos: torch.Tensor  # [max_positions, D]
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        angles = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)  # [P, D/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [P, D]
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def load_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face-named weights ("model.layers.0.self_attn.q_proj.weight", ...); strict."""
+        renamed = {k.removeprefix("model."): v for k, v in state.items()}
+        if self.config.tie_word_embeddings:
+            renamed.pop("lm_head.weight", None)
+            renamed["lm_head.weight"] = renamed["embed_tokens.weight"]
+        self.load_state_dict(renamed, strict=True)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend, logits_index: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids, positions [N] -> logits [M, V] for the M token positions in `logits_index`."""
+        x = self.embed_tokens(input_ids)  # [N, C]
+        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [N, 1, D]
+        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, backend)
+        x = self.norm(x[logits_index])  # [M, C]: only the positions we sample from
+        return self.lm_head(x).float()  # [M, V]

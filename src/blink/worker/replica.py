@@ -1,0 +1,301 @@
+"""A replica: load → warm up → READY, then the engine loop.
+
+    LOADING ──▶ WARMING ──▶ READY ──▶ DRAINING ──▶ STOPPED     (any state ──▶ STOPPED on failure)
+
+The loop alternates between taking work from the bus (requests, cancels) and one `engine.step()` in a worker
+thread, so a cancel that arrives during a step frees its sequence before the next one. The replica never
+waits on a client: a slow or vanished consumer makes `publish` return False and the request is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from blink.bus.base import Bus
+from blink.bus.messages import (
+    Accepted,
+    Cancel,
+    Finished,
+    FinishStatus,
+    GenerateRequest,
+    ReplicaState,
+    ReplicaStatus,
+    TokenEvent,
+)
+from blink.config import EngineConfig, ModelConfig
+from blink.engine.llm_engine import LLMEngine, StepOutput
+from blink.engine.sequence import FinishReason, SamplingParams
+from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
+from blink.models import loader, registry
+from blink.models.tokenizer import Tokenizer
+from blink.worker.output import TextOutput
+
+log = logging.getLogger("blink.worker")
+
+_TRANSITIONS = {
+    ReplicaState.LOADING: {ReplicaState.WARMING, ReplicaState.STOPPED},
+    ReplicaState.WARMING: {ReplicaState.READY, ReplicaState.STOPPED},
+    ReplicaState.READY: {ReplicaState.DRAINING, ReplicaState.STOPPED},
+    ReplicaState.DRAINING: {ReplicaState.STOPPED},
+    ReplicaState.STOPPED: set(),
+}
+_REMEMBERED_CANCELS = 10_000
+_FINISH_STATUS = {FinishReason.STOP: FinishStatus.STOP, FinishReason.LENGTH: FinishStatus.LENGTH}
+
+
+@dataclass
+class _Active:
+    request: GenerateRequest
+    output: TextOutput
+    events: int = 0
+    first_token: float | None = None
+
+
+class Replica:
+    def __init__(
+        self,
+        bus: Bus,
+        model: ModelConfig,
+        engine: EngineConfig,
+        *,
+        replica_id: str | None = None,
+        heartbeat_s: float = 1.0,
+        progress: bool = True,
+    ) -> None:
+        self.bus = bus
+        self.model_config = model
+        self.engine_config = engine
+        self.model_name = model.model
+        self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:8]}"
+        self.heartbeat_s = heartbeat_s
+        self.progress = progress
+        self.state = ReplicaState.LOADING
+        self.engine: LLMEngine | None = None
+        self.tokenizer: Tokenizer | None = None
+        self._active: dict[str, _Active] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._stopping = asyncio.Event()
+
+    # lifecycle -----------------------------------------------------------------------------------------
+    async def _set_state(self, new: ReplicaState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"replica {self.replica_id}: illegal transition {self.state.value} -> {new.value}")
+        self.state = new
+        log.info("replica %s: %s", self.replica_id, new.value)
+        await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        engine = self.engine
+        await self.bus.heartbeat(
+            ReplicaStatus(
+                replica_id=self.replica_id,
+                model=self.model_name,
+                state=self.state,
+                running=engine.num_running if engine else 0,
+                waiting=engine.num_waiting if engine else 0,
+                max_model_len=engine.max_model_len if engine else 0,
+            )
+        )
+
+    async def run(self) -> None:
+        """Load, warm up, serve until `stop()`. Returns when stopped; raises if loading fails."""
+        await self._heartbeat()
+        try:
+            await asyncio.to_thread(self._load)
+            await self._set_state(ReplicaState.WARMING)
+            await asyncio.to_thread(self._warm_up)
+            await self._set_state(ReplicaState.READY)
+            beat = asyncio.create_task(self._beat())
+            try:
+                await self._loop()
+            finally:
+                beat.cancel()
+        finally:
+            for request_id in list(self._active):
+                await self._drop(request_id, FinishStatus.CANCELLED)
+            if self.state is not ReplicaState.STOPPED:
+                await self._set_state(ReplicaState.STOPPED)
+
+    async def stop(self) -> None:
+        """Stop taking work; in-flight requests end as cancelled."""
+        if self.state is ReplicaState.READY:
+            await self._set_state(ReplicaState.DRAINING)
+        self._stopping.set()
+
+    def _load(self) -> None:
+        spec = registry.get(self.model_name)
+        folder = loader.prepare(spec, self.model_config.cache_dir, progress=self.progress)
+        model, self.tokenizer = loader.load(folder)
+        self.engine = LLMEngine(model, self.tokenizer.stop_token_ids, self.engine_config)
+
+    def _warm_up(self) -> None:
+        # first calls of each kernel and shape allocate and tune; pay that before taking traffic
+        assert self.engine is not None and self.tokenizer is not None
+        prompt = self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}]))
+        for i in range(self.engine_config.warmup_steps):
+            for j in range(2):  # two at once so the batched decode path is warm too
+                self.engine.add_request(f"warmup-{i}-{j}", prompt, SamplingParams(max_tokens=8, temperature=0))
+            while self.engine.has_work():
+                self.engine.step()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            await self._heartbeat()
+
+    # the loop ------------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        while not self._stopping.is_set():
+            work = await self.bus.receive(self.model_name, self.replica_id, wait=0 if engine.has_work() else 0.2)
+            for msg in work:
+                if isinstance(msg, Cancel):
+                    await self._cancel(msg.request_id)
+                else:
+                    await self._start(msg)
+            if not engine.has_work():
+                continue
+            try:
+                outputs = await asyncio.to_thread(engine.step)
+            except Exception as exc:  # a bug or resource failure in one step must not kill the replica
+                log.exception("engine step failed")
+                for request_id in list(self._active):
+                    await self._drop(request_id, FinishStatus.ERROR, error=f"engine step failed: {exc}")
+                continue
+            for out in outputs:
+                await self._emit(out)
+
+    async def _start(self, req: GenerateRequest) -> None:
+        assert self.engine is not None and self.tokenizer is not None
+        if req.request_id in self._cancelled:
+            await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
+            return
+        try:
+            prompt = self._prompt_ids(req)
+            params = self._params(req, len(prompt))
+            self.engine.add_request(req.request_id, prompt, params)
+        except BlinkError as exc:
+            await self.bus.publish(
+                Finished(
+                    req.request_id,
+                    FinishStatus.ERROR,
+                    error_code=exc.code,
+                    error_message=exc.message,
+                    error_param=exc.param,
+                )
+            )
+            return
+        self._active[req.request_id] = _Active(req, TextOutput(self.tokenizer, req.sampling.stop))
+        if not await self.bus.publish(Accepted(req.request_id, self.replica_id, len(prompt))):
+            await self._drop(req.request_id, FinishStatus.CANCELLED)
+
+    def _prompt_ids(self, req: GenerateRequest) -> list[int]:
+        assert self.tokenizer is not None
+        if req.messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(list(req.messages))
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="messages") from None
+        else:
+            text = req.prompt or ""
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        return ids
+
+    def _params(self, req: GenerateRequest, prompt_tokens: int) -> SamplingParams:
+        assert self.engine is not None
+        room = self.engine.max_model_len - prompt_tokens
+        s = req.sampling
+        if room <= 0 or (s.max_tokens is not None and s.max_tokens > room):
+            asked = f" + {s.max_tokens} to generate" if s.max_tokens is not None else ""
+            raise ContextLengthExceeded(
+                f"this model's context is {self.engine.max_model_len} tokens; the request has "
+                f"{prompt_tokens} prompt tokens{asked}",
+                param="max_tokens" if room > 0 else "messages",
+            )
+        try:
+            return SamplingParams(
+                max_tokens=s.max_tokens or room,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                seed=s.seed,
+            )
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    async def _emit(self, out: StepOutput) -> None:
+        active = self._active.get(out.request_id)
+        if active is None:  # warm-up or already dropped
+            return
+        if active.first_token is None:
+            active.first_token = time.monotonic()
+        text = active.output.push(out.token_id)
+        if active.output.stopped and not out.finished:
+            assert self.engine is not None
+            self.engine.abort(out.request_id)
+        done = out.finished or active.output.stopped
+        if done:
+            text += active.output.finish()
+        if text and not await self._send_text(active, text, out.completion_tokens):
+            await self._drop(out.request_id, FinishStatus.CANCELLED)
+            return
+        if done:
+            status = FinishStatus.STOP if active.output.stopped else _FINISH_STATUS[out.finish_reason]  # type: ignore[index]
+            del self._active[out.request_id]
+            await self.bus.publish(
+                Finished(
+                    out.request_id,
+                    status,
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    timings=self._timings(active, out),
+                )
+            )
+
+    async def _send_text(self, active: _Active, text: str, completion_tokens: int) -> bool:
+        event = TokenEvent(active.request.request_id, active.events, text, completion_tokens)
+        active.events += 1
+        return await self.bus.publish(event)
+
+    @staticmethod
+    def _timings(active: _Active, out: StepOutput) -> dict[str, Any]:
+        decode_s = time.monotonic() - active.first_token if active.first_token else 0.0
+        return {
+            "queue_ms": round(out.queue_s * 1000, 3),
+            "prefill_ms": round(out.prefill_s * 1000, 3),
+            "decode_ms": round(decode_s * 1000, 3),
+        }
+
+    async def _cancel(self, request_id: str) -> None:
+        if request_id in self._active:
+            await self._drop(request_id, FinishStatus.CANCELLED)
+            return
+        self._cancelled[request_id] = None  # it may still be on its way to us
+        while len(self._cancelled) > _REMEMBERED_CANCELS:
+            self._cancelled.popitem(last=False)
+
+    async def _drop(self, request_id: str, status: FinishStatus, *, error: str | None = None) -> None:
+        """End a request early: free its sequence at once, then tell the gateway."""
+        assert self.engine is not None
+        prompt_tokens, completion_tokens = self.engine.num_tokens(request_id)
+        self.engine.abort(request_id)
+        self._active.pop(request_id, None)
+        await self.bus.publish(
+            Finished(
+                request_id,
+                status,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                error_code="engine_failure" if error else None,
+                error_message=error,
+            )
+        )
