@@ -33,7 +33,14 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         replicas = [
-            {"id": r.replica_id, "model": r.model, "state": r.state.value, "running": r.running, "waiting": r.waiting}
+            {
+                "id": r.replica_id,
+                "model": r.model,
+                "state": r.state.value,
+                "running": r.running,
+                "waiting": r.waiting,
+                "heartbeat_at": r.sent,
+            }
             for r in gateway.bus.replicas()
         ]
         ready = bool(gateway.ready_replicas()) and not gateway.shutting_down
