@@ -2,20 +2,24 @@
 
     LOADING ──▶ WARMING ──▶ READY ──▶ DRAINING ──▶ STOPPED     (any state ──▶ STOPPED on failure)
 
-The loop alternates between taking work from the bus (requests, cancels) and one `engine.step()` in a worker
-thread, so a cancel that arrives during a step frees its sequence before the next one. The replica never
+The loop alternates between taking work from the bus (requests, cancels) and one `engine.step()` on the
+replica's own engine thread, so a cancel that arrives during a step frees its sequence before the next one.
+Every torch call (load, warm-up, steps) runs on that one thread: torch's OpenMP pool belongs to the thread that
+uses it, and hopping between executor threads measured ~45% slower decode steps on 2 cores. The replica never
 waits on a client: a slow or vanished consumer makes `publish` return False and the request is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from blink.bus.base import Bus
 from blink.bus.messages import (
@@ -37,6 +41,7 @@ from blink.models.tokenizer import Tokenizer
 from blink.worker.output import TextOutput
 
 log = logging.getLogger("blink.worker")
+T = TypeVar("T")
 
 _TRANSITIONS = {
     ReplicaState.LOADING: {ReplicaState.WARMING, ReplicaState.STOPPED},
@@ -81,6 +86,10 @@ class Replica:
         self._active: dict[str, _Active] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._stopping = asyncio.Event()
+        self._engine_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blink-engine")
+
+    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn)
 
     # lifecycle -----------------------------------------------------------------------------------------
     async def _set_state(self, new: ReplicaState) -> None:
@@ -107,9 +116,9 @@ class Replica:
         """Load, warm up, serve until `stop()`. Returns when stopped; raises if loading fails."""
         await self._heartbeat()
         try:
-            await asyncio.to_thread(self._load)
+            await self._on_engine_thread(self._load)
             await self._set_state(ReplicaState.WARMING)
-            await asyncio.to_thread(self._warm_up)
+            await self._on_engine_thread(self._warm_up)
             await self._set_state(ReplicaState.READY)
             beat = asyncio.create_task(self._beat())
             try:
@@ -121,6 +130,7 @@ class Replica:
                 await self._drop(request_id, FinishStatus.CANCELLED)
             if self.state is not ReplicaState.STOPPED:
                 await self._set_state(ReplicaState.STOPPED)
+            self._engine_thread.shutdown(wait=False)
 
     async def stop(self) -> None:
         """Stop taking work; in-flight requests end as cancelled."""
@@ -163,7 +173,7 @@ class Replica:
             if not engine.has_work():
                 continue
             try:
-                outputs = await asyncio.to_thread(engine.step)
+                outputs = await self._on_engine_thread(engine.step)
             except Exception as exc:  # a bug or resource failure in one step must not kill the replica
                 log.exception("engine step failed")
                 for request_id in list(self._active):
