@@ -86,6 +86,7 @@ class Replica:
         self._active: dict[str, _Active] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the model is loaded and warmed
         self._engine_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blink-engine")
 
     async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
@@ -120,6 +121,7 @@ class Replica:
             await self._set_state(ReplicaState.WARMING)
             await self._on_engine_thread(self._warm_up)
             await self._set_state(ReplicaState.READY)
+            self.ready.set()
             beat = asyncio.create_task(self._beat())
             try:
                 await self._loop()

@@ -1,0 +1,89 @@
+"""A replica on the in-memory bus, in-process: the engine loop, cancels and bad requests (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from blink.bus.memory import MemoryBus
+from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, ReplicaState, Sampling, TokenEvent
+from blink.config import EngineConfig, ModelConfig, default_cache_dir
+from blink.worker.replica import Replica
+
+MODEL = "smollm2-135m-instruct"
+
+
+def with_replica(body: Callable[[MemoryBus, Replica], Awaitable[None]]) -> None:
+    async def main() -> None:
+        bus = MemoryBus()
+        replica = Replica(
+            bus,
+            ModelConfig(cache_dir=default_cache_dir()),
+            EngineConfig(max_num_seqs=4, warmup_steps=1),
+            progress=False,
+        )
+        task = asyncio.create_task(replica.run())
+        await asyncio.wait_for(replica.ready.wait(), 120)
+        assert [r.state for r in bus.replicas()] == [ReplicaState.READY]
+        try:
+            await body(bus, replica)
+        finally:
+            await replica.stop()
+            await task
+        assert replica.state is ReplicaState.STOPPED
+
+    asyncio.run(main())
+
+
+async def events(bus: MemoryBus, request: GenerateRequest) -> AsyncIterator[object]:
+    stream = await bus.submit(request)
+    async for event in stream:
+        yield event
+
+
+def test_cancel_frees_the_sequence_within_one_step(model_dir: Path) -> None:
+    async def body(bus: MemoryBus, replica: Replica) -> None:
+        req = GenerateRequest("a", MODEL, Sampling(max_tokens=500, temperature=0.7, seed=1), prompt="Once upon a time")
+        it = events(bus, req)
+        assert isinstance(await anext(it), Accepted)
+        first = await anext(it)
+        assert isinstance(first, TokenEvent)
+        await bus.cancel("a", MODEL)
+        rest = [e async for e in it]
+        finished = rest[-1]
+        assert isinstance(finished, Finished) and finished.status is FinishStatus.CANCELLED
+        # at most the step that was running when the cancel arrived, plus one already on its way
+        assert finished.completion_tokens <= first.completion_tokens + 2
+        assert replica.engine is not None and replica.engine.num_running == 0 and not replica.engine.has_work()
+
+    with_replica(body)
+
+
+def test_bad_requests_fail_cleanly_and_the_replica_keeps_serving(model_dir: Path) -> None:
+    async def body(bus: MemoryBus, replica: Replica) -> None:
+        too_long = GenerateRequest("long", MODEL, Sampling(max_tokens=5), prompt="word " * 5000)
+        (finished,) = [e async for e in events(bus, too_long)]
+        assert isinstance(finished, Finished) and finished.error_code == "context_length_exceeded"
+        empty = GenerateRequest("empty", MODEL, Sampling(max_tokens=5), prompt="")
+        (finished,) = [e async for e in events(bus, empty)]
+        assert isinstance(finished, Finished) and finished.error_code == "invalid_request"
+        ok = GenerateRequest("ok", MODEL, Sampling(max_tokens=5, temperature=0), prompt="Hello")
+        got = [e async for e in events(bus, ok)]
+        assert isinstance(got[-1], Finished) and got[-1].status is FinishStatus.LENGTH
+        assert got[-1].completion_tokens == 5
+        assert replica.engine is not None and not replica.engine.has_work()
+
+    with_replica(body)
+
+
+def test_a_cancel_that_overtakes_its_request_still_ends_it(model_dir: Path) -> None:
+    async def body(bus: MemoryBus, replica: Replica) -> None:
+        req = GenerateRequest("early", MODEL, Sampling(max_tokens=50), prompt="Hi")
+        stream = await bus.submit(req)
+        await bus.cancel("early", MODEL)  # both are queued before the replica's next receive
+        got = [e async for e in stream]
+        assert isinstance(got[-1], Finished) and got[-1].status is FinishStatus.CANCELLED
+        assert replica.engine is not None and not replica.engine.has_work()
+
+    with_replica(body)
