@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 
-def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+def _help(text: str, default: Any = dataclasses.MISSING, *, choices: tuple[str, ...] | None = None) -> Any:
+    metadata = {"help": text, "choices": choices}
     if default is dataclasses.MISSING:
-        return field(metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+WEIGHT_FORMATS = ("int8", "fp32", "bf16")
 
 
 def default_cache_dir() -> Path:
@@ -35,7 +39,14 @@ class EngineConfig:
     threads: int = _help("torch threads for the model (0: one per core)", 0)
     max_num_seqs: int = _help("sequences decoded together in one batch", 16)
     max_model_len: int = _help("longest prompt + output, in tokens", 2048)
-    max_prefill_tokens: int = _help("prompt tokens prefilled in one engine step", 2048)
+    max_num_batched_tokens: int = _help("tokens one engine step may run (prompt chunks and decodes)", 512)
+    prefill_chunk_tokens: int = _help(
+        "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay)", 32
+    )
+    kv_cache_mb: int = _help("memory for the paged KV cache, in MiB (all sequences and the prefix cache)", 512)
+    block_size: int = _help("tokens per KV cache block", 16)
+    prefix_caching: bool = _help("reuse the KV of prompt prefixes already computed", True)
+    weights: str = _help("weight format of the linear layers (int8: fastest on CPU)", "int8", choices=WEIGHT_FORMATS)
     warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2)
 
 
@@ -78,7 +89,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[st
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            group.add_argument(flag, type=kind, default=default, help=text, metavar=f.name.upper())
+            choices = f.metadata.get("choices")
+            metavar = None if choices else f.name.upper()
+            group.add_argument(flag, type=kind, default=default, help=text, metavar=metavar, choices=choices)
 
 
 def from_flags(cls: type[T], args: argparse.Namespace) -> T:

@@ -46,11 +46,11 @@ def test_request_reaches_one_replica_and_events_come_back_in_order(make_bus: Cal
     async def main() -> None:
         bus = make_bus()
         await bus.start()
-        await bus.receive("m", "r1", wait=0)
-        await bus.receive("m", "r2", wait=0)
+        await bus.receive("m", "r1", wait=0, max_requests=8)
+        await bus.receive("m", "r2", wait=0, max_requests=8)
         stream = await bus.submit(req("a"))
-        got1 = await bus.receive("m", "r1", wait=1)
-        got2 = await bus.receive("m", "r2", wait=0)
+        got1 = await bus.receive("m", "r1", wait=1, max_requests=8)
+        got2 = await bus.receive("m", "r2", wait=0, max_requests=8)
         assert [m.request_id for m in got1 + got2] == ["a"]
         events = [Accepted("a", "r1", 3), TokenEvent("a", 0, "he", 1), TokenEvent("a", 1, "llo", 2)]
         for e in [*events, Finished("a", FinishStatus.STOP, 3, 2)]:
@@ -66,8 +66,8 @@ def test_requests_for_other_models_are_not_delivered(make_bus: Callable[..., Bus
     async def main() -> None:
         bus = make_bus()
         await bus.submit(req("x", model="other"))
-        assert await bus.receive("m", "r1", wait=0.05) == []
-        assert [m.request_id for m in await bus.receive("other", "r9", wait=1)] == ["x"]
+        assert await bus.receive("m", "r1", wait=0.05, max_requests=8) == []
+        assert [m.request_id for m in await bus.receive("other", "r9", wait=1, max_requests=8)] == ["x"]
 
     run(main())
 
@@ -75,10 +75,10 @@ def test_requests_for_other_models_are_not_delivered(make_bus: Callable[..., Bus
 def test_cancel_reaches_the_replicas_of_the_pool(make_bus: Callable[..., Bus]) -> None:
     async def main() -> None:
         bus = make_bus()
-        await bus.receive("m", "r1", wait=0)
+        await bus.receive("m", "r1", wait=0, max_requests=8)
         await bus.submit(req("a"))
-        await bus.receive("m", "r1", wait=1)
-        waiter = asyncio.create_task(bus.receive("m", "r1", wait=5))
+        await bus.receive("m", "r1", wait=1, max_requests=8)
+        waiter = asyncio.create_task(bus.receive("m", "r1", wait=5, max_requests=8))
         await asyncio.sleep(0)
         await bus.cancel("a", "m")
         got = await asyncio.wait_for(waiter, 5)
@@ -94,6 +94,25 @@ def test_full_pool_queue_is_overloaded(make_bus: Callable[..., Bus]) -> None:
         await bus.submit(req("b"))
         with pytest.raises(Overloaded):
             await bus.submit(req("c"))
+
+    run(main())
+
+
+def test_a_replica_takes_at_most_what_it_asks_for_and_the_rest_stays_queued(make_bus: Callable[..., Bus]) -> None:
+    async def main() -> None:
+        bus = make_bus(max_pending=3)
+        await bus.receive("m", "r1", wait=0, max_requests=0)
+        for rid in "abc":
+            await bus.submit(req(rid))
+        assert [m.request_id for m in await bus.receive("m", "r1", wait=0, max_requests=2)] == ["a", "b"]
+        with pytest.raises(Overloaded):  # the one left still counts against the bound, with two new ones
+            for rid in "def":
+                await bus.submit(req(rid))
+        assert await bus.receive("m", "r1", wait=0, max_requests=0) == []
+        await bus.cancel("a", "m")
+        got = await bus.receive("m", "r1", wait=1, max_requests=0)  # cancels come whatever the room
+        assert [type(m).__name__ for m in got] == ["Cancel"]
+        assert [m.request_id for m in await bus.receive("m", "r1", wait=0, max_requests=9)] == ["c", "d", "e"]
 
     run(main())
 

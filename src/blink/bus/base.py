@@ -43,9 +43,10 @@ class Bus(Protocol):
         ...
 
     # replica side
-    async def receive(self, model: str, replica_id: str, *, wait: float) -> list[WorkMessage]:
-        """Work for this replica: new requests of `model`'s pool and cancels. Waits up to `wait` seconds when
-        there is none (0: return at once)."""
+    async def receive(self, model: str, replica_id: str, *, wait: float, max_requests: int) -> list[WorkMessage]:
+        """Work for this replica: every cancel addressed to it and at most `max_requests` new requests of
+        `model`'s pool (the rest stay queued for any replica). Waits up to `wait` seconds when there is none
+        (0: return at once)."""
         ...
 
     async def publish(self, event: ResponseEvent) -> bool: ...

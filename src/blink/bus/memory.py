@@ -114,24 +114,26 @@ class MemoryBus:
             self._inboxes[replica_id] = []
             self._wakeups[replica_id] = asyncio.Event()
 
-    def _drain(self, model: str, replica_id: str) -> list[WorkMessage]:
+    def _drain(self, model: str, replica_id: str, max_requests: int) -> list[WorkMessage]:
         out: list[WorkMessage] = list(self._inboxes[replica_id])
         self._inboxes[replica_id].clear()
         pool = self._pool(model)
-        while not pool.empty():
+        for _ in range(max_requests):
+            if pool.empty():
+                break
             out.append(pool.get_nowait())
         return out
 
-    async def receive(self, model: str, replica_id: str, *, wait: float) -> list[WorkMessage]:
+    async def receive(self, model: str, replica_id: str, *, wait: float, max_requests: int) -> list[WorkMessage]:
         self._register(model, replica_id)
         wakeup = self._wakeups[replica_id]
         wakeup.clear()
-        out = self._drain(model, replica_id)
+        out = self._drain(model, replica_id, max_requests)
         if out or wait <= 0:
             return out
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wakeup.wait(), wait)
-        return self._drain(model, replica_id)
+        return self._drain(model, replica_id, max_requests)
 
     async def publish(self, event: ResponseEvent) -> bool:
         stream = self._streams.get(event.request_id)

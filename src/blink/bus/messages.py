@@ -89,6 +89,7 @@ class Finished:
     status: FinishStatus
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     timings: dict[str, float] = field(default_factory=dict)  # queue_ms, prefill_ms, decode_ms
     error_code: str | None = None
     error_message: str | None = None

@@ -1,28 +1,155 @@
-"""KV cache bookkeeping: which slot of the runner's cache a sequence owns. No torch here.
+"""Paged KV cache bookkeeping with automatic prefix caching. No torch here: the runner owns the tensors.
 
-Each running sequence owns one slot of `max_model_len` positions. (Paged blocks with prefix sharing replace
-this in the fast-engine work; the runner's attention only sees slot indices and lengths.)
+The runner's KV tensors hold `num_blocks` blocks of `block_size` token positions each. A sequence owns a block
+table (a list of block ids): its position p lives in block `table[p // block_size]` at offset `p % block_size`.
+
+Prefix caching. Once a block is full and its K/V are computed, `commit` registers it under the key
+`(serial of the block before it, its token ids)`. The key holds the tokens themselves, not a digest of them, so two
+different prefixes can never share a block: collisions are impossible by construction. Each registration gets a
+fresh serial that is never reused, so a key naming an evicted parent matches nothing new. A request whose prompt
+starts with a registered chain (same system prompt, earlier turns) shares those blocks and prefills the rest.
+
+Free blocks, registered or not, wait in one LRU queue: allocation takes the oldest first (evicting its
+registration); a freed registered block joins the back (kept as long as possible), a freed unregistered one
+the front (nothing in it is worth keeping). A registered free block found by `lookup` leaves the queue.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-class SlotManager:
-    def __init__(self, num_slots: int) -> None:
-        self._free = list(range(num_slots - 1, -1, -1))
-        self.num_slots = num_slots
+BlockKey = tuple[int, tuple[int, ...]]
 
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    key: BlockKey | None = None
+    serial: int = 0  # 0: not registered in the prefix cache
+
+
+@dataclass
+class _Table:
+    blocks: list[int] = field(default_factory=list)
+    committed: int = 0  # leading blocks already registered (or known duplicates of registered ones)
+    parent: int = 0  # serial that keys the next block to register
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._registry: dict[BlockKey, Block] = {}
+        self._tables: dict[str, _Table] = {}
+        self._next_serial = 1
+
+    # state --------------------------------------------------------------------------------------------
     @property
-    def num_free(self) -> int:
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (including registered ones nobody references)."""
         return len(self._free)
 
-    def can_allocate(self) -> bool:
-        return bool(self._free)
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._registry)
 
-    def allocate(self) -> int:
-        assert self._free, "allocate() without can_allocate()"
-        return self._free.pop()
+    def table(self, request_id: str) -> list[int]:
+        return self._tables[request_id].blocks if request_id in self._tables else []
 
-    def free(self, slot: int) -> None:
-        assert slot not in self._free, f"slot {slot} freed twice"
-        self._free.append(slot)
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # prefix cache -------------------------------------------------------------------------------------
+    def lookup(self, token_ids: Sequence[int]) -> list[Block]:
+        """The longest registered chain of full blocks that starts `token_ids`, leaving at least one token
+        uncached (its logits are needed). Takes no references: pass the result to `allocate`."""
+        if not self.prefix_caching:
+            return []
+        found: list[Block] = []
+        parent, bs = 0, self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            block = self._registry.get((parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            found.append(block)
+            parent = block.serial
+        return found
+
+    # allocation ---------------------------------------------------------------------------------------
+    def can_allocate(self, request_id: str, num_tokens: int, prefix: Sequence[Block] = ()) -> bool:
+        table = self._tables.get(request_id)
+        have = len(table.blocks) if table else 0
+        need = self.blocks_for(num_tokens) - have - len(prefix)
+        return max(need, 0) + sum(1 for b in prefix if b.ref_count == 0) <= len(self._free)
+
+    def allocate(self, request_id: str, num_tokens: int, prefix: Sequence[Block] = ()) -> bool:
+        """Grow the request's table to hold `num_tokens` positions, first sharing `prefix` (from `lookup`, only
+        when the table is new). Returns False and changes nothing if there are not enough free blocks."""
+        if not self.can_allocate(request_id, num_tokens, prefix):
+            return False
+        table = self._tables.get(request_id)
+        if table is None:
+            table = self._tables[request_id] = _Table()
+        assert not prefix or not table.blocks, "a prefix is shared only into a new table"
+        for block in prefix:
+            if block.ref_count == 0:
+                del self._free[block.block_id]
+            block.ref_count += 1
+            table.blocks.append(block.block_id)
+        if prefix:
+            table.committed, table.parent = len(prefix), prefix[-1].serial
+        while len(table.blocks) < self.blocks_for(num_tokens):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            self._unregister(block)
+            block.ref_count = 1
+            table.blocks.append(block_id)
+        return True
+
+    def commit(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Register the request's full blocks among its first `num_computed` tokens, whose K/V are now computed.
+        `token_ids` are the request's tokens (prompt + output) from position 0."""
+        table = self._tables.get(request_id)
+        if table is None or not self.prefix_caching:
+            return
+        bs = self.block_size
+        while table.committed < min(num_computed // bs, len(table.blocks)):
+            i = table.committed
+            block = self.blocks[table.blocks[i]]
+            key = (table.parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            twin = self._registry.get(key)
+            if twin is None:
+                block.key, block.serial = key, self._next_serial
+                self._next_serial += 1
+                self._registry[key] = block
+                twin = block
+            # else: the same content was computed by another request first; this copy stays private
+            table.parent = twin.serial
+            table.committed += 1
+
+    def free(self, request_id: str) -> None:
+        """Drop the request's references. Unreferenced blocks become free; registered ones stay findable."""
+        table = self._tables.pop(request_id, None)
+        if table is None:
+            return
+        for block_id in reversed(table.blocks):  # a sequence's tail is evicted before its (more shared) head
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"block {block_id} freed more often than taken"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.serial == 0:
+                    self._free.move_to_end(block_id, last=False)
+
+    def _unregister(self, block: Block) -> None:
+        if block.key is not None:
+            del self._registry[block.key]
+            block.key, block.serial = None, 0

@@ -1,8 +1,9 @@
 """The engine: synchronous, no I/O. The caller owns the thread.
 
-    engine.add_request(request_id, prompt_token_ids, params)
-    outputs = engine.step()      # schedule -> run -> postprocess; one new token per running sequence
-    engine.abort(request_id)     # frees the sequence before the next step
+    engine.add_request(request_id, prompt_token_ids, params, priority=0, deadline=None)
+    outputs = engine.step()      # schedule -> run -> postprocess: a token for each sequence that got one,
+                                 # and a final output for each that expired
+    engine.abort(request_id)     # frees the sequence (and its KV blocks) before the next step
 
 Contract: all three are called from one thread at a time (the replica calls add/abort between steps).
 """
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from blink.config import EngineConfig, resolve_threads
-from blink.engine.kv_cache import SlotManager
-from blink.engine.runner import ModelRunner
+from blink.engine.kv_cache import BlockManager
+from blink.engine.runner import ModelRunner, PagedKVCache
 from blink.engine.scheduler import Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
 from blink.errors import ContextLengthExceeded, InvalidRequest
@@ -26,11 +27,12 @@ from blink.models.llama import LlamaModel
 @dataclass(frozen=True)
 class StepOutput:
     request_id: str
-    token_id: int
+    token_id: int | None  # None: finished without a new token (expired)
     finished: bool
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache
     queue_s: float  # arrival -> first scheduled
     prefill_s: float  # first scheduled -> first token
 
@@ -42,12 +44,37 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, model.config.max_position_embeddings)
         self.vocab_size = model.config.vocab_size
         self.stop_token_ids = stop_token_ids
-        self.scheduler = Scheduler(SlotManager(config.max_num_seqs), max_prefill_tokens=config.max_prefill_tokens)
-        self.runner = ModelRunner(model, num_slots=config.max_num_seqs, max_len=self.max_model_len)
+        dtype = model.embed_tokens.weight.dtype
+        per_block = PagedKVCache.bytes_per_block(model, config.block_size, dtype)
+        num_blocks = config.kv_cache_mb * 2**20 // per_block
+        if num_blocks < -(-self.max_model_len // config.block_size):
+            raise ValueError(
+                f"--kv-cache-mb {config.kv_cache_mb} holds {num_blocks * config.block_size} tokens, less than one "
+                f"sequence of --max-model-len {self.max_model_len}; raise it to at least "
+                f"{-(-self.max_model_len // config.block_size) * per_block // 2**20 + 1}"
+            )
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
+        )
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size)
         self._seqs: dict[str, Sequence] = {}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; it joins the running batch at the next step. Raises InvalidRequest for bad input."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request; it joins the running batch at the next step. Raises InvalidRequest for bad input.
+        `priority`: lower runs first (0 for live requests). `deadline`: a time.monotonic() after which the
+        request is dropped (finish reason EXPIRED) instead of computed."""
         if request_id in self._seqs:
             raise InvalidRequest(f"request {request_id!r} is already running")
         if not prompt_token_ids:
@@ -59,7 +86,7 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}",
                 param="messages",
             )
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, priority=priority, deadline=deadline)
         self._seqs[request_id] = seq
         self.runner.add(seq)
         self.scheduler.add(seq)
@@ -89,14 +116,43 @@ class LLMEngine:
         return (len(seq.prompt_token_ids), len(seq.output_token_ids)) if seq else (0, 0)
 
     def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
-        if batch.empty:
-            return []
         now = time.monotonic()
-        for seq in batch.prefills:
+        batch = self.scheduler.schedule(now)
+        outputs = [self._expired(seq) for seq in batch.expired]
+        if batch.empty:
+            return outputs
+        for seq in batch.sequences:
             seq.first_scheduled = seq.first_scheduled or now
-        tokens = self.runner.run(batch)
-        return [self._postprocess(seq, tok) for seq, tok in zip(batch.sequences, tokens, strict=True)]
+        tables = [self.blocks.table(seq.request_id) for seq in batch.sequences]
+        tokens = self.runner.run(batch, tables)
+        bs = self.blocks.block_size
+        for seq, n, token in zip(batch.sequences, batch.chunks, tokens, strict=True):
+            before = seq.num_computed
+            seq.num_computed += n
+            if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse
+                self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)
+            if token is not None:
+                outputs.append(self._postprocess(seq, token))
+        return outputs
+
+    def _expired(self, seq: Sequence) -> StepOutput:
+        self.runner.remove(seq.request_id)
+        del self._seqs[seq.request_id]
+        return self._output(seq, None, FinishReason.EXPIRED)
+
+    def _output(self, seq: Sequence, token: int | None, reason: FinishReason | None) -> StepOutput:
+        first_scheduled = seq.first_scheduled or time.monotonic()
+        return StepOutput(
+            request_id=seq.request_id,
+            token_id=token,
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_token_ids),
+            completion_tokens=len(seq.output_token_ids),
+            cached_tokens=seq.num_cached_tokens,
+            queue_s=first_scheduled - seq.arrival,
+            prefill_s=(seq.first_token - first_scheduled) if seq.first_token else 0.0,
+        )
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
         seq.output_token_ids.append(token)
@@ -109,17 +165,7 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
-        assert seq.first_scheduled is not None
-        return StepOutput(
-            request_id=seq.request_id,
-            token_id=token,
-            finished=reason is not None,
-            finish_reason=reason,
-            prompt_tokens=len(seq.prompt_token_ids),
-            completion_tokens=len(seq.output_token_ids),
-            queue_s=seq.first_scheduled - seq.arrival,
-            prefill_s=seq.first_token - seq.first_scheduled,
-        )
+        return self._output(seq, token, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is not SeqStatus.FINISHED:
@@ -134,6 +180,7 @@ class LLMEngine:
         while True:
             for o in self.step():
                 if o.request_id == request_id:
-                    out.append(o.token_id)
+                    if o.token_id is not None:
+                        out.append(o.token_id)
                     if o.finished:
                         return out

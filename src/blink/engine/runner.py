@@ -1,11 +1,15 @@
-"""Runs the model for a scheduled batch: builds the flattened inputs, owns the KV tensors, samples.
+"""Runs the model for a scheduled batch: one forward over every scheduled token, paged KV, sampling.
 
-KV layout: per layer one tensor [slots, KVH, max_len, D] for keys and one for values. A prefill writes its
-tokens at [slot, :, start:start+T]; a decode step writes one position per sequence and attends over the
-first `length` positions of its slot.
+KV layout: per layer one tensor [num_blocks * block_size, KVH, D] for keys and one for values; row
+`block * block_size + offset` holds one token position (`slot`). A step's tokens of all sequences go through the
+model flattened: prompt chunks and single decode tokens together, so weights are read once per step. Attention
+writes each new token's K/V at its slot, then gathers each sequence's slots: the decoding sequences in one batched
+SDPA call (padded, masked), each prompt chunk in its own (causal, offset by the tokens already cached).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,70 +20,88 @@ from blink.engine.sequence import Sequence
 from blink.models.llama import LlamaModel
 
 
-class SlotKVCache:
-    def __init__(self, model: LlamaModel, num_slots: int, max_len: int, dtype: torch.dtype) -> None:
+class PagedKVCache:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         cfg = model.config
-        shape = (num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)  # [S, KVH, L, D]
-        # torch.zeros maps untouched pages lazily, so memory grows with what sequences actually use
+        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)  # [slots, KVH, D]
+        # torch.zeros maps untouched pages lazily: resident memory grows with the blocks actually written
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
+        cfg = model.config
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
-class PrefillAttention:
-    """One sequence's prompt tokens at positions [start, start+T) of its slot."""
+@dataclass
+class _Chunk:
+    rows: slice  # this chunk's rows in the flattened step
+    start: int  # positions already cached before it
+    context: torch.Tensor  # slots of positions [0, start + rows) of its sequence
 
-    def __init__(self, cache: SlotKVCache, slot: int, start: int, length: int) -> None:
-        self.cache, self.slot, self.start, self.end = cache, slot, start, start + length
-        if start > 0:  # causal mask offset by the tokens already in the cache
-            rows = torch.arange(start, self.end).unsqueeze(1)  # [T, 1]
-            self.mask: torch.Tensor | None = torch.arange(self.end).unsqueeze(0) <= rows  # [T, start+T]
-        else:
-            self.mask = None
+
+class PagedAttention:
+    """The step's attention over the paged cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        slot_mapping: torch.Tensor,
+        chunks: list[_Chunk],
+        decode_rows: torch.Tensor,
+        decode_context: torch.Tensor,
+        decode_mask: torch.Tensor | None,
+    ) -> None:
+        self.cache, self.slot_mapping, self.chunks = cache, slot_mapping, chunks
+        self.decode_rows, self.decode_context, self.decode_mask = decode_rows, decode_context, decode_mask
+        self.masks = [self._causal(c.start, c.rows.stop - c.rows.start) for c in chunks]
+
+    @staticmethod
+    def _causal(start: int, n: int) -> torch.Tensor | None:
+        if start == 0:
+            return None  # plain causal: SDPA's is_causal
+        rows = torch.arange(start, start + n).unsqueeze(1)  # [n, 1]
+        return torch.arange(start + n).unsqueeze(0) <= rows  # [n, start+n]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.cache.k[layer][self.slot], self.cache.v[layer][self.slot]  # [KVH, L, D]
-        kc[:, self.start : self.end] = k.transpose(0, 1)  # [KVH, T, D]
-        vc[:, self.start : self.end] = v.transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),  # [1, H, T, D]
-            kc[:, : self.end].unsqueeze(0),  # [1, KVH, start+T, D]
-            vc[:, : self.end].unsqueeze(0),
-            attn_mask=self.mask,
-            is_causal=self.mask is None,
-            enable_gqa=True,
-        )  # [1, H, T, D]
-        return out[0].transpose(0, 1)  # [T, H, D]
-
-
-class DecodeAttention:
-    """One new token per sequence; sequence i's token sits at position positions[i] of slot slots[i]."""
-
-    def __init__(self, cache: SlotKVCache, slots: list[int], positions: list[int]) -> None:
-        self.cache = cache
-        self.slots = torch.tensor(slots)
-        self.positions = torch.tensor(positions)
-        self.length = max(positions) + 1
-        self.mask = (torch.arange(self.length).unsqueeze(0) <= self.positions.unsqueeze(1))[
-            :, None, None, :
-        ]  # [B,1,1,L]
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.cache.k[layer], self.cache.v[layer]  # [S, KVH, L, D]
-        kc[self.slots, :, self.positions] = k  # k [B, KVH, D]
-        vc[self.slots, :, self.positions] = v
-        keys = kc[self.slots, :, : self.length]  # [B, KVH, length, D]
-        values = vc[self.slots, :, : self.length]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=self.mask, enable_gqa=True
-        )  # q [B, H, 1, D] -> [B, H, 1, D]
-        return out.squeeze(2)  # [B, H, D]
+        kc, vc = self.cache.k[layer], self.cache.v[layer]  # [slots, KVH, D]
+        kc.index_copy_(0, self.slot_mapping, k)
+        vc.index_copy_(0, self.slot_mapping, v)
+        out = torch.empty_like(q)  # [N, H, D]
+        for chunk, mask in zip(self.chunks, self.masks, strict=True):
+            if chunk.start == 0:  # the whole context is this step's: no gather
+                keys, values = k[chunk.rows], v[chunk.rows]
+            else:
+                keys, values = kc.index_select(0, chunk.context), vc.index_select(0, chunk.context)  # [L, KVH, D]
+            out[chunk.rows] = F.scaled_dot_product_attention(
+                q[chunk.rows].transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
+                keys.transpose(0, 1).unsqueeze(0),  # [1, KVH, L, D]
+                values.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=True,
+            )[0].transpose(0, 1)
+        if len(self.decode_rows):
+            b, length = self.decode_context.shape
+            flat = self.decode_context.view(-1)
+            keys = kc.index_select(0, flat).view(b, length, *kc.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
+            values = vc.index_select(0, flat).view(b, length, *vc.shape[1:]).transpose(1, 2)
+            out[self.decode_rows] = F.scaled_dot_product_attention(
+                q[self.decode_rows].unsqueeze(2), keys, values, attn_mask=self.decode_mask, enable_gqa=True
+            ).squeeze(2)  # q [B, H, 1, D] -> [B, H, D]
+        return out
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, *, num_slots: int, max_len: int) -> None:
+    def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int) -> None:
         self.model = model
-        dtype = next(model.parameters()).dtype
-        self.kv = SlotKVCache(model, num_slots, max_len, dtype)
+        self.dtype = model.embed_tokens.weight.dtype
+        self.kv = PagedKVCache(model, num_blocks, block_size, self.dtype)
+        self.block_size = block_size
+        self._offsets = torch.arange(block_size)
         self._generators: dict[str, torch.Generator | None] = {}
 
     def add(self, seq: Sequence) -> None:
@@ -95,33 +117,62 @@ class ModelRunner:
     def remove(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def _prefill(self, seq: Sequence) -> torch.Tensor:
-        tokens = seq.uncomputed_tokens()
-        start = seq.num_computed
-        assert seq.slot is not None
-        backend = PrefillAttention(self.kv, seq.slot, start, len(tokens))
-        positions = torch.arange(start, start + len(tokens))
-        logits = self.model(torch.tensor(tokens), positions, backend, torch.tensor([len(tokens) - 1]))  # [1, V]
-        seq.num_computed += len(tokens)
-        return logits
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        positions = [s.num_computed for s in seqs]
-        slots = [s.slot for s in seqs]
-        assert all(slot is not None for slot in slots)
-        backend = DecodeAttention(self.kv, slots, positions)  # type: ignore[arg-type]
-        ids = torch.tensor([s.last_token for s in seqs])
-        logits = self.model(ids, torch.tensor(positions), backend, torch.arange(len(seqs)))  # [B, V]
-        for s in seqs:
-            s.num_computed += 1
-        return logits
+    def _context(self, table: list[int], length: int) -> torch.Tensor:
+        """Slots of positions [0, length) of a sequence with block table `table`."""
+        blocks = torch.tensor(table[: -(-length // self.block_size)])
+        return (blocks.unsqueeze(1) * self.block_size + self._offsets).view(-1)[:length]
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """Forward every scheduled sequence's uncomputed tokens; return one sampled token per sequence,
-        in `batch.sequences` order. Updates `num_computed`."""
-        logits = [self._prefill(seq) for seq in batch.prefills]
-        if batch.decodes:
-            logits.append(self._decode(batch.decodes))
-        seqs = batch.sequences
-        return sample(torch.cat(logits), [s.params for s in seqs], [self._generators[s.request_id] for s in seqs])
+    def run(self, batch: ScheduledBatch, tables: list[list[int]]) -> list[int | None]:
+        """Forward `batch.chunks[i]` tokens of each `batch.sequences[i]` (block table `tables[i]`) from its
+        `num_computed`; return the sampled next token of each sequence whose chunk reached its last token, None
+        for a sequence still partway through its prompt. Does not touch `num_computed`."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        chunks: list[_Chunk] = []
+        decode_rows: list[int] = []
+        decode_context: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, n, table in zip(batch.sequences, batch.chunks, tables, strict=True):
+            start, row = seq.num_computed, len(ids)
+            ids.extend([seq.last_token] if start + n == seq.num_tokens and n == 1 else seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slot_mapping.extend(self._slots(table, start, start + n))
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_context.append(self._context(table, start + 1))
+            else:
+                chunks.append(_Chunk(slice(row, row + n), start, self._context(table, start + n)))
+            if start + n == seq.num_tokens:
+                sample_rows.append(row + n - 1)
+                sampled.append(seq)
+
+        mask = None
+        context = torch.zeros(0, 0, dtype=torch.long)
+        if decode_context:
+            lengths = torch.tensor([len(c) for c in decode_context])
+            context = torch.zeros(len(decode_context), int(lengths.max()), dtype=torch.long)  # padding: slot 0
+            for i, c in enumerate(decode_context):
+                context[i, : len(c)] = c
+            if bool((lengths != lengths[0]).any()):
+                mask = (torch.arange(context.shape[1]).unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
+        backend = PagedAttention(
+            self.kv, torch.tensor(slot_mapping), chunks, torch.tensor(decode_rows, dtype=torch.long), context, mask
+        )
+        tokens: list[int | None] = [None] * len(batch.sequences)
+        logits = self.model(
+            torch.tensor(ids), torch.tensor(positions), backend, torch.tensor(sample_rows, dtype=torch.long)
+        )
+        if not sampled:
+            return tokens
+        picked = sample(logits, [s.params for s in sampled], [self._generators[s.request_id] for s in sampled])
+        where = {id(s): i for i, s in enumerate(batch.sequences)}
+        for seq, token in zip(sampled, picked, strict=True):
+            tokens[where[id(seq)]] = token
+        return tokens

@@ -1,70 +1,147 @@
-"""Continuous batching policy. No torch: it decides who runs, the runner runs them.
+"""Continuous batching with chunked prefill. No torch: it decides who runs how many tokens, the runner runs them.
 
-Each step: every running sequence decodes one token, and waiting sequences are admitted (first come, first
-served) while a KV slot is free and the step's prompt-token budget allows (one over-budget prompt is admitted
-alone, so nothing starves).
+Each step has a token budget. Running sequences go first, by priority then arrival: a decoding sequence takes one
+token, one still prefilling takes the next chunk of its prompt. Then waiting sequences are admitted in the same
+order, each starting after the longest cached prefix of its tokens (`BlockManager.lookup`), while the budget, the
+batch size and the KV blocks allow. While any sequence is decoding, prompt chunks share a smaller budget
+(`prefill_chunk_tokens`), so a long prompt arriving mid-stream delays the others' next token by one small chunk.
+
+When blocks run out the lowest-priority, latest-arrived running sequence is preempted: its blocks are freed (the
+registered ones stay in the prefix cache) and it waits to be recomputed, instead of the step failing. A sequence
+whose deadline has passed is finished (EXPIRED) at the next step, waiting or running, and frees its blocks.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
-from blink.engine.kv_cache import SlotManager
+from blink.engine.kv_cache import BlockManager
 from blink.engine.sequence import FinishReason, SeqStatus, Sequence
 
 
 @dataclass
 class ScheduledBatch:
-    prefills: list[Sequence] = field(default_factory=list)
-    decodes: list[Sequence] = field(default_factory=list)
+    """`chunks[i]` tokens of `sequences[i]` go through the model, starting at its `num_computed`."""
+
+    sequences: list[Sequence] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)
+    expired: list[Sequence] = field(default_factory=list)  # finished by this step's schedule
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.prefills and not self.decodes
+        return not self.sequences
 
     @property
-    def sequences(self) -> list[Sequence]:
-        return self.prefills + self.decodes
+    def num_tokens(self) -> int:
+        return sum(self.chunks)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.sequences.append(seq)
+        self.chunks.append(n)
+
+
+def _order(seq: Sequence) -> tuple[int, float]:
+    return (seq.priority, seq.arrival)
 
 
 class Scheduler:
-    def __init__(self, slots: SlotManager, *, max_prefill_tokens: int) -> None:
-        self.slots = slots
-        self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+    def __init__(
+        self,
+        blocks: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefill_chunk_tokens: int,
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or prefill_chunk_tokens < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and prefill_chunk_tokens must be positive")
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
+        self.running: list[Sequence] = []  # sorted by (priority, arrival)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=_order)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch(decodes=list(self.running))
-        budget = self.max_prefill_tokens
-        while self.waiting and self.slots.can_allocate():
-            seq = self.waiting[0]
-            cost = len(seq.prompt_token_ids)
-            if batch.prefills and cost > budget:
+    def schedule(self, now: float) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        for seq in [s for s in self.waiting + self.running if s.expired(now)]:
+            self.finish(seq, FinishReason.EXPIRED)
+            batch.expired.append(seq)
+
+        budget = self.max_num_batched_tokens
+        decoding = any(s.num_computed >= s.num_tokens - 1 for s in self.running)
+        prefill_budget = self.prefill_chunk_tokens if decoding else budget
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            remaining = seq.num_tokens - seq.num_computed
+            n = 1 if remaining == 1 else min(remaining, budget, prefill_budget)
+            if n < 1 or n > budget:
+                continue
+            if not self._allocate_preempting(seq, seq.num_computed + n, batch):
+                continue
+            batch.add(seq, n)
+            budget -= n
+            if remaining > 1:
+                prefill_budget -= n
+
+        while self.waiting and not batch.preempted and len(self.running) < self.max_num_seqs:
+            n_budget = min(budget, prefill_budget)
+            if n_budget < 1:
                 break
-            self.waiting.popleft()
-            seq.slot = self.slots.allocate()
+            seq = self.waiting[0]
+            tokens = seq.token_ids
+            prefix = self.blocks.lookup(tokens)
+            cached = len(prefix) * self.blocks.block_size
+            n = min(len(tokens) - cached, n_budget)
+            if not self.blocks.allocate(seq.request_id, cached + n, prefix):
+                break
+            self.waiting.pop(0)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached
+            seq.num_computed = cached
             seq.set_status(SeqStatus.RUNNING)
-            self.running.append(seq)
-            batch.prefills.append(seq)
-            budget -= cost
+            bisect.insort(self.running, seq, key=_order)
+            batch.add(seq, n)
+            budget -= n
+            prefill_budget -= n
         return batch
 
+    def _allocate_preempting(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Blocks for `seq` up to `num_tokens`, preempting lower-ranked running sequences (or `seq` itself, when
+        it is the lowest) until they fit. False if `seq` itself was preempted."""
+        while not self.blocks.allocate(seq.request_id, num_tokens):
+            victim = self.running[-1]
+            if victim in batch.sequences:  # already scheduled this step: never take blocks from under it
+                victim = seq
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.set_status(SeqStatus.WAITING)
+        bisect.insort(self.waiting, seq, key=_order)
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Take `seq` out of the engine and free its slot."""
+        """Take `seq` out of the engine and free its blocks."""
         if seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
-            assert seq.slot is not None
-            self.slots.free(seq.slot)
-            seq.slot = None
+        self.blocks.free(seq.request_id)
         seq.finish_reason = reason
         seq.set_status(SeqStatus.FINISHED)

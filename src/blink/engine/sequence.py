@@ -41,7 +41,7 @@ class SeqStatus(enum.Enum):
 
 _TRANSITIONS = {
     SeqStatus.WAITING: {SeqStatus.RUNNING, SeqStatus.FINISHED},
-    SeqStatus.RUNNING: {SeqStatus.FINISHED},
+    SeqStatus.RUNNING: {SeqStatus.WAITING, SeqStatus.FINISHED},  # back to waiting: preempted
     SeqStatus.FINISHED: set(),
 }
 
@@ -50,9 +50,10 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # a stop token (or, decided by the caller, a stop string)
     LENGTH = "length"  # max_tokens or the model's context
     ABORTED = "aborted"
+    EXPIRED = "expired"  # its deadline passed before it finished
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never "equal"
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -60,8 +61,11 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
-    slot: int | None = None  # KV cache slot while running
+    priority: int = 0  # lower runs first: live requests 0, background prefill work above
+    deadline: float | None = None  # time.monotonic() after which nobody waits for it
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    num_preemptions: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     first_token: float | None = None
@@ -79,6 +83,9 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
-    def uncomputed_tokens(self) -> list[int]:
-        """Tokens that must go through the model at the next step (whole prompt at first, then one)."""
-        return (self.prompt_token_ids + self.output_token_ids)[self.num_computed :]
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline

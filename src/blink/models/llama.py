@@ -59,36 +59,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """q, k and v come from one fused projection (one weight read, one kernel call per step)."""
+
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.attention_bias
+        )
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.n_heads, self.head_dim)  # [N, H, D]
-        k = self.k_proj(x).view(n, self.n_kv, self.head_dim)  # [N, KVH, D]
-        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)  # [N, KVH, D]
-        q = q * cos + rotate_half(q) * sin  # cos/sin [N, 1, D] broadcast over heads
-        k = k * cos + rotate_half(k) * sin
-        out = backend.attend(self.layer, q, k, v)  # [N, H, D]
-        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+        n, h, kv = x.shape[0], self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # [N, H + 2 KVH, D]
+        qk = qkv[:, : h + kv]
+        qk = qk * cos + rotate_half(qk) * sin  # rotary on q and k at once; cos/sin [N, 1, D]
+        out = backend.attend(self.layer, qk[:, :h], qk[:, h:], qkv[:, h + kv :])  # [N, H, D]
+        return self.o_proj(out.reshape(n, h * self.head_dim))
 
 
 class MLP(nn.Module):
+    """SwiGLU with the gate and up projections fused into one."""
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -124,8 +125,19 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
     def load_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face-named weights ("model.layers.0.self_attn.q_proj.weight", ...); strict."""
+        """Load Hugging Face-named weights ("model.layers.0.self_attn.q_proj.weight", ...), fusing q/k/v and
+        gate/up into one projection each; strict."""
         renamed = {k.removeprefix("model."): v for k, v in state.items()}
+        for i in range(self.config.num_hidden_layers):
+            prefix = f"layers.{i}."
+            for fused, parts in (
+                ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+            ):
+                for kind in ("weight", "bias"):
+                    names = [f"{prefix}{part}.{kind}" for part in parts]
+                    if all(name in renamed for name in names):
+                        renamed[f"{prefix}{fused}.{kind}"] = torch.cat([renamed.pop(name) for name in names])
         if self.config.tie_word_embeddings:
             renamed.pop("lm_head.weight", None)
             renamed["lm_head.weight"] = renamed["embed_tokens.weight"]

@@ -36,7 +36,7 @@ from blink.config import EngineConfig, ModelConfig
 from blink.engine.llm_engine import LLMEngine, StepOutput
 from blink.engine.sequence import FinishReason, SamplingParams
 from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
-from blink.models import loader, registry
+from blink.models import loader, quant, registry
 from blink.models.tokenizer import Tokenizer
 from blink.worker.output import TextOutput
 
@@ -144,6 +144,7 @@ class Replica:
         spec = registry.get(self.model_name)
         folder = loader.prepare(spec, self.model_config.cache_dir, progress=self.progress)
         model, self.tokenizer = loader.load(folder)
+        quant.convert(model, self.engine_config.weights)
         self.engine = LLMEngine(model, self.tokenizer.stop_token_ids, self.engine_config)
 
     def _warm_up(self) -> None:
@@ -166,7 +167,12 @@ class Replica:
         engine = self.engine
         assert engine is not None
         while not self._stopping.is_set():
-            work = await self.bus.receive(self.model_name, self.replica_id, wait=0 if engine.has_work() else 0.2)
+            # take only what the engine can start soon: the rest stays on the bus, where the gateway's
+            # --max-pending-requests bound applies and another replica may take it
+            room = max(0, self.engine_config.max_num_seqs - engine.num_waiting)
+            work = await self.bus.receive(
+                self.model_name, self.replica_id, wait=0 if engine.has_work() else 0.2, max_requests=room
+            )
             for msg in work:
                 if isinstance(msg, Cancel):
                     await self._cancel(msg.request_id)
@@ -192,7 +198,8 @@ class Replica:
         try:
             prompt = self._prompt_ids(req)
             params = self._params(req, len(prompt))
-            self.engine.add_request(req.request_id, prompt, params)
+            deadline = None if req.deadline is None else time.monotonic() + (req.deadline - time.time())
+            self.engine.add_request(req.request_id, prompt, params, deadline=deadline)
         except BlinkError as exc:
             await self.bus.publish(
                 Finished(
@@ -248,6 +255,19 @@ class Replica:
         active = self._active.get(out.request_id)
         if active is None:  # warm-up or already dropped
             return
+        if out.token_id is None:  # the engine dropped it: its deadline passed
+            del self._active[out.request_id]
+            await self.bus.publish(
+                Finished(
+                    out.request_id,
+                    FinishStatus.ERROR,
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    error_code="deadline_exceeded",
+                    error_message="the request's deadline passed before it finished",
+                )
+            )
+            return
         if active.first_token is None:
             active.first_token = time.monotonic()
         text = active.output.push(out.token_id)
@@ -269,6 +289,7 @@ class Replica:
                     status,
                     prompt_tokens=out.prompt_tokens,
                     completion_tokens=out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
                     timings=self._timings(active, out),
                 )
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from blink.config import EngineConfig
@@ -29,8 +31,87 @@ def run_all(engine: LLMEngine) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     while engine.has_work():
         for o in engine.step():
+            assert o.token_id is not None
             out.setdefault(o.request_id, []).append(o.token_id)
     return out
+
+
+def no_blocks_held(engine: LLMEngine) -> bool:
+    return engine.blocks.num_free_blocks == engine.blocks.num_blocks and all(
+        b.ref_count == 0 for b in engine.blocks.blocks
+    )
+
+
+def small_engine(model_and_tokenizer, **kwargs) -> LLMEngine:  # type: ignore[no-untyped-def]
+    model, tok = model_and_tokenizer
+    return LLMEngine(model, tok.stop_token_ids, EngineConfig(**{"max_num_seqs": 4, "max_model_len": 256, **kwargs}))
+
+
+def test_a_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    _, tok = model_and_tokenizer
+    system = {"role": "system", "content": "You are a terse assistant who answers geography questions. " * 4}
+    first = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "Capital of Spain?"}]))
+    second = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "Capital of Peru?"}]))
+    cold = small_engine(model_and_tokenizer, prefix_caching=False)
+    cold_tokens = cold.generate(second, GREEDY)
+    warm = small_engine(model_and_tokenizer)
+    warm.generate(first, GREEDY, request_id="first")
+    warm.add_request("second", second, GREEDY)
+    outs = []
+    while warm.has_work():
+        outs += warm.step()
+    assert [o.token_id for o in outs] == cold_tokens
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert outs[-1].cached_tokens == shared // 16 * 16 > 0  # every full block of the shared prefix was reused
+
+
+def test_chunked_prefill_and_preemption_change_no_greedy_token(
+    model_and_tokenizer,  # type: ignore[no-untyped-def]
+    prompts: list[list[int]],
+) -> None:
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    roomy = small_engine(model_and_tokenizer)
+    expected = {f"r{i}": roomy.generate(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)}
+    # 12 blocks of 16 tokens for three sequences of ~95 tokens (6 blocks each, one shared); prompts in chunks of 5
+    tight = small_engine(
+        model_and_tokenizer, kv_cache_mb=9, max_model_len=128, max_num_batched_tokens=5, prefill_chunk_tokens=5
+    )
+    assert tight.blocks.num_blocks == 12
+    preempted = []
+    for i, p in enumerate(prompts):
+        tight.add_request(f"r{i}", p, params)
+    got: dict[str, list[int]] = {}
+    while tight.has_work():
+        for o in tight.step():
+            assert o.token_id is not None
+            got.setdefault(o.request_id, []).append(o.token_id)
+        preempted += [s.request_id for s in tight.scheduler.running + tight.scheduler.waiting if s.num_preemptions]
+    assert got == expected
+    assert preempted, "the pool was meant to be too small for all three"
+    assert no_blocks_held(tight)
+
+
+def test_aborting_mid_prefill_frees_every_block(model_and_tokenizer, prompts: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
+    engine = small_engine(model_and_tokenizer, max_num_batched_tokens=4)
+    engine.add_request("long", prompts[1] * 3, GREEDY)
+    assert engine.step() == []  # a first chunk only: no token yet
+    seq = engine.scheduler.running[0]
+    assert 0 < seq.num_computed < seq.num_tokens and engine.blocks.table("long")
+    assert engine.abort("long")
+    assert no_blocks_held(engine) and not engine.has_work()
+
+
+def test_an_expired_request_ends_without_a_token_and_frees_its_blocks(
+    model_and_tokenizer,  # type: ignore[no-untyped-def]
+    prompts: list[list[int]],
+) -> None:
+    engine = small_engine(model_and_tokenizer)
+    engine.add_request("late", prompts[0], GREEDY, deadline=time.monotonic() + 3600)
+    engine.step()
+    engine.scheduler.running[0].deadline = time.monotonic() - 1
+    (out,) = engine.step()
+    assert out.token_id is None and out.finish_reason is FinishReason.EXPIRED and out.finished
+    assert no_blocks_held(engine) and not engine.has_work()
 
 
 def test_a_request_joining_mid_stream_gets_the_same_tokens(engine: LLMEngine, prompts: list[list[int]]) -> None:
@@ -39,6 +120,7 @@ def test_a_request_joining_mid_stream_gets_the_same_tokens(engine: LLMEngine, pr
 
     def collect(outs: list[StepOutput]) -> None:
         for o in outs:
+            assert o.token_id is not None
             got.setdefault(o.request_id, []).append(o.token_id)
 
     engine.add_request("a0", prompts[0], GREEDY)
@@ -61,15 +143,14 @@ def test_abort_frees_the_sequence_at_once(engine: LLMEngine, prompts: list[list[
     assert engine.abort("x")
     assert engine.num_running == 0 and not engine.has_work()
     assert not engine.abort("x")
-    free = engine.scheduler.slots.num_free
-    assert free == engine.scheduler.slots.num_slots
+    assert no_blocks_held(engine)
 
 
 def test_more_requests_than_slots_wait_and_all_finish(engine: LLMEngine, prompts: list[list[int]]) -> None:
     for i in range(7):
         engine.add_request(f"w{i}", prompts[i % 3], SamplingParams(max_tokens=5, temperature=0))
     assert len(run_all(engine)) == 7
-    assert engine.scheduler.slots.num_free == engine.scheduler.slots.num_slots
+    assert no_blocks_held(engine)
 
 
 def test_max_tokens_and_stop_tokens_end_a_sequence(engine: LLMEngine, prompts: list[list[int]]) -> None:

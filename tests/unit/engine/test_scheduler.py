@@ -1,57 +1,168 @@
+"""The scheduler with a fake runner: budgets, chunked prefill, prefix hits, preemption, priorities, abort, deadlines."""
+
 from __future__ import annotations
 
 import pytest
 
-from blink.engine.kv_cache import SlotManager
-from blink.engine.scheduler import Scheduler
+from blink.engine.kv_cache import BlockManager
+from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
 
-
-def seq(rid: str, n: int = 4) -> Sequence:
-    return Sequence(rid, list(range(1, n + 1)), SamplingParams(max_tokens=4, temperature=0))
+BS = 4
 
 
-def test_admits_while_slots_are_free_and_decodes_running() -> None:
-    sched = Scheduler(SlotManager(2), max_prefill_tokens=100)
+def seq(rid: str, n: int = 4, *, priority: int = 0, first: int = 1, deadline: float | None = None) -> Sequence:
+    tokens = list(range(first, first + n))
+    return Sequence(rid, tokens, SamplingParams(max_tokens=100, temperature=0), priority=priority, deadline=deadline)
+
+
+def make(blocks: int = 64, *, seqs: int = 8, budget: int = 64, chunk: int = 8) -> Scheduler:
+    return Scheduler(
+        BlockManager(blocks, BS), max_num_seqs=seqs, max_num_batched_tokens=budget, prefill_chunk_tokens=chunk
+    )
+
+
+def run(sched: Scheduler, now: float = 0.0) -> ScheduledBatch:
+    """One step with a fake runner: the scheduled tokens become computed; a sequence whose chunk reached its
+    end gets a new token (always 7)."""
+    batch = sched.schedule(now)
+    for s, n in zip(batch.sequences, batch.chunks, strict=True):
+        assert s.status is SeqStatus.RUNNING
+        assert len(sched.blocks.table(s.request_id)) * BS >= s.num_computed + n  # the runner has room
+        s.num_computed += n
+        sched.blocks.commit(s.request_id, s.token_ids, s.num_computed)
+        if s.num_computed == s.num_tokens:
+            s.output_token_ids.append(7)
+    return batch
+
+
+def chunks(batch: ScheduledBatch) -> dict[str, int]:
+    return {s.request_id: n for s, n in zip(batch.sequences, batch.chunks, strict=True)}
+
+
+def test_running_sequences_decode_one_token_each_and_new_ones_join() -> None:
+    sched = make()
+    sched.add(seq("a"))
+    assert chunks(run(sched)) == {"a": 4}
+    sched.add(seq("b", 3))
+    assert chunks(run(sched)) == {"a": 1, "b": 3}
+    assert chunks(run(sched)) == {"a": 1, "b": 1}
+
+
+def test_a_long_prompt_is_chunked_and_decoders_keep_their_token_every_step() -> None:
+    sched = make(budget=64, chunk=8)
+    sched.add(seq("a"))
+    run(sched)
+    sched.add(seq("long", 30, first=50))
+    seen = []
+    for _ in range(4):
+        c = chunks(run(sched))
+        assert c["a"] == 1  # never stalled by the long prompt
+        seen.append(c["long"])
+    assert seen == [8, 8, 8, 6]
+
+
+def test_with_nobody_decoding_a_prompt_uses_the_whole_step_budget() -> None:
+    sched = make(budget=16, chunk=4)
+    sched.add(seq("long", 40))
+    assert [chunks(run(sched))["long"] for _ in range(3)] == [16, 16, 8]
+
+
+def test_the_step_budget_caps_decodes_and_admission() -> None:
+    sched = make(budget=3, chunk=8)
+    for rid in "abcd":
+        sched.add(seq(rid, 1))
+    assert set(chunks(run(sched))) == {"a", "b", "c"}
+    assert chunks(run(sched)) == {"a": 1, "b": 1, "c": 1}  # d waits: the budget is spent on decodes
+
+
+def test_max_num_seqs_bounds_the_running_batch() -> None:
+    sched = make(seqs=2)
     for rid in "abc":
         sched.add(seq(rid))
-    first = sched.schedule()
-    assert [s.request_id for s in first.prefills] == ["a", "b"] and not first.decodes
-    second = sched.schedule()
-    assert not second.prefills and [s.request_id for s in second.decodes] == ["a", "b"]
-    sched.finish(first.prefills[0], FinishReason.STOP)
-    third = sched.schedule()
-    assert [s.request_id for s in third.prefills] == ["c"]
-    assert [s.request_id for s in third.decodes] == ["b"]
+    run(sched)
+    assert [s.request_id for s in sched.running] == ["a", "b"] and len(sched.waiting) == 1
 
 
-def test_prefill_budget_splits_admission_but_never_starves_a_long_prompt() -> None:
-    sched = Scheduler(SlotManager(4), max_prefill_tokens=10)
-    sched.add(seq("long", 50))
-    sched.add(seq("short", 5))
-    assert [s.request_id for s in sched.schedule().prefills] == ["long"]  # over budget, admitted alone
-    assert [s.request_id for s in sched.schedule().prefills] == ["short"]
+def test_a_cached_prefix_is_skipped_and_counted() -> None:
+    sched = make()
+    sched.add(seq("a", 9))
+    run(sched)
+    sched.finish(sched.running[0], FinishReason.STOP)
+    b = seq("b", 10)  # same first 9 tokens
+    sched.add(b)
+    assert chunks(run(sched)) == {"b": 2}  # 2 full blocks (8 tokens) reused
+    assert b.num_cached_tokens == 8
 
 
-def test_finish_frees_the_slot_and_forbids_illegal_transitions() -> None:
-    slots = SlotManager(1)
-    sched = Scheduler(slots, max_prefill_tokens=100)
+def test_higher_priority_is_admitted_first() -> None:
+    sched = make(seqs=1)
+    sched.add(seq("background", priority=1))
+    sched.add(seq("live", priority=0))
+    assert list(chunks(run(sched))) == ["live"]
+
+
+def test_running_out_of_blocks_preempts_the_lowest_priority_and_it_resumes() -> None:
+    sched = make(blocks=4, budget=64)
+    low, high = seq("low", 7, priority=1), seq("high", 7, priority=0, first=50)
+    sched.add(low)
+    sched.add(high)
+    run(sched)  # 2 blocks each; their 8th positions fit, the 9th needs a fifth block
+    run(sched)
+    batch = run(sched)
+    assert batch.preempted == [low] and chunks(batch) == {"high": 1}
+    assert low.status is SeqStatus.WAITING and low.num_computed == 0 and sched.blocks.table("low") == []
+    sched.finish(high, FinishReason.STOP)
+    c = chunks(run(sched))
+    # back: high took low's tail block (evicted first), its head block was still cached: recompute 9 - 4 tokens
+    assert c == {"low": 5} and low.status is SeqStatus.RUNNING
+    assert low.num_cached_tokens == 0  # usage reports the first admission only
+
+
+def test_a_sequence_that_cannot_grow_alone_is_preempted_not_crashed() -> None:
+    sched = make(blocks=2, budget=64)
+    s = seq("a", 8)
+    sched.add(s)
+    run(sched)  # 8 tokens + 1 output: its next decode needs a third block
+    batch = run(sched)
+    assert batch.preempted == [s] and batch.empty and s.status is SeqStatus.WAITING
+
+
+def test_abort_mid_prefill_frees_every_block() -> None:
+    sched = make(blocks=16, budget=64, chunk=4)
+    sched.add(seq("a"))
+    run(sched)
+    long = seq("long", 40, first=50)
+    sched.add(long)
+    run(sched)
+    assert 0 < long.num_computed < 40
+    sched.finish(long, FinishReason.ABORTED)
+    sched.finish(sched.running[0], FinishReason.ABORTED)
+    assert sched.blocks.num_free_blocks == 16 and not sched.has_work()
+
+
+def test_expired_requests_are_finished_at_the_next_step_waiting_or_running() -> None:
+    sched = make(seqs=1)
+    running, waiting = seq("running", deadline=5.0), seq("waiting", deadline=5.0)
+    sched.add(running)
+    sched.add(waiting)
+    run(sched, now=1.0)
+    batch = run(sched, now=6.0)
+    assert batch.expired == [waiting, running] or batch.expired == [running, waiting]
+    assert {s.finish_reason for s in batch.expired} == {FinishReason.EXPIRED}
+    assert batch.empty and sched.blocks.num_free_blocks == 64
+
+
+def test_finishing_is_a_one_way_transition() -> None:
+    sched = make()
     s = seq("a")
     sched.add(s)
-    sched.schedule()
-    assert slots.num_free == 0
-    sched.finish(s, FinishReason.ABORTED)
-    assert slots.num_free == 1 and s.status is SeqStatus.FINISHED and s.slot is None
+    run(sched)
+    sched.finish(s, FinishReason.STOP)
     with pytest.raises(RuntimeError):
         s.set_status(SeqStatus.RUNNING)
 
 
-def test_waiting_sequence_can_be_finished_without_a_slot() -> None:
-    slots = SlotManager(1)
-    sched = Scheduler(slots, max_prefill_tokens=100)
-    a, b = seq("a"), seq("b")
-    sched.add(a)
-    sched.add(b)
-    sched.schedule()
-    sched.finish(b, FinishReason.ABORTED)
-    assert not sched.waiting and slots.num_free == 0
+def test_bad_settings_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        make(budget=0)
