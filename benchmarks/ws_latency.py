@@ -31,18 +31,10 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
+from benchmarks.common import PROMPTS as ALL_PROMPTS
 from tests.e2e.conftest import Server
 
-PROMPTS = [
-    "What is the capital of France? Answer in two sentences.",
-    "Write a short poem about the sea.",
-    "Explain what a hash table is.",
-    "Give me three tips for better sleep.",
-    "Summarise the plot of Romeo and Juliet.",
-    "Why is the sky blue?",
-    "List the planets of the solar system.",
-    "How do I boil an egg?",
-]
+PROMPTS = ALL_PROMPTS[:8]
 
 
 def pct(values: list[float], q: float) -> float:

@@ -1,0 +1,56 @@
+"""What every benchmark report carries: when, on what machine, and where it is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# chat prompts every benchmark draws from (short user questions, as a chat box sends them)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is.",
+    "Give me three tips for better sleep.",
+    "Summarise the plot of Romeo and Juliet.",
+    "Why is the sky blue?",
+    "List the planets of the solar system.",
+    "How do I boil an egg?",
+    "What does a compiler do?",
+    "Describe a cat to someone who has never seen one.",
+    "What are the benefits of exercise?",
+    "How does a bicycle stay upright?",
+    "Translate 'good morning' into Spanish and French.",
+    "What is photosynthesis?",
+    "Give me a recipe for pancakes.",
+    "Why do we have seasons?",
+    "What is the difference between weather and climate?",
+    "Explain recursion with an example.",
+    "What causes earthquakes?",
+    "Write a haiku about autumn.",
+]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def machine() -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{when}; {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; SmolLM2-135M-Instruct."
+
+
+def write_report(out: Path, name: str, markdown: str, data: dict[str, Any]) -> None:
+    """Print the report and keep it as results/<name>.md and .json."""
+    out.mkdir(parents=True, exist_ok=True)
+    print(markdown)
+    (out / f"{name}.md").write_text(markdown)
+    (out / f"{name}.json").write_text(json.dumps({"machine": machine(), **data}, indent=1))

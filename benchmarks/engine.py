@@ -1,0 +1,181 @@
+"""The engine alone, side by side in one run on this machine: decode speed and the accuracy of each weight format.
+
+decode:    ms per token at batch 1 (greedy, 64 tokens after a chat prompt): blink's engine with fp32, bf16 and
+           int8 weights, and `transformers` `generate` on the same model (same GGUF, fp32).
+agreement: for 20 prompts, fp32 greedy continuations (48 tokens); each format then reads prompt + continuation in
+           one forward (teacher forcing) and we count the positions where its argmax equals fp32's.
+perplexity of each format on a held text (the README's first paragraphs are not used: a fixed text below).
+
+  python benchmarks/engine.py [--tokens 64] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import PROMPTS, machine, write_report
+from blink.config import EngineConfig, default_cache_dir
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import SamplingParams
+from blink.models import loader, quant, registry
+from blink.models.llama import LlamaModel
+from blink.models.tokenizer import Tokenizer
+
+FORMATS = ("fp32", "bf16", "int8")
+HELD_TEXT = (
+    "The river rises in the hills to the north and runs for about two hundred miles before it reaches the sea. "
+    "For most of its length it is slow and wide, and barges carried grain and timber down to the port until the "
+    "railway came. The towns along its banks grew up around bridges and mills; several still hold a market once a "
+    "week, and in summer the towpath is busy with walkers and cyclists. Floods were common in the past, and the "
+    "stone markers on the church walls show how high the water came in the worst years. Since the new embankments "
+    "were built the town has stayed dry, although the meadows below it still flood most winters, which the birds "
+    "that spend the cold months there seem to welcome."
+)
+
+
+class _Causal:
+    """Attention for one sequence read whole, no cache: plain causal SDPA."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)
+
+
+@torch.inference_mode()
+def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    n = len(ids)
+    return model(torch.tensor(ids), torch.arange(n), _Causal(), torch.arange(n))  # [n, V]
+
+
+def load(fmt: str) -> tuple[LlamaModel, Tokenizer]:
+    folder = loader.prepare(registry.get("smollm2-135m-instruct"), default_cache_dir(), progress=False)
+    model, tok = loader.load(folder)
+    quant.convert(model, fmt)
+    return model, tok
+
+
+def chat(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+
+
+def blink_decode_ms(fmt: str, tokens: int, threads: int) -> float:
+    model, tok = load(fmt)
+    engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(threads=threads, max_model_len=1024))
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    per_token = []
+    for i, prompt in enumerate(PROMPTS[:6]):
+        ids = chat(tok, prompt)
+        engine.add_request(f"r{i}", ids, params)
+        engine.step()  # prefill and first token: not decode
+        start = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+        per_token.append((time.perf_counter() - start) / (tokens - 1) * 1000)
+    return statistics.median(per_token[1:])  # the first request warms up
+
+
+def transformers_decode_ms(tokens: int, threads: int) -> float:
+    import transformers
+
+    torch.set_num_threads(threads)
+    path = registry.get("smollm2-135m-instruct").locate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+    _, tok = load("fp32")
+    per_token = []
+    for prompt in PROMPTS[:6]:
+        ids = torch.tensor([chat(tok, prompt)])
+        kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": 0}
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            one = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+            full = time.perf_counter() - start
+        per_token.append((full - one) / (tokens - 1) * 1000)  # minus prefill and first token
+    return statistics.median(per_token[1:])
+
+
+def accuracy(tokens: int) -> dict[str, dict[str, float]]:
+    reference, tok = load("fp32")
+    engine = LLMEngine(reference, tok.stop_token_ids, EngineConfig(max_model_len=1024))
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    sequences = []
+    for i, prompt in enumerate(PROMPTS):
+        ids = chat(tok, prompt)
+        sequences.append((len(ids), ids + engine.generate(ids, params, request_id=f"a{i}")))
+    held = tok.encode(HELD_TEXT)
+    ref_argmax = [all_logits(reference, seq)[start - 1 : -1].argmax(-1) for start, seq in sequences]
+    out: dict[str, dict[str, float]] = {}
+    for fmt in FORMATS:
+        model = reference if fmt == "fp32" else load(fmt)[0]
+        agree = total = 0
+        for (start, seq), expected in zip(sequences, ref_argmax, strict=True):
+            got = all_logits(model, seq)[start - 1 : -1].argmax(-1)
+            agree += int((got == expected).sum())
+            total += len(expected)
+        logits = all_logits(model, held)[:-1]
+        nll = F.cross_entropy(logits, torch.tensor(held[1:]))
+        out[fmt] = {"agreement": agree / total, "perplexity": math.exp(float(nll)), "tokens": total}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    from blink.config import resolve_threads
+
+    threads = resolve_threads(args.threads)
+    decode = {f"blink {fmt}": blink_decode_ms(fmt, args.tokens, threads) for fmt in FORMATS}
+    decode["transformers fp32"] = transformers_decode_ms(args.tokens, threads)
+    acc = accuracy(48)
+    base = decode["transformers fp32"]
+    lines = [
+        "# Engine: decode speed and weight-format accuracy",
+        "",
+        machine(),
+        f"Command: `python benchmarks/engine.py --tokens {args.tokens} --threads {args.threads}` ({threads} threads)",
+        "",
+        "| engine | decode ms/token (batch 1, median) | speed-up vs transformers |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {ms:.1f} | {base / ms:.2f}x |" for name, ms in decode.items()]
+    lines += [
+        "",
+        f"Greedy agreement with fp32 (teacher-forced argmax over {acc['fp32']['tokens']:.0f} continuation tokens of "
+        f"{len(PROMPTS)} prompts) and perplexity on a held text:",
+        "",
+        "| weights | agreement with fp32 | perplexity |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {fmt} | {a['agreement'] * 100:.1f}% | {a['perplexity']:.2f} |" for fmt, a in acc.items()]
+    write_report(args.out, "engine", "\n".join(lines) + "\n", {"decode_ms": decode, "accuracy": acc})
+
+
+if __name__ == "__main__":
+    main()
