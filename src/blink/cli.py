@@ -13,14 +13,19 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from blink import __version__
 from blink.config import EngineConfig, GatewayConfig, ModelConfig, ServeConfig, add_flags, from_flags
 
+if TYPE_CHECKING:
+    from blink.gateway.service import Gateway
+
 log = logging.getLogger("blink")
+
+WS_MAX_SIZE_FACTOR = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,20 +103,27 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
             await task
         await bus.close()
 
-    app = create_app(gateway, lifespan)
-    server = _Server(
-        uvicorn.Config(
-            app,
-            host=gw.host,
-            port=gw.port,
-            log_level=log_level,
-            ws_max_size=4 * gw.max_request_bytes,
-            timeout_graceful_shutdown=int(gw.shutdown_grace_s) + 5,
-        ),
-        gateway,
-    )
-    server.run()
+    http_server(create_app(gateway, lifespan), gateway, log_level=log_level).run()
     return 0
+
+
+def http_server(app: Any, gateway: Gateway, *, log_level: str = "info") -> uvicorn.Server:
+    """uvicorn serving `app`, configured from `gateway.config`.
+
+    WebSocket messages: the gateway answers one over `max_request_bytes` with an `error` event and the session
+    stays open, so uvicorn lets such messages through; only one over WS_MAX_SIZE_FACTOR times the limit is refused
+    by uvicorn itself (close code 1009, before its payload is buffered), which bounds a connection's memory."""
+    gw = gateway.config
+    config = uvicorn.Config(
+        app,
+        host=gw.host,
+        port=gw.port,
+        log_level=log_level,
+        ws="websockets-sansio",  # the implementation whose limits the docstring describes
+        ws_max_size=WS_MAX_SIZE_FACTOR * gw.max_request_bytes,
+        timeout_graceful_shutdown=int(gw.shutdown_grace_s) + 5,
+    )
+    return _Server(config, gateway)
 
 
 def _report_replica_exit(task: asyncio.Task[None]) -> None:
@@ -123,7 +135,7 @@ class _Server(uvicorn.Server):
     """uvicorn closes WebSockets (1012) as soon as its shutdown starts; drain our streams before that, so each
     in-flight response first ends with response.done (status incomplete)."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Any) -> None:
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
         self._gateway = gateway
 

@@ -1,16 +1,22 @@
 """The exception tree, translated to HTTP status codes and WebSocket error events in one place.
 
-    BlinkError                      500 server_error
-    ├── InvalidRequest              400 invalid_request_error
+    BlinkError                      500 server_error / internal_error
+    ├── InvalidRequest              400 invalid_request_error / invalid_request (and the codes in WS_ONLY_CODES)
     │   ├── ContextLengthExceeded   400 invalid_request_error / context_length_exceeded
     │   └── RequestTooLarge         413 invalid_request_error / request_too_large
+    ├── NotFound                    404 invalid_request_error / not_found (an unknown path)
+    ├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
     ├── ModelNotFound               404 invalid_request_error / model_not_found
     ├── NotReady                    503 server_error / model_not_ready
+    │   └── ShuttingDown            503 server_error / server_shutdown
     ├── Overloaded                  429 server_error / overloaded
-    └── EngineFailure               500 server_error
+    ├── SlowConsumer                503 server_error / slow_consumer
+    ├── DeadlineExceeded            504 server_error / deadline_exceeded
+    └── EngineFailure               500 server_error / engine_failure
 
-Replicas report failures on the bus as (type, code, message); `from_wire` rebuilds the same exception at the
-gateway, so the HTTP status depends only on the error, not on where it happened.
+Every code blink sends is a key of `CODES`, so its HTTP status is fixed by the code alone. Replicas report
+failures on the bus as (code, message, param); `from_wire` rebuilds the same exception at the gateway, so the
+status depends only on the error, not on where it happened.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class BlinkError(Exception):
         self.message = message
         self.param = param
         if code is not None:
+            assert CODES.get(code) is type(self), f"error code {code!r} is not a code of {type(self).__name__}"
             self.code = code
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,6 +57,18 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class NotFound(BlinkError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(BlinkError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class ModelNotFound(BlinkError):
     status = 404
     type = "invalid_request_error"
@@ -61,30 +80,72 @@ class NotReady(BlinkError):
     code = "model_not_ready"
 
 
+class ShuttingDown(NotReady):
+    code = "server_shutdown"
+
+
 class Overloaded(BlinkError):
     status = 429
     code = "overloaded"
+
+
+class SlowConsumer(BlinkError):
+    """The response's bounded stream overflowed (its reader fell behind) and the replica dropped it."""
+
+    status = 503
+    code = "slow_consumer"
+
+
+class DeadlineExceeded(BlinkError):
+    """The request's deadline passed before a replica finished it; the replica dropped it."""
+
+    status = 504
+    code = "deadline_exceeded"
 
 
 class EngineFailure(BlinkError):
     code = "engine_failure"
 
 
-_BY_CODE: dict[str, type[BlinkError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidRequest,
-        ContextLengthExceeded,
-        RequestTooLarge,
-        ModelNotFound,
-        NotReady,
-        Overloaded,
-        EngineFailure,
-    )
+# InvalidRequest codes that only the realtime protocol sends (as `error` events, never as an HTTP status)
+WS_ONLY_CODES = (
+    "invalid_event",
+    "unknown_event_type",
+    "binary_frame",
+    "empty_message",
+    "empty_conversation",
+    "conversation_already_has_active_response",
+    "response_cancel_not_active",
+)
+
+CODES: dict[str, type[BlinkError]] = {
+    **{
+        cls.code: cls
+        for cls in (
+            BlinkError,
+            InvalidRequest,
+            ContextLengthExceeded,
+            RequestTooLarge,
+            NotFound,
+            MethodNotAllowed,
+            ModelNotFound,
+            NotReady,
+            ShuttingDown,
+            Overloaded,
+            SlowConsumer,
+            DeadlineExceeded,
+            EngineFailure,
+        )
+    },
+    "invalid_json": InvalidRequest,
+    **dict.fromkeys(WS_ONLY_CODES, InvalidRequest),
 }
 
 
 def from_wire(code: str, message: str, param: str | None = None) -> BlinkError:
-    """Rebuild the error a replica reported on the bus."""
-    cls = _BY_CODE.get(code, BlinkError)
+    """Rebuild the error a replica or the bus reported. A code this build does not know is an internal error
+    (status 500) whose message names the code."""
+    cls = CODES.get(code)
+    if cls is None:
+        return BlinkError(f"{message} ({code or 'no code'})", param=param)
     return cls(message, param=param, code=code)

@@ -205,3 +205,19 @@ def test_client_that_vanishes_mid_stream_frees_its_sequence(server: Server) -> N
 
     asyncio.run(main())
     server.wait_idle()
+
+
+def test_an_event_over_the_limit_in_utf8_bytes_is_refused_and_the_session_stays_open(server: Server) -> None:
+    text = "€" * 400_000  # 400,000 characters, 1.2 MB: over the default 1 MiB --max-request-bytes
+
+    async def main() -> None:
+        async with await session(server) as ws:
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": item}, ensure_ascii=False))
+            error = await recv(ws)
+            assert error["type"] == "error" and error["error"]["code"] == "request_too_large"
+            await ask(ws, "Say hello.", max_output_tokens=3)
+            done, _ = await until(ws, "response.done")
+            assert done["response"]["status"] in ("completed", "incomplete")
+
+    asyncio.run(main())

@@ -15,11 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from blink.errors import BlinkError, InvalidRequest
+from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound
 from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import error_response
+
+# Starlette's own errors (routing), in blink's error shape; any other is a 400
+_HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
 
 
 def create_app(
@@ -57,9 +60,7 @@ def create_app(
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        error = InvalidRequest(exc.detail, code="not_found" if exc.status_code == 404 else "invalid_request")
-        error.status = exc.status_code
-        return error_response(error)
+        return error_response(_HTTP_ERRORS.get(exc.status_code, InvalidRequest)(exc.detail))
 
     app = Starlette(
         routes=[

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from blink.bus.messages import FinishStatus, GenerateRequest
-from blink.errors import BlinkError, InvalidRequest, NotReady, RequestTooLarge, from_wire
+from blink.errors import BlinkError, InvalidRequest, RequestTooLarge, ShuttingDown, from_wire
 from blink.gateway import validation as v
 from blink.gateway.service import Gateway, Generation
 from blink.gateway.wire import error_body, sse
@@ -66,6 +66,8 @@ def _content_text(content: Any, where: str) -> str:
 
 
 def _common(gateway: Gateway, body: dict[str, Any]) -> tuple[str, bool, bool, Any]:
+    """The fields both endpoints share, validated. Readiness is not checked here (`Gateway.generate` does, after
+    the whole body is known to be valid), so a malformed request is a 400 even while replicas are warming."""
     model = v.get_str(body, "model", required=True)
     assert model is not None
     gateway.check_model(model)
@@ -97,15 +99,14 @@ def _usage(gen: Generation) -> dict[str, Any]:
 
 
 def _failure(gen: Generation) -> BlinkError | None:
-    """The error to report for a generation that did not end normally, else None."""
+    """The error to report for a generation that did not end normally, else None. Only server-side cancels
+    reach here: a client that disconnected is not answered."""
     fin = gen.finished
     assert fin is not None
     if fin.status is FinishStatus.ERROR:
         return from_wire(fin.error_code or "", fin.error_message or "", fin.error_param)
     if fin.status is FinishStatus.CANCELLED:
-        if gen.cancel_reason == "shutdown":
-            return NotReady("the server is shutting down", code="server_shutdown")
-        return BlinkError("the response was cancelled", code="cancelled")
+        return ShuttingDown("the server is shutting down; the response was stopped before it finished")
     return None
 
 
@@ -154,6 +155,9 @@ class OpenAIRoutes:
             await _until_done_or_disconnect(gen, request)
         finally:
             await gen.close()
+        if gen.cancel_reason == "disconnect":
+            # nobody is left to read an answer; 499 (nginx's "client closed request") only marks the access log
+            return Response(status_code=499)
         error = _failure(gen)
         if error is not None:
             raise error

@@ -32,7 +32,7 @@ from blink.gateway.wire import error_event
 
 log = logging.getLogger("blink.gateway.realtime")
 
-DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TEMPERATURE = 1.0  # as on HTTP (OpenAI's chat default)
 TEXT_PARTS = {"input_text", "text", "output_text"}
 ROLES = {"system", "user", "assistant"}
 
@@ -97,8 +97,9 @@ class RealtimeSession:
             text = message.get("text")
             if text is None:
                 raise InvalidRequest("binary frames are not supported; send JSON text frames", code="binary_frame")
-            if len(text) > self.gateway.config.max_request_bytes:
-                raise RequestTooLarge(f"the event is larger than {self.gateway.config.max_request_bytes} bytes")
+            limit = self.gateway.config.max_request_bytes
+            if len(text.encode()) > limit:  # bytes, not characters: "€" is one character and three bytes
+                raise RequestTooLarge(f"the event is larger than {limit} bytes")
             event = v.parse_object(text, "event")
             raw_id = event.get("event_id")
             event_id = raw_id if isinstance(raw_id, str) else None
@@ -117,18 +118,17 @@ class RealtimeSession:
         session = event.get("session")
         if not isinstance(session, dict):
             raise InvalidRequest("'session' must be an object", param="session")
-        update = self._settings_from(session, "session")
-        model = v.get_str(session, "model", param="session.model")
-        if model is not None:
-            if model not in self.gateway.models:
-                self.gateway.check_model(model)  # raises model_not_found
-            update["model"] = model
-        self.settings.update(update)
+        self.settings.update(self._settings_from(session, "session"))
         await self.send({"type": "session.updated", "session": self._session()})
 
     def _settings_from(self, obj: dict[str, Any], where: str) -> dict[str, Any]:
-        """Validated settings present in `obj` (session.update's session or response.create's response)."""
+        """Validated settings present in `obj` (session.update's session or response.create's response).
+        `max_output_tokens` is checked against the model they will run with: `obj`'s `model` if it names one."""
         out: dict[str, Any] = {}
+        model = v.get_str(obj, "model", param=f"{where}.model")
+        if model is not None:
+            self.gateway.check_model(model, param=f"{where}.model")
+            out["model"] = model
         if "instructions" in obj:
             out["instructions"] = v.get_str(obj, "instructions", param=f"{where}.instructions")
         for key, lo, hi, integer in (
@@ -142,7 +142,7 @@ class RealtimeSession:
         if "max_output_tokens" in obj:
             value = obj["max_output_tokens"]
             if value != "inf":
-                limit = self.gateway.max_model_len(self.settings["model"])
+                limit = self.gateway.max_model_len(out.get("model", self.settings["model"]))
                 value = v.get_number(
                     obj, "max_output_tokens", 1, limit, integer=True, param=f"{where}.max_output_tokens"
                 )
@@ -304,7 +304,7 @@ class RealtimeSession:
                         "total_tokens": prompt + completion,
                         "input_token_details": {"cached_tokens": 0},
                     },
-                    "timings": {**generation.timings(), "prompt_tokens": prompt},
+                    "timings": generation.timings(),
                 },
             }
         )
@@ -328,9 +328,10 @@ def _status(generation: Generation) -> tuple[ResponseStatus, dict[str, Any] | No
     if fin.status is FinishStatus.LENGTH:
         return ResponseStatus.INCOMPLETE, {"type": "incomplete", "reason": "max_output_tokens"}
     if fin.status is FinishStatus.CANCELLED:
-        if generation.cancel_reason == "shutdown":
-            return ResponseStatus.INCOMPLETE, {"type": "incomplete", "reason": "server_shutdown"}
-        return ResponseStatus.CANCELLED, {"type": "cancelled", "reason": "client_cancelled"}
+        if generation.cancel_reason == "client":
+            return ResponseStatus.CANCELLED, {"type": "cancelled", "reason": "client_cancelled"}
+        # a cancel the client did not ask for: the server (or the replica serving the response) is stopping
+        return ResponseStatus.INCOMPLETE, {"type": "incomplete", "reason": "server_shutdown"}
     error = from_wire(fin.error_code or "", fin.error_message or "", fin.error_param)
     return ResponseStatus.FAILED, {"type": "failed", "error": error.to_dict()}
 

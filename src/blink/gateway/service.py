@@ -20,7 +20,7 @@ from typing import Any
 from blink.bus.base import Bus, ResponseStream
 from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, ReplicaState, TokenEvent
 from blink.config import GatewayConfig
-from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, from_wire
+from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, ShuttingDown, from_wire
 
 log = logging.getLogger("blink.gateway")
 
@@ -134,18 +134,25 @@ class Gateway:
         lengths = [r.max_model_len for r in self.ready_replicas(model)]
         return min(lengths) if lengths else 1 << 20
 
-    def check_model(self, model: str) -> None:
+    def check_model(self, model: str, param: str = "model") -> None:
+        """Raise ModelNotFound unless this gateway serves `model` (a property of the request, not of the moment)."""
         if model not in self.models:
             raise ModelNotFound(
-                f"the model {model!r} does not exist; this server serves {', '.join(self.models)}", param="model"
+                f"the model {model!r} does not exist; this server serves {', '.join(self.models)}", param=param
             )
+
+    def check_ready(self, model: str) -> None:
+        """Raise NotReady unless a replica of `model` can take work now. Call it after validating the request,
+        so a malformed request is a 400 whatever the replicas' state."""
         if self.shutting_down:
-            raise NotReady("the server is shutting down", code="server_shutdown")
+            raise ShuttingDown("the server is shutting down")
         if not self.ready_replicas(model):
             raise NotReady(f"no replica of {model!r} is ready yet; retry shortly")
 
     async def generate(self, request: GenerateRequest, *, started: float | None = None) -> Generation:
+        """Submit a validated request and wait for a replica to accept it."""
         self.check_model(request.model)
+        self.check_ready(request.model)
         stream = await self.bus.submit(request)
         generation = Generation(self, request, stream, started or time.monotonic())
         self._active[request.request_id] = generation

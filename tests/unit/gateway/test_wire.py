@@ -1,0 +1,47 @@
+"""Every error code blink can send has one HTTP status, and the README's error table lists each with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import blink
+from blink.errors import CODES, WS_ONLY_CODES, from_wire
+
+README = Path(__file__).parents[3] / "README.md"
+SOURCE = Path(blink.__file__).parent
+
+
+def readme_error_table() -> dict[str, str]:
+    text = README.read_text()
+    section = text[text.index("### Errors") : text.index("### Behaviour notes")]
+    table = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            table.update(dict.fromkeys(re.findall(r"`([a-z_]+)`", cells[0]), cells[1]))
+    return table
+
+
+def test_the_readme_lists_every_code_with_its_status() -> None:
+    table = readme_error_table()
+    assert sorted(table) == sorted(CODES)
+    for code, cls in CODES.items():
+        assert table[code] == ("WS only" if code in WS_ONLY_CODES else str(cls.status)), code
+
+
+def test_every_code_in_the_source_is_a_known_code() -> None:
+    found = set()
+    for path in SOURCE.rglob("*.py"):
+        text = path.read_text()
+        found |= set(re.findall(r"\b(?:error_)?code=\"([a-z_]+)\"", text))
+        found |= set(re.findall(r"^\s+code = \"([a-z_]+)\"", text, re.MULTILINE))
+    assert "slow_consumer" in found and found <= set(CODES), found - set(CODES)
+
+
+def test_a_code_from_the_bus_keeps_its_status_and_an_unknown_one_is_internal() -> None:
+    for code, cls in CODES.items():
+        error = from_wire(code, "m")
+        assert (type(error), error.code, error.status) == (cls, code, cls.status)
+    unknown = from_wire("from_the_future", "m")
+    assert (unknown.code, unknown.status) == ("internal_error", 500) and "from_the_future" in unknown.message
