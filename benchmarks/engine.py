@@ -81,7 +81,7 @@ def blink_decode_ms(fmt: str, tokens: int, threads: int) -> float:
     engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(threads=threads, max_model_len=1024))
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     per_token = []
-    for i, prompt in enumerate(PROMPTS[:6]):
+    for i, prompt in enumerate(PROMPTS[:5]):
         ids = chat(tok, prompt)
         engine.add_request(f"r{i}", ids, params)
         engine.step()  # prefill and first token: not decode
@@ -104,7 +104,7 @@ def transformers_decode_ms(tokens: int, threads: int) -> float:
         ).eval()
     _, tok = load("fp32")
     per_token = []
-    for prompt in PROMPTS[:6]:
+    for prompt in PROMPTS[:5]:
         ids = torch.tensor([chat(tok, prompt)])
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": 0}
         with torch.inference_mode():
@@ -146,13 +146,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="weight formats to time, comma-separated")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     from blink.config import resolve_threads
 
     threads = resolve_threads(args.threads)
-    decode = {f"blink {fmt}": blink_decode_ms(fmt, args.tokens, threads) for fmt in FORMATS}
+    decode: dict[str, float] = {}
+    for fmt in args.formats.split(","):
+        decode[f"blink {fmt}"] = blink_decode_ms(fmt, args.tokens, threads)
+        print(f"blink {fmt}: {decode[f'blink {fmt}']:.1f} ms/token", flush=True)
     decode["transformers fp32"] = transformers_decode_ms(args.tokens, threads)
+    print(f"transformers: {decode['transformers fp32']:.1f} ms/token", flush=True)
     acc = accuracy(48)
     base = decode["transformers fp32"]
     lines = [

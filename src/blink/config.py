@@ -59,6 +59,9 @@ class GatewayConfig:
     )
     max_pending_requests: int = _help("requests queued for replicas before new ones get 429", 256)
     max_request_bytes: int = _help("largest accepted HTTP body or WebSocket message", 1 << 20)
+    request_timeout_s: float = _help(
+        "longest a request may take, queue + generation; past it the replica frees it (deadline_exceeded)", 600.0
+    )
     shutdown_grace_s: float = _help("seconds in-flight streams get to finish on SIGTERM", 5.0)
 
 

@@ -147,3 +147,19 @@ def test_non_streaming_client_that_disconnects_cancels_its_generation(server: Se
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=1.5)
     server.wait_idle(timeout=15)
+
+
+def test_a_prefix_cache_hit_answers_exactly_as_the_cold_request_and_reports_cached_tokens(
+    client: openai.OpenAI,
+) -> None:
+    system = "You are the support assistant of a bicycle shop. Answer briefly and politely. " * 12
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Do you repair tyres?"}]
+    answers, cached = [], []
+    for _ in range(2):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32)  # type: ignore[arg-type]
+        answers.append(reply.choices[0].message.content)
+        details = reply.usage.prompt_tokens_details if reply.usage else None
+        cached.append(details.cached_tokens if details else None)
+    assert cached[0] == 0, "the first request must be cold (a new system prompt)"
+    assert cached[1] is not None and cached[1] >= 160  # the long system prompt's blocks were reused
+    assert answers[1] == answers[0]

@@ -27,6 +27,7 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past the end-of-text token (benchmarks; as in vLLM)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def _usage(gen: Generation) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": fin.cached_tokens if fin else 0},
     }
 
 

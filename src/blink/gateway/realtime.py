@@ -302,7 +302,7 @@ class RealtimeSession:
                         "input_tokens": prompt,
                         "output_tokens": completion,
                         "total_tokens": prompt + completion,
-                        "input_token_details": {"cached_tokens": 0},
+                        "input_token_details": {"cached_tokens": fin.cached_tokens if fin else 0},
                     },
                     "timings": generation.timings(),
                 },

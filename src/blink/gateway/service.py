@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -153,6 +154,8 @@ class Gateway:
         """Submit a validated request and wait for a replica to accept it."""
         self.check_model(request.model)
         self.check_ready(request.model)
+        if request.deadline is None:  # nobody waits longer than this: a replica drops it once it passes
+            request = dataclasses.replace(request, deadline=time.time() + self.config.request_timeout_s)
         stream = await self.bus.submit(request)
         generation = Generation(self, request, stream, started or time.monotonic())
         self._active[request.request_id] = generation

@@ -92,4 +92,5 @@ def get_sampling(
         top_k=get_number(obj, "top_k", 0, 1 << 20, integer=True) or 0,
         seed=get_number(obj, "seed", -(1 << 63), (1 << 63) - 1, integer=True),
         stop=get_stop(obj),
+        ignore_eos=get_bool(obj, "ignore_eos", False),
     )

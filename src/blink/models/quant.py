@@ -1,14 +1,12 @@
 """Weight formats for the model's linear layers: fp32 (as loaded), bf16, or int8.
 
-int8: each output channel's weights are scaled to int8 (symmetric, per channel) and packed for fbgemm, which
-multiplies with the activations quantized per tensor on the fly (dynamic quantization) and accumulates in int32.
-A decode step reads a quarter of fp32's weight bytes: on CPU, decode is bound by those bytes. Embeddings stay in
-fp32 (a lookup reads one row); a tied lm_head gets its own int8 copy.
+int8: each output channel's weights are scaled to int8 (symmetric, per channel); activations are scaled to int8
+per token on the fly, and the product accumulates exactly in int32. A decode step reads a quarter of fp32's
+weight bytes: on CPU, decode is bound by those bytes. Embeddings stay in fp32 (a lookup reads one row); a tied
+lm_head gets its own int8 copy.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
@@ -17,20 +15,34 @@ from blink.config import WEIGHT_FORMATS
 
 
 class Int8Linear(nn.Module):
+    """y = x W^T with W int8 per output channel and x quantized to int8 per row (token) on the fly.
+
+    The product accumulates exactly in int32 (`torch._int_mm`), and every scale is per row or per column, so a
+    token's output does not depend on which other tokens share the batch: a prompt chunk, a decode step and a
+    verification pass of speculative decoding give the same numbers for the same token. (fbgemm's dynamic
+    linear measured faster at batch 8, but it scales activations per tensor, so a token's result changed with
+    its batch and a prefix-cache hit could change greedy output.)"""
+
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        with warnings.catch_warnings():  # torch flags the quantized-tensor constructors as deprecated
-            warnings.simplefilter("ignore")
-            zero = torch.zeros_like(scale, dtype=torch.long)
-            qweight = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [N]
+        quantized = torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)  # [N, K]
+        self.register_buffer("weight_t", quantized.t())  # [K, N] column-major: the layout _int_mm reads fastest
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, False)  # type: ignore[no-any-return]
+        row_scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8).div_(127.0)  # [M, 1]
+        xq = torch.round(x / row_scale).to(torch.int8)
+        out = torch._int_mm(xq, self.weight_t).to(x.dtype)  # [M, N], exact int32 sums
+        out.mul_(row_scale).mul_(self.weight_scale)
+        return out if self.bias is None else out.add_(self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -47,9 +59,6 @@ def convert(model: nn.Module, weights: str) -> nn.Module:
             setattr(model, name, buf)
         return model
     if weights == "int8":
-        engines = torch.backends.quantized.supported_engines
-        if "fbgemm" not in engines and "x86" not in engines:
-            raise ValueError("int8 weights need torch's fbgemm (x86) backend; use --weights fp32")
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):

@@ -247,6 +247,7 @@ class Replica:
                 top_p=s.top_p,
                 top_k=s.top_k,
                 seed=s.seed,
+                ignore_eos=s.ignore_eos,
             )
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None

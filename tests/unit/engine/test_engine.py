@@ -69,14 +69,14 @@ def test_chunked_prefill_and_preemption_change_no_greedy_token(
     model_and_tokenizer,  # type: ignore[no-untyped-def]
     prompts: list[list[int]],
 ) -> None:
-    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     roomy = small_engine(model_and_tokenizer)
     expected = {f"r{i}": roomy.generate(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)}
-    # 12 blocks of 16 tokens for three sequences of ~95 tokens (6 blocks each, one shared); prompts in chunks of 5
+    # 8 blocks of 16 tokens for three sequences of ~60 tokens (4 blocks each, one shared); prompts in chunks of 16
     tight = small_engine(
-        model_and_tokenizer, kv_cache_mb=9, max_model_len=128, max_num_batched_tokens=5, prefill_chunk_tokens=5
+        model_and_tokenizer, kv_cache_mb=6, max_model_len=64, max_num_batched_tokens=64, prefill_chunk_tokens=16
     )
-    assert tight.blocks.num_blocks == 12
+    assert tight.blocks.num_blocks == 8
     preempted = []
     for i, p in enumerate(prompts):
         tight.add_request(f"r{i}", p, params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -85,5 +86,34 @@ def test_a_cancel_that_overtakes_its_request_still_ends_it(model_dir: Path) -> N
         got = [e async for e in stream]
         assert isinstance(got[-1], Finished) and got[-1].status is FinishStatus.CANCELLED
         assert replica.engine is not None and not replica.engine.has_work()
+
+    with_replica(body)
+
+
+def test_a_request_past_its_deadline_ends_with_deadline_exceeded_and_frees_its_blocks(model_dir: Path) -> None:
+    async def body(bus: MemoryBus, replica: Replica) -> None:
+        sampling = Sampling(max_tokens=2000, temperature=0, ignore_eos=True)
+        req = GenerateRequest("slow", MODEL, sampling, prompt="Count slowly:", deadline=time.time() + 1.0)
+        got = [e async for e in events(bus, req)]
+        finished = got[-1]
+        assert isinstance(finished, Finished) and finished.status is FinishStatus.ERROR
+        assert finished.error_code == "deadline_exceeded" and 0 < finished.completion_tokens < 2000
+        engine = replica.engine
+        assert engine is not None and not engine.has_work()
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+    with_replica(body)
+
+
+def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(model_dir: Path) -> None:
+    async def body(bus: MemoryBus, replica: Replica) -> None:
+        prompt = "The following is a long note about rivers and the towns beside them. " * 8
+        cached = []
+        for rid in ("cold", "warm"):
+            req = GenerateRequest(rid, MODEL, Sampling(max_tokens=3, temperature=0), prompt=prompt)
+            finished = [e async for e in events(bus, req)][-1]
+            assert isinstance(finished, Finished)
+            cached.append(finished.cached_tokens)
+        assert cached[0] == 0 and cached[1] > 0 and cached[1] % 16 == 0
 
     with_replica(body)

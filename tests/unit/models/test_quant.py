@@ -1,0 +1,61 @@
+"""int8 weights: close to fp32, and a token's result never depends on the rest of its batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from blink.config import EngineConfig
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import SamplingParams
+from blink.models import loader, quant
+from blink.models.quant import Int8Linear
+
+
+def test_int8_linear_is_close_to_fp32_and_batch_invariant() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    q = Int8Linear(linear)
+    x = torch.randn(9, 64)
+    with torch.inference_mode():
+        full, ref = q(x), linear(x)
+        assert (full - ref).abs().max() < 0.03 * ref.abs().max()
+        for i in range(len(x)):  # alone, or in a batch with other rows: bit for bit the same
+            assert torch.equal(q(x[i : i + 1]), full[i : i + 1])
+        assert torch.equal(q(x[2:5]), full[2:5])
+
+
+def test_convert_replaces_every_linear_and_rejects_unknown_formats() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8)))
+    quant.convert(model, "int8")
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    with pytest.raises(ValueError, match="unknown weight format"):
+        quant.convert(model, "int3")
+
+
+@pytest.fixture(scope="module")
+def int8_model(model_dir):  # type: ignore[no-untyped-def]
+    model, tok = loader.load(model_dir)
+    return quant.convert(model, "int8"), tok
+
+
+def test_an_int8_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(int8_model) -> None:  # type: ignore[no-untyped-def]
+    model, tok = int8_model
+    system = {"role": "system", "content": "You answer in one short sentence about animals. " * 4}
+    first = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "What do owls eat?"}]))
+    second = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "Where do whales live?"}]))
+    params = SamplingParams(max_tokens=24, temperature=0)
+    config = EngineConfig(max_num_seqs=4, max_model_len=256)
+    cold = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_num_seqs=4, max_model_len=256, prefix_caching=False))
+    expected = cold.generate(second, params)
+    warm = LLMEngine(model, tok.stop_token_ids, config)
+    warm.generate(first, params, request_id="first")
+    warm.add_request("other", first, params)  # decoding alongside, so the hit runs inside a mixed batch
+    warm.step()
+    warm.add_request("second", second, params)
+    got = []
+    while warm.has_work():
+        got += [o.token_id for o in warm.step() if o.request_id == "second"]
+    assert got == expected
+    assert warm.blocks.num_cached_blocks > 0
