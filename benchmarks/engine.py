@@ -1,7 +1,8 @@
 """The engine alone, side by side in one run on this machine: decode speed and the accuracy of each weight format.
 
-decode:    ms per token at batch 1 (greedy, 64 tokens after a chat prompt): blink's engine with fp32, bf16 and
-           int8 weights, and `transformers` `generate` on the same model (same GGUF, fp32).
+decode:    ms per token at batch 1 (greedy, 64 tokens after a chat prompt): blink's engine with fp32, bf16, int8
+           (weight-only) and w8a8 weights, and `transformers` `generate` on the same model (same GGUF, fp32).
+prefill:   ms for a cold 100- and 500-token prompt (one step, no prefix cache) in each format.
 agreement: for 20 prompts, fp32 greedy continuations (48 tokens); each format then reads prompt + continuation in
            one forward (teacher forcing) and we count the positions where its argmax equals fp32's.
 perplexity of each format on a held text (the README's first paragraphs are not used: a fixed text below).
@@ -30,10 +31,11 @@ from blink.config import EngineConfig, default_cache_dir
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.models import loader, quant, registry
-from blink.models.llama import LlamaModel
+from blink.models.llama import CausalAttention, LlamaModel
 from blink.models.tokenizer import Tokenizer
 
-FORMATS = ("fp32", "bf16", "int8")
+FORMATS = ("fp32", "bf16", "int8", "w8a8")
+PREFILL_LENGTHS = (100, 500)
 HELD_TEXT = (
     "The river rises in the hills to the north and runs for about two hundred miles before it reaches the sea. "
     "For most of its length it is slow and wide, and barges carried grain and timber down to the port until the "
@@ -45,30 +47,16 @@ HELD_TEXT = (
 )
 
 
-class _Causal:
-    """Attention for one sequence read whole, no cache: plain causal SDPA."""
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
-            k.transpose(0, 1).unsqueeze(0),
-            v.transpose(0, 1).unsqueeze(0),
-            is_causal=True,
-            enable_gqa=True,
-        )
-        return out[0].transpose(0, 1)
-
-
 @torch.inference_mode()
 def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     n = len(ids)
-    return model(torch.tensor(ids), torch.arange(n), _Causal(), torch.arange(n))  # [n, V]
+    return model(torch.tensor(ids), torch.arange(n), CausalAttention(), torch.arange(n))  # [n, V]
 
 
 def load(fmt: str) -> tuple[LlamaModel, Tokenizer]:
     folder = loader.prepare(registry.get("smollm2-135m-instruct"), default_cache_dir(), progress=False)
     model, tok = loader.load(folder)
-    quant.convert(model, fmt)
+    quant.convert(model, fmt, tok.encode(quant.CALIBRATION_TEXT)) if fmt != "fp32" else None
     return model, tok
 
 
@@ -76,7 +64,8 @@ def chat(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
 
 
-def blink_decode_ms(fmt: str, tokens: int, threads: int) -> float:
+def blink_decode_ms(fmt: str, tokens: int, threads: int) -> tuple[float, dict[int, float]]:
+    """Decode ms/token at batch 1 (median over 4 requests after one warm-up) and cold prefill ms by prompt length."""
     model, tok = load(fmt)
     engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(threads=threads, max_model_len=1024))
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
@@ -89,7 +78,17 @@ def blink_decode_ms(fmt: str, tokens: int, threads: int) -> float:
         while engine.has_work():
             engine.step()
         per_token.append((time.perf_counter() - start) / (tokens - 1) * 1000)
-    return statistics.median(per_token[1:])  # the first request warms up
+    cold = LLMEngine(model, tok.stop_token_ids, EngineConfig(threads=threads, max_model_len=1024, prefix_caching=False))
+    text = tok.encode(HELD_TEXT * 5)
+    prefill = {}
+    for n in PREFILL_LENGTHS:
+        times = []
+        for r in range(3):  # three different prompts of n tokens, one step each (n <= the step's token budget)
+            start = time.perf_counter()
+            cold.generate(text[r : r + n], SamplingParams(max_tokens=1, temperature=0), request_id=f"p{n}-{r}")
+            times.append((time.perf_counter() - start) * 1000)
+        prefill[n] = statistics.median(times)
+    return statistics.median(per_token[1:]), prefill  # the first request warms up
 
 
 def transformers_decode_ms(tokens: int, threads: int) -> float:
@@ -153,9 +152,10 @@ def main() -> None:
 
     threads = resolve_threads(args.threads)
     decode: dict[str, float] = {}
+    prefill: dict[str, dict[int, float]] = {}
     for fmt in args.formats.split(","):
-        decode[f"blink {fmt}"] = blink_decode_ms(fmt, args.tokens, threads)
-        print(f"blink {fmt}: {decode[f'blink {fmt}']:.1f} ms/token", flush=True)
+        decode[f"blink {fmt}"], prefill[f"blink {fmt}"] = blink_decode_ms(fmt, args.tokens, threads)
+        print(f"blink {fmt}: {decode[f'blink {fmt}']:.1f} ms/token, prefill {prefill[f'blink {fmt}']}", flush=True)
     decode["transformers fp32"] = transformers_decode_ms(args.tokens, threads)
     print(f"transformers: {decode['transformers fp32']:.1f} ms/token", flush=True)
     acc = accuracy(48)
@@ -166,10 +166,14 @@ def main() -> None:
         machine(),
         f"Command: `python benchmarks/engine.py --tokens {args.tokens} --threads {args.threads}` ({threads} threads)",
         "",
-        "| engine | decode ms/token (batch 1, median) | speed-up vs transformers |",
-        "|---|---|---|",
+        "| engine | decode ms/token (batch 1, median) | speed-up vs transformers | cold prefill ms, "
+        + ", ".join(f"{n} tokens" for n in PREFILL_LENGTHS)
+        + " |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {ms:.1f} | {base / ms:.2f}x |" for name, ms in decode.items()]
+    for name, ms in decode.items():
+        cold = ", ".join(f"{prefill[name][n]:.0f}" for n in PREFILL_LENGTHS) if name in prefill else "-"
+        lines.append(f"| {name} | {ms:.1f} | {base / ms:.2f}x | {cold} |")
     lines += [
         "",
         f"Greedy agreement with fp32 (teacher-forced argmax over {acc['fp32']['tokens']:.0f} continuation tokens of "
@@ -179,7 +183,8 @@ def main() -> None:
         "|---|---|---|",
     ]
     lines += [f"| {fmt} | {a['agreement'] * 100:.1f}% | {a['perplexity']:.2f} |" for fmt, a in acc.items()]
-    write_report(args.out, "engine", "\n".join(lines) + "\n", {"decode_ms": decode, "accuracy": acc})
+    raw = {"decode_ms": decode, "prefill_ms": prefill, "accuracy": acc}
+    write_report(args.out, "engine", "\n".join(lines) + "\n", raw)
 
 
 if __name__ == "__main__":

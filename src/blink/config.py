@@ -21,7 +21,7 @@ def _help(text: str, default: Any = dataclasses.MISSING, *, choices: tuple[str, 
     return field(default=default, metadata=metadata)
 
 
-WEIGHT_FORMATS = ("int8", "fp32", "bf16")
+WEIGHT_FORMATS = ("w8a8", "int8", "fp32", "bf16")
 
 
 def default_cache_dir() -> Path:
@@ -41,12 +41,17 @@ class EngineConfig:
     max_model_len: int = _help("longest prompt + output, in tokens", 2048)
     max_num_batched_tokens: int = _help("tokens one engine step may run (prompt chunks and decodes)", 512)
     prefill_chunk_tokens: int = _help(
-        "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay)", 32
+        "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay)", 16
     )
     kv_cache_mb: int = _help("memory for the paged KV cache, in MiB (all sequences and the prefix cache)", 512)
     block_size: int = _help("tokens per KV cache block", 16)
     prefix_caching: bool = _help("reuse the KV of prompt prefixes already computed", True)
-    weights: str = _help("weight format of the linear layers (int8: fastest on CPU)", "int8", choices=WEIGHT_FORMATS)
+    weights: str = _help(
+        "weight format of the linear layers (w8a8: int8 weights and activations, fastest on CPU; int8: int8 "
+        "weight-only, closest to fp32)",
+        "w8a8",
+        choices=WEIGHT_FORMATS,
+    )
     warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2)
 
 

@@ -43,6 +43,20 @@ class AttentionBackend(Protocol):
         ...
 
 
+class CausalAttention:
+    """The simplest backend: one sequence read whole, no cache (calibration, tests, reference checks)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, H, N, D]
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)  # [N, H, D]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -50,10 +64,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # five small kernels: at batch 1 F.rms_norm's generic path measured ~4x slower per call
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps)) * self.weight
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim's halves. The model itself uses `rope_sin_signed` and a roll,
+    which is the same product in fewer kernels: rotate_half(x) * sin == roll(x, D/2) * (-sin1, sin2)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -74,7 +91,7 @@ class Attention(nn.Module):
         n, h, kv = x.shape[0], self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # [N, H + 2 KVH, D]
         qk = qkv[:, : h + kv]
-        qk = qk * cos + rotate_half(qk) * sin  # rotary on q and k at once; cos/sin [N, 1, D]
+        qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin  # rotary on q and k at once (sin signed, see rotate_half)
         out = backend.attend(self.layer, qk[:, :h], qk[:, h:], qkv[:, h + kv :])  # [N, H, D]
         return self.o_proj(out.reshape(n, h * self.head_dim))
 
@@ -107,7 +124,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     rope_cos: torch.Tensor  # [max_positions, D]
-    rope_sin: torch.Tensor
+    rope_sin: torch.Tensor  # signed: first half negated (see rotate_half)
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -122,7 +139,9 @@ class LlamaModel(nn.Module):
         angles = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)  # [P, D/2]
         angles = torch.cat((angles, angles), dim=-1)  # [P, D]
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        half = cfg.head_dim // 2
+        signed = torch.cat((-angles[:, :half].sin(), angles[:, half:].sin()), dim=-1)  # [P, D]
+        self.register_buffer("rope_sin", signed, persistent=False)
 
     def load_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights ("model.layers.0.self_attn.q_proj.weight", ...), fusing q/k/v and

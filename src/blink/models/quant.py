@@ -1,9 +1,23 @@
-"""Weight formats for the model's linear layers: fp32 (as loaded), bf16, or int8.
+"""Weight formats for the model's linear layers: fp32 (as loaded), bf16, int8 (weight-only) or w8a8.
 
-int8: each output channel's weights are scaled to int8 (symmetric, per channel); activations are scaled to int8
-per token on the fly, and the product accumulates exactly in int32. A decode step reads a quarter of fp32's
-weight bytes: on CPU, decode is bound by those bytes. Embeddings stay in fp32 (a lookup reads one row); a tied
-lm_head gets its own int8 copy.
+Both int8 formats scale each output channel's weights to int8 (symmetric, per channel): a decode step reads a
+quarter of fp32's weight bytes, and on CPU decode is bound by those bytes. Embeddings stay in fp32 (a lookup reads
+one row); a tied lm_head gets its own int8 copy. Measured side by side in benchmarks/results/engine.md:
+
+  int8   weight-only: activations stay in bf16 and torch's int8 GEMV kernel (`_weight_int8pack_mm`) dequantizes
+         on the fly. Closest to fp32 (greedy agreement 96%); fastest decode at batch 1; but the kernel does one
+         row at a time, so a prompt prefills about 2x slower than fp32.
+  w8a8   int8 weights and int8 activations (per token, on the fly), exact int32 accumulation (`torch._int_mm`):
+         prefill 1.3x faster than fp32, the fastest batched decode, greedy agreement 94%. The default: on this
+         hardware it gives the lowest time to first token.
+
+Activation outliers (a few channels far larger than the rest) make per-token int8 coarse, so w8a8 is smoothed as
+in SmoothQuant: a short built-in calibration text goes through the fp32 model once at load; each linear layer
+gets per-input-channel factors s = max|x|^0.5 / max|w|^0.5, its weights are multiplied by s before quantizing and
+its input divided by s at run time (x W^T = (x / s)(W s)^T), which moves the outliers' range into the weights.
+Measured: greedy agreement with fp32 88.9% without smoothing, 94.1% with.
+
+Both int8 formats are batch-invariant: a token's output does not depend on which other tokens share its step.
 """
 
 from __future__ import annotations
@@ -12,10 +26,37 @@ import torch
 from torch import nn
 
 from blink.config import WEIGHT_FORMATS
+from blink.models.llama import CausalAttention, LlamaModel
+
+
+class Int8WeightOnly(nn.Module):
+    """y = x W^T with W int8 per output channel, x in bf16; the kernel computes each row (token) on its own."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [N]
+        quantized = torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", quantized.contiguous())  # [N, K]: the layout _weight_int8pack_mm reads
+        self.register_buffer("weight_scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 activations: the kernel's fp32 path is not vectorized (measured 10x slower than bf16)
+        out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.weight_scale).float()
+        return out if self.bias is None else out.add_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T with W int8 per output channel and x quantized to int8 per row (token) on the fly.
+    """w8a8: y = x W^T with W int8 per output channel and x quantized to int8 per row (token) on the fly.
 
     The product accumulates exactly in int32 (`torch._int_mm`), and every scale is per row or per column, so a
     token's output does not depend on which other tokens share the batch: a prompt chunk, a decode step and a
@@ -26,30 +67,76 @@ class Int8Linear(nn.Module):
     weight_t: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
+    smooth: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, input_absmax: torch.Tensor | None = None, alpha: float = 0.5) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
+        smooth = None
+        if input_absmax is not None:  # SmoothQuant: x W^T = (x / s)(W s)^T
+            w_absmax = weight.abs().amax(dim=0).clamp(min=1e-5)  # [K]
+            factor = (input_absmax.float().clamp(min=1e-5) ** alpha / w_absmax ** (1 - alpha)).clamp(min=1e-5)
+            weight = weight * factor.unsqueeze(0)
+            smooth = 1.0 / factor
         scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [N]
         quantized = torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)  # [N, K]
         self.register_buffer("weight_t", quantized.t())  # [K, N] column-major: the layout _int_mm reads fastest
-        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_scale", scale / 127.0)
+        self.register_buffer("smooth", smooth)  # folds the activations' 1/127 in
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        row_scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8).div_(127.0)  # [M, 1]
-        xq = torch.round(x / row_scale).to(torch.int8)
-        out = torch._int_mm(xq, self.weight_t).to(x.dtype)  # [M, N], exact int32 sums
-        out.mul_(row_scale).mul_(self.weight_scale)
+        if self.smooth is not None:
+            x = x * self.smooth
+        # abs().amax(): linalg.vector_norm(inf) gives the same values but measured 5-10x slower from 8 rows up
+        amax = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-6)  # [M, 1]
+        xq = torch.round(x * (127.0 / amax)).to(torch.int8)
+        scale = amax * self.weight_scale  # [M, N]: the row's and the column's scale (weight_scale has the 1/127)
+        out: torch.Tensor = torch._int_mm(xq, self.weight_t) * scale  # exact int32 sums, one multiply to float
         return out if self.bias is None else out.add_(self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
 
 
-def convert(model: nn.Module, weights: str) -> nn.Module:
-    """Put `model`'s weights in format `weights` (one of WEIGHT_FORMATS), in place; returns the model."""
+# calibration for w8a8 smoothing: prose, code and a chat turn, as the model will see them
+CALIBRATION_TEXT = (
+    "In the morning the baker opened the shop and set out bread, rolls and cakes. Customers came in from the "
+    "street, asked about prices, and talked about the weather, the news and their families. "
+    "The committee met on Tuesday to discuss the budget for the new library; after a long debate, it agreed to "
+    "fund two more reading rooms and a small cafe.\n"
+    "def mean(values):\n    return sum(values) / len(values)\n\nprint(mean([2, 3, 7]))\n"
+    "<|im_start|>user\nWhat is the tallest mountain in the world?<|im_end|>\n"
+    "<|im_start|>assistant\nMount Everest, at 8,849 metres above sea level.<|im_end|>\n"
+)
+
+
+@torch.inference_mode()
+def _input_absmax(model: LlamaModel, token_ids: list[int]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every linear layer's input over one forward of `token_ids`."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+
+            def record(_: nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor, name: str = name) -> None:
+                absmax = inputs[0].detach().abs().amax(dim=0)
+                seen[name] = torch.maximum(seen[name], absmax) if name in seen else absmax
+
+            hooks.append(module.register_forward_hook(record))
+    try:
+        n = len(token_ids)
+        model(torch.tensor(token_ids), torch.arange(n), CausalAttention(), torch.arange(n))  # lm_head sees every row
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def convert(model: LlamaModel, weights: str, calibration_ids: list[int] | None = None) -> LlamaModel:
+    """Put `model`'s weights in format `weights` (one of WEIGHT_FORMATS), in place; returns the model. For w8a8,
+    `calibration_ids` (the tokens of CALIBRATION_TEXT) enable smoothing; without them w8a8 is plain per-channel."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     if weights == "bf16":
@@ -58,9 +145,12 @@ def convert(model: nn.Module, weights: str) -> nn.Module:
         for name, buf in keep.items():  # rotary tables stay fp32: bf16 angles drift at long positions
             setattr(model, name, buf)
         return model
-    if weights == "int8":
-        for parent in list(model.modules()):
+    if weights in ("int8", "w8a8"):
+        absmax = _input_absmax(model, calibration_ids) if calibration_ids and weights == "w8a8" else {}
+        for parent_name, parent in list(model.named_modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
+                    full = f"{parent_name}.{name}" if parent_name else name
+                    quantized = Int8WeightOnly(child) if weights == "int8" else Int8Linear(child, absmax.get(full))
+                    setattr(parent, name, quantized)
     return model

@@ -144,7 +144,7 @@ class Replica:
         spec = registry.get(self.model_name)
         folder = loader.prepare(spec, self.model_config.cache_dir, progress=self.progress)
         model, self.tokenizer = loader.load(folder)
-        quant.convert(model, self.engine_config.weights)
+        quant.convert(model, self.engine_config.weights, self.tokenizer.encode(quant.CALIBRATION_TEXT))
         self.engine = LLMEngine(model, self.tokenizer.stop_token_ids, self.engine_config)
 
     def _warm_up(self) -> None:
@@ -156,6 +156,14 @@ class Replica:
                 self.engine.add_request(f"warmup-{i}-{j}", prompt, SamplingParams(max_tokens=8, temperature=0))
             while self.engine.has_work():
                 self.engine.step()
+        # one step as large as the budget allows: its activations are the largest a step makes, so resident
+        # memory reaches its working size (weights + activations; the KV pool grows within --kv-cache-mb) now
+        cfg = self.engine_config
+        longest = min(cfg.max_num_batched_tokens, cfg.max_model_len - 1)
+        filler = (prompt * (longest // len(prompt) + 1))[:longest]
+        self.engine.add_request("warmup-full", filler, SamplingParams(max_tokens=1, temperature=0))
+        while self.engine.has_work():
+            self.engine.step()
 
     async def _beat(self) -> None:
         while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from blink.engine.kv_cache import BlockManager
-from blink.engine.scheduler import ScheduledBatch, Scheduler
+from blink.engine.scheduler import PREFILL_ATTENTION_TOKENS, ScheduledBatch, Scheduler, chunk_for
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
 
 BS = 4
@@ -55,11 +55,24 @@ def test_a_long_prompt_is_chunked_and_decoders_keep_their_token_every_step() -> 
     run(sched)
     sched.add(seq("long", 30, first=50))
     seen = []
-    for _ in range(4):
+    while "long" not in [s.request_id for s in sched.running] or sched.running[-1].num_computed < 30:
         c = chunks(run(sched))
         assert c["a"] == 1  # never stalled by the long prompt
         seen.append(c["long"])
-    assert seen == [8, 8, 8, 6]
+    expected, start = [], 0
+    while start < 30:  # each chunk as chunk_for sizes it at its start position
+        n = min(chunk_for(8, start)[0], 30 - start)
+        expected.append(n)
+        start += n
+    assert seen == expected
+    assert sum(seen) == 30 and 1 <= len(seen) - 30 // 8 <= 2
+
+
+def test_chunks_shrink_as_the_context_they_attend_to_grows() -> None:
+    assert chunk_for(32, 0) == (32, 32)
+    assert chunk_for(32, PREFILL_ATTENTION_TOKENS) == (16, 32)  # each token costs twice
+    assert chunk_for(32, 3 * PREFILL_ATTENTION_TOKENS) == (8, 32)
+    assert chunk_for(4, 100 * PREFILL_ATTENTION_TOKENS) == (1, 101)  # never stalls: at least one token
 
 
 def test_with_nobody_decoding_a_prompt_uses_the_whole_step_budget() -> None:

@@ -1,4 +1,4 @@
-"""int8 weights: close to fp32, and a token's result never depends on the rest of its batch."""
+"""int8 weights (weight-only and w8a8): close to fp32, and a token's result never depends on the rest of its batch."""
 
 from __future__ import annotations
 
@@ -10,38 +10,54 @@ from blink.config import EngineConfig
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.models import loader, quant
-from blink.models.quant import Int8Linear
+from blink.models.quant import Int8Linear, Int8WeightOnly
 
 
-def test_int8_linear_is_close_to_fp32_and_batch_invariant() -> None:
+@pytest.mark.parametrize("kind", [Int8Linear, Int8WeightOnly])
+def test_int8_linear_is_close_to_fp32_and_batch_invariant(kind: type[nn.Module]) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True)
-    q = Int8Linear(linear)
+    q = kind(linear)
     x = torch.randn(9, 64)
     with torch.inference_mode():
         full, ref = q(x), linear(x)
+        assert full.dtype == torch.float32
         assert (full - ref).abs().max() < 0.03 * ref.abs().max()
         for i in range(len(x)):  # alone, or in a batch with other rows: bit for bit the same
             assert torch.equal(q(x[i : i + 1]), full[i : i + 1])
         assert torch.equal(q(x[2:5]), full[2:5])
 
 
-def test_convert_replaces_every_linear_and_rejects_unknown_formats() -> None:
+def test_smoothing_tames_an_outlier_channel() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=False)
+    x = torch.randn(32, 64)
+    x[:, 5] *= 60  # one channel far larger than the rest, as in real activations
+    with torch.inference_mode():
+        ref = linear(x)
+        plain = (Int8Linear(linear)(x) - ref).abs().mean()
+        smoothed = (Int8Linear(linear, x.abs().amax(0))(x) - ref).abs().mean()
+    assert smoothed < 0.5 * plain
+
+
+@pytest.mark.parametrize(("fmt", "kind"), [("int8", Int8WeightOnly), ("w8a8", Int8Linear)])
+def test_convert_replaces_every_linear_and_rejects_unknown_formats(fmt: str, kind: type[nn.Module]) -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8)))
-    quant.convert(model, "int8")
+    quant.convert(model, fmt)  # type: ignore[arg-type]
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, kind) for m in model.modules()) == 2
     with pytest.raises(ValueError, match="unknown weight format"):
         quant.convert(model, "int3")
 
 
 @pytest.fixture(scope="module")
-def int8_model(model_dir):  # type: ignore[no-untyped-def]
+def w8a8_model(model_dir):  # type: ignore[no-untyped-def]
     model, tok = loader.load(model_dir)
-    return quant.convert(model, "int8"), tok
+    return quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT)), tok
 
 
-def test_an_int8_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(int8_model) -> None:  # type: ignore[no-untyped-def]
-    model, tok = int8_model
+def test_a_w8a8_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(w8a8_model) -> None:  # type: ignore[no-untyped-def]
+    model, tok = w8a8_model
     system = {"role": "system", "content": "You answer in one short sentence about animals. " * 4}
     first = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "What do owls eat?"}]))
     second = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "Where do whales live?"}]))
