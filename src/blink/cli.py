@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -79,6 +80,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     from blink.gateway.app import create_app
     from blink.gateway.service import Gateway
     from blink.models import registry
+    from blink.preload.store import MemoryContextStore
     from blink.worker.replica import Replica
 
     try:
@@ -88,7 +90,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
         return 2
     gw = config.gateway
     bus = MemoryBus(max_pending=gw.max_pending_requests, stream_events=gw.stream_queue_events)
-    gateway = Gateway(bus, gw, [config.model.model])
+    gateway = Gateway(bus, gw, [config.model.model], MemoryContextStore(_lazy_embedder()))
     replica = Replica(bus, config.model, config.engine)
 
     @contextlib.asynccontextmanager
@@ -105,6 +107,23 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
 
     http_server(create_app(gateway, lifespan), gateway, log_level=log_level).run()
     return 0
+
+
+def _lazy_embedder() -> Callable[[list[str]], Any]:
+    """The document store's embedding function, loading all-MiniLM-L6-v2 at its first use (the first document),
+    so a server that stores none never pays its memory or start-up."""
+    lock = threading.Lock()
+    loaded: list[Any] = []
+
+    def embed(texts: list[str]) -> Any:
+        with lock:
+            if not loaded:
+                from blink.models.bert import Embedder
+
+                loaded.append(Embedder.load())
+        return loaded[0].embed(texts)
+
+    return embed
 
 
 def http_server(app: Any, gateway: Gateway, *, log_level: str = "info") -> uvicorn.Server:

@@ -43,6 +43,15 @@ class EngineConfig:
     prefill_chunk_tokens: int = _help(
         "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay)", 16
     )
+    background_chunk_tokens: int = _help(
+        "prompt tokens one step may prefill for background work (pre-loading) while live streams decode", 4
+    )
+    background_step_tokens: int = _help(
+        "prompt tokens one step may prefill for background work when no live stream decodes (a live request "
+        "arriving waits for at most that step)",
+        96,
+    )
+    preload_max_tokens: int = _help("longest prompt one pre-load may prefill (its cap on speculative KV)", 1024)
     kv_cache_mb: int = _help("memory for the paged KV cache, in MiB (all sequences and the prefix cache)", 512)
     block_size: int = _help("tokens per KV cache block", 16)
     prefix_caching: bool = _help("reuse the KV of prompt prefixes already computed", True)
@@ -68,6 +77,8 @@ class GatewayConfig:
         "longest a request may take, queue + generation; past it the replica frees it (deadline_exceeded)", 600.0
     )
     shutdown_grace_s: float = _help("seconds in-flight streams get to finish on SIGTERM", 5.0)
+    preload: bool = _help("pre-load while the user types: prefill the predicted prompt on input_text.draft", True)
+    preload_ttl_s: float = _help("a pre-load not done this long after its draft is dropped", 30.0)
 
 
 @dataclass(frozen=True)

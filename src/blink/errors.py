@@ -116,6 +116,7 @@ WS_ONLY_CODES = (
     "empty_conversation",
     "conversation_already_has_active_response",
     "response_cancel_not_active",
+    "unknown_session",
 )
 
 CODES: dict[str, type[BlinkError]] = {

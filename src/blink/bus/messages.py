@@ -43,6 +43,10 @@ class GenerateRequest:
     deadline: float | None = None  # unix time after which nobody waits for the answer
     traceparent: str | None = None
     created: float = field(default_factory=time.time)
+    session_id: str | None = None  # the realtime session it comes from (pre-loading bookkeeping, affinity)
+    priority: int = 0  # 0: live; above 0: background work that never delays live tokens
+    prefill_only: bool = False  # pre-loading: fill the prefix cache with the prompt's K/V; no tokens, Finished
+    open_last: bool = False  # chat: the last message is still being typed; the prompt ends inside it
     v: int = VERSION
 
 
@@ -115,6 +119,10 @@ class ReplicaStatus:
     running: int = 0
     waiting: int = 0
     max_model_len: int = 0
+    kv_blocks_in_use: int = 0  # held by running or waiting sequences (cached-only blocks are free to evict)
+    kv_blocks_total: int = 0
+    background_prefill_tokens: int = 0  # prompt tokens computed for pre-loads since start
+    background_tokens_used: int = 0  # of those, tokens a live request then found in the cache
     sent: float = field(default_factory=time.time)
     v: int = VERSION
 

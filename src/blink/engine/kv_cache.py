@@ -29,6 +29,7 @@ class Block:
     ref_count: int = 0
     key: BlockKey | None = None
     serial: int = 0  # 0: not registered in the prefix cache
+    speculative: bool = False  # registered by background work (a pre-load) and not yet reused by a live request
 
 
 @dataclass
@@ -114,9 +115,12 @@ class BlockManager:
             table.blocks.append(block_id)
         return True
 
-    def commit(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+    def commit(
+        self, request_id: str, token_ids: Sequence[int], num_computed: int, *, speculative: bool = False
+    ) -> None:
         """Register the request's full blocks among its first `num_computed` tokens, whose K/V are now computed.
-        `token_ids` are the request's tokens (prompt + output) from position 0."""
+        `token_ids` are the request's tokens (prompt + output) from position 0. `speculative`: background work
+        computed them (see `claim`)."""
         table = self._tables.get(request_id)
         if table is None or not self.prefix_caching:
             return
@@ -127,7 +131,7 @@ class BlockManager:
             key = (table.parent, tuple(token_ids[i * bs : (i + 1) * bs]))
             twin = self._registry.get(key)
             if twin is None:
-                block.key, block.serial = key, self._next_serial
+                block.key, block.serial, block.speculative = key, self._next_serial, speculative
                 self._next_serial += 1
                 self._registry[key] = block
                 twin = block
@@ -149,7 +153,17 @@ class BlockManager:
                 if block.serial == 0:
                     self._free.move_to_end(block_id, last=False)
 
+    @staticmethod
+    def claim(prefix: Sequence[Block]) -> int:
+        """A live request reuses `prefix`: count (once) the blocks background work computed for it."""
+        claimed = 0
+        for block in prefix:
+            if block.speculative:
+                block.speculative = False
+                claimed += 1
+        return claimed
+
     def _unregister(self, block: Block) -> None:
         if block.key is not None:
             del self._registry[block.key]
-            block.key, block.serial = None, 0
+            block.key, block.serial, block.speculative = None, 0, False

@@ -1,6 +1,6 @@
 """The engine: synchronous, no I/O. The caller owns the thread.
 
-    engine.add_request(request_id, prompt_token_ids, params, priority=0, deadline=None)
+    engine.add_request(request_id, prompt_token_ids, params, priority=0, deadline=None, prefill_only=False)
     outputs = engine.step()      # schedule -> run -> postprocess: a token for each sequence that got one,
                                  # and a final output for each that expired
     engine.abort(request_id)     # frees the sequence (and its KV blocks) before the next step
@@ -59,9 +59,12 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
+            background_chunk_tokens=config.background_chunk_tokens,
+            background_step_tokens=config.background_step_tokens,
         )
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size)
         self._seqs: dict[str, Sequence] = {}
+        self.background_prefill_tokens = 0  # prompt tokens computed for prefill-only sequences (pre-loading)
 
     def add_request(
         self,
@@ -71,10 +74,13 @@ class LLMEngine:
         *,
         priority: int = 0,
         deadline: float | None = None,
+        prefill_only: bool = False,
     ) -> None:
         """Queue a request; it joins the running batch at the next step. Raises InvalidRequest for bad input.
-        `priority`: lower runs first (0 for live requests). `deadline`: a time.monotonic() after which the
-        request is dropped (finish reason EXPIRED) instead of computed."""
+        `priority`: lower runs first (0 for live requests; above 0 is background work, which gets only
+        `background_chunk_tokens` per step while live streams decode). `deadline`: a time.monotonic() after
+        which the request is dropped (finish reason EXPIRED) instead of computed. `prefill_only`: compute the
+        prompt's K/V into the prefix cache and finish (PREFILLED, no token): pre-loading."""
         if request_id in self._seqs:
             raise InvalidRequest(f"request {request_id!r} is already running")
         if not prompt_token_ids:
@@ -86,7 +92,9 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}",
                 param="messages",
             )
-        seq = Sequence(request_id, list(prompt_token_ids), params, priority=priority, deadline=deadline)
+        seq = Sequence(
+            request_id, list(prompt_token_ids), params, priority=priority, deadline=deadline, prefill_only=prefill_only
+        )
         self._seqs[request_id] = seq
         self.runner.add(seq)
         self.scheduler.add(seq)
@@ -127,12 +135,17 @@ class LLMEngine:
         tokens = self.runner.run(batch, tables)
         bs = self.blocks.block_size
         for seq, n, token in zip(batch.sequences, batch.chunks, tokens, strict=True):
+            if seq.prefill_only:
+                self.background_prefill_tokens += n
             before = seq.num_computed
             seq.num_computed += n
             if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse
-                self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)
+                self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, speculative=seq.prefill_only)
             if token is not None:
                 outputs.append(self._postprocess(seq, token))
+            elif seq.prefill_only and seq.num_computed == seq.num_tokens:
+                self._finish(seq, FinishReason.PREFILLED)
+                outputs.append(self._output(seq, None, FinishReason.PREFILLED))
         return outputs
 
     def _expired(self, seq: Sequence) -> StepOutput:

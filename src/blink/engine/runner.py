@@ -130,7 +130,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, tables: list[list[int]]) -> list[int | None]:
         """Forward `batch.chunks[i]` tokens of each `batch.sequences[i]` (block table `tables[i]`) from its
         `num_computed`; return the sampled next token of each sequence whose chunk reached its last token, None
-        for a sequence still partway through its prompt. Does not touch `num_computed`."""
+        for a sequence still partway through its prompt or prefill-only. Does not touch `num_computed`."""
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -144,12 +144,15 @@ class ModelRunner:
             ids.extend([seq.last_token] if start + n == seq.num_tokens and n == 1 else seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slot_mapping.extend(self._slots(table, start, start + n))
-            if n == 1 and start > 0:
+            # the decode path only for output tokens: a one-token prompt chunk (a pre-load, or a chunk shrunk by
+            # the budget) would otherwise join the decoders' attention call and change its numerics (measured:
+            # a live stream's greedy tokens changed when a pre-load's chunk shared its step)
+            if n == 1 and start >= len(seq.prompt_token_ids):
                 decode_rows.append(row)
                 decode_context.append(self._context(table, start + 1))
             else:
                 chunks.append(_Chunk(slice(row, row + n), start, self._context(table, start + n)))
-            if start + n == seq.num_tokens:
+            if start + n == seq.num_tokens and not seq.prefill_only:
                 sample_rows.append(row + n - 1)
                 sampled.append(seq)
 
@@ -160,8 +163,8 @@ class ModelRunner:
             context = torch.zeros(len(decode_context), int(lengths.max()), dtype=torch.long)  # padding: slot 0
             for i, c in enumerate(decode_context):
                 context[i, : len(c)] = c
-            if bool((lengths != lengths[0]).any()):
-                mask = (torch.arange(context.shape[1]).unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
+            # always masked, even when the lengths agree: one kernel path whoever else decodes in the step
+            mask = (torch.arange(context.shape[1]).unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
         backend = PagedAttention(
             self.kv, torch.tensor(slot_mapping), chunks, torch.tensor(decode_rows, dtype=torch.long), context, mask
         )

@@ -10,6 +10,12 @@ A chunk's cost grows with the context it attends to, so that budget counts each 
 as long as the first chunk's (measured: 32-token chunks at 1,000 tokens of context took 2x the step time of chunks
 at the start, which broke the inter-token latency target).
 
+Background work (priority above 0: pre-loading's prefill-only sequences) takes what live work leaves: while any
+live sequence decodes, one background sequence per step gets at most `background_chunk_tokens` (so background
+work barely touches live inter-token latency); otherwise background steps take `background_step_tokens` (so a live
+request arriving waits one short step). A live request that finds the batch full preempts the latest background
+sequence.
+
 When blocks run out the lowest-priority, latest-arrived running sequence is preempted: its blocks are freed (the
 registered ones stay in the prefix cache) and it waits to be recomputed, instead of the step failing. A sequence
 whose deadline has passed is finished (EXPIRED) at the next step, waiting or running, and frees its blocks.
@@ -54,7 +60,7 @@ PREFILL_ATTENTION_TOKENS = 512
 def chunk_for(budget: int, start: int) -> tuple[int, int]:
     """The prompt tokens a chunk starting at position `start` may take from a prefill `budget`, and their cost."""
     weight = 1 + start / PREFILL_ATTENTION_TOKENS
-    n = max(1, int(budget / weight))
+    n = max(1, round(budget / weight))
     return n, max(n, round(n * weight))
 
 
@@ -70,13 +76,20 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         prefill_chunk_tokens: int,
+        background_chunk_tokens: int = 4,
+        background_step_tokens: int = 32,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or prefill_chunk_tokens < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and prefill_chunk_tokens must be positive")
+        if background_chunk_tokens < 0:
+            raise ValueError("background_chunk_tokens must not be negative")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.background_chunk_tokens = background_chunk_tokens
+        self.background_step_tokens = background_step_tokens
+        self.background_tokens_used = 0  # prompt tokens of live requests found in blocks background work computed
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.running: list[Sequence] = []  # sorted by (priority, arrival)
 
@@ -92,18 +105,25 @@ class Scheduler:
             self.finish(seq, FinishReason.EXPIRED)
             batch.expired.append(seq)
 
+        self._make_room_for_live()
         budget = self.max_num_batched_tokens
         decoding = any(s.num_computed >= s.num_tokens - 1 for s in self.running)
+        live_decoding = any(s.priority == 0 and s.num_computed >= s.num_tokens - 1 for s in self.running)
         prefill_budget = self.prefill_chunk_tokens if decoding else budget
+        background_budget = self.background_chunk_tokens if live_decoding else self.background_step_tokens
+        # each prompt chunk costs a context gather and an attention call per layer besides its tokens: while live
+        # streams decode, one background sequence per step
+        background_seqs = 1 if live_decoding else self.max_num_seqs
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             remaining = seq.num_tokens - seq.num_computed
             n, cost = 1, 1
             if remaining > 1:
-                if prefill_budget < 1:
+                allowed = prefill_budget if seq.priority == 0 else min(prefill_budget, background_budget)
+                if allowed < 1 or (seq.priority > 0 and background_seqs < 1):
                     continue
-                n, cost = self._chunk(min(remaining, budget), prefill_budget, seq.num_computed, decoding)
+                n, cost = self._chunk(min(remaining, budget), allowed, seq.num_computed, decoding)
             if n < 1 or n > budget:
                 continue
             if not self._allocate_preempting(seq, seq.num_computed + n, batch):
@@ -112,28 +132,44 @@ class Scheduler:
             budget -= n
             if remaining > 1:
                 prefill_budget -= cost
+                if seq.priority > 0:
+                    background_budget -= cost
+                    background_seqs -= 1
 
         while self.waiting and not batch.preempted and len(self.running) < self.max_num_seqs:
-            n_budget = min(budget, prefill_budget)
-            if n_budget < 1:
-                break
             seq = self.waiting[0]
+            allowed = min(budget, prefill_budget if seq.priority == 0 else min(prefill_budget, background_budget))
+            if allowed < 1 or (seq.priority > 0 and background_seqs < 1):
+                break
             tokens = seq.token_ids
             prefix = self.blocks.lookup(tokens)
             cached = len(prefix) * self.blocks.block_size
-            n, cost = self._chunk(min(len(tokens) - cached, budget), prefill_budget, cached, decoding)
+            n, cost = self._chunk(min(len(tokens) - cached, budget), allowed, cached, decoding)
             if not self.blocks.allocate(seq.request_id, cached + n, prefix):
                 break
             self.waiting.pop(0)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = cached
+            if seq.priority == 0:
+                self.background_tokens_used += self.blocks.claim(prefix) * self.blocks.block_size
             seq.num_computed = cached
             seq.set_status(SeqStatus.RUNNING)
             bisect.insort(self.running, seq, key=_order)
             batch.add(seq, n)
             budget -= n
             prefill_budget -= cost
+            if seq.priority > 0:
+                background_budget -= cost
+                background_seqs -= 1
         return batch
+
+    def _make_room_for_live(self) -> None:
+        """Live requests waiting for a slot of a full batch take the slots of background sequences (latest
+        first); the preempted ones wait, their computed blocks stay in the prefix cache."""
+        live_waiting = sum(1 for s in self.waiting if s.priority == 0)
+        short = live_waiting - (self.max_num_seqs - len(self.running))
+        for victim in [s for s in reversed(self.running) if s.priority > 0][: max(0, short)]:
+            self._preempt(victim)
 
     @staticmethod
     def _chunk(limit: int, prefill_budget: int, start: int, decoding: bool) -> tuple[int, int]:

@@ -51,6 +51,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the model's context
     ABORTED = "aborted"
     EXPIRED = "expired"  # its deadline passed before it finished
+    PREFILLED = "prefilled"  # a prefill-only sequence: its prompt's K/V are computed (and cached), no token
 
 
 @dataclass(eq=False)  # identity: two requests are never "equal"
@@ -62,6 +63,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     priority: int = 0  # lower runs first: live requests 0, background prefill work above
+    prefill_only: bool = False  # compute the prompt's K/V for the prefix cache, sample nothing (pre-loading)
     deadline: float | None = None  # time.monotonic() after which nobody waits for it
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound
+from blink.gateway.documents import DocumentRoutes
 from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
@@ -42,6 +43,10 @@ def create_app(
                 "state": r.state.value,
                 "running": r.running,
                 "waiting": r.waiting,
+                "kv_blocks_in_use": r.kv_blocks_in_use,
+                "kv_blocks_total": r.kv_blocks_total,
+                "background_prefill_tokens": r.background_prefill_tokens,
+                "background_tokens_used": r.background_tokens_used,
                 "heartbeat_at": r.sent,
             }
             for r in gateway.bus.replicas()
@@ -62,6 +67,15 @@ def create_app(
         assert isinstance(exc, HTTPException)
         return error_response(_HTTP_ERRORS.get(exc.status_code, InvalidRequest)(exc.detail))
 
+    documents: list[Route] = []
+    if gateway.store is not None:
+        docs = DocumentRoutes(gateway.store, gateway.config.max_request_bytes + (64 << 10))  # a document + its JSON
+        documents = [
+            Route("/v1/documents", docs.create, methods=["POST"]),
+            Route("/v1/documents", docs.list_documents, methods=["GET"]),
+            Route("/v1/documents/{id}", docs.retrieve, methods=["GET"]),
+            Route("/v1/documents/{id}", docs.delete, methods=["DELETE"]),
+        ]
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -70,6 +84,7 @@ def create_app(
             Route("/v1/chat/completions", routes_api.chat_completions, methods=["POST"]),
             Route("/v1/completions", routes_api.completions, methods=["POST"]),
             WebSocketRoute("/v1/realtime", realtime_endpoint),
+            *documents,
         ],
         exception_handlers={BlinkError: on_blink_error, HTTPException: on_http_error},
         lifespan=lifespan,

@@ -1,8 +1,16 @@
 """WebSocket /v1/realtime: the realtime event protocol (names follow the OpenAI Realtime API).
 
-client → server: session.update, conversation.item.create, response.create, response.cancel
+client → server: session.update, conversation.item.create, response.create, response.cancel, and blink's
+                 pre-loading events input_text.draft {text} and context.open {document_ids}
 server → client: session.created, session.updated, conversation.item.created, response.created,
                  response.output_text.delta, response.output_text.done, response.done, error
+
+Pre-loading (preload/planner.py): each draft re-targets the session's PrefillPlanner, which prefills the
+predicted prompt on the replica at low priority; at response.create the planner stops and the prompt finds those
+blocks in the prefix cache. With `retrieval` on (session.update), the prompt is built in a stable order:
+system instructions + retrieved chunks (ordered by document and position, not score) + history + the user's
+message; the pre-load retrieves for the predicted query, and the submit retrieves again for the final one (the
+KV is reused only if the chunks are the same: the prefix cache compares tokens, never assumes).
 
 A session holds its settings and conversation; one response runs at a time and the reader keeps reading while
 it streams, so `response.cancel` takes effect within one engine step. An invalid event gets an `error` event
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -25,16 +34,20 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from blink.bus.messages import FinishStatus, GenerateRequest, Sampling
-from blink.errors import BlinkError, InvalidRequest, RequestTooLarge, from_wire
+from blink.errors import BlinkError, InvalidRequest, NotFound, RequestTooLarge, from_wire
 from blink.gateway import validation as v
 from blink.gateway.service import Gateway, Generation
 from blink.gateway.wire import error_event
+from blink.preload.planner import Messages, PrefillPlanner, PreloadDeferred, Target
+from blink.preload.store import ScoredChunk, context_block
 
 log = logging.getLogger("blink.gateway.realtime")
 
 DEFAULT_TEMPERATURE = 1.0  # as on HTTP (OpenAI's chat default)
 TEXT_PARTS = {"input_text", "text", "output_text"}
 ROLES = {"system", "user", "assistant"}
+MAX_TOP_K = 20
+PRELOAD_PRIORITY = 1  # background: below every live request
 
 
 class ResponseStatus(enum.Enum):
@@ -57,8 +70,12 @@ class RealtimeSession:
             "top_p": 1.0,
             "seed": None,
             "max_output_tokens": "inf",
+            "retrieval": None,  # or {"top_k": int, "document_ids": [str] | None}
         }
         self.items: list[dict[str, Any]] = []
+        self.open_documents: tuple[str, ...] = ()
+        self.planner = PrefillPlanner(self._start_preload) if gateway.config.preload else None
+        self._preload_chunks: dict[Any, tuple[tuple[str, int], ...]] = {}  # the chunks each pre-load used
         self._task: asyncio.Task[None] | None = None
         self._generation: Generation | None = None
         self._cancel_requested = False
@@ -68,6 +85,8 @@ class RealtimeSession:
             "conversation.item.create": self._item_create,
             "response.create": self._response_create,
             "response.cancel": self._response_cancel,
+            "input_text.draft": self._draft,
+            "context.open": self._context_open,
         }
 
     async def send(self, event: dict[str, Any]) -> None:
@@ -78,6 +97,7 @@ class RealtimeSession:
         return {"id": self.id, "object": "realtime.session", **self.settings}
 
     async def run(self) -> None:
+        self.gateway.sessions[self.id] = self
         await self.ws.accept()
         await self.send({"type": "session.created", "session": self._session()})
         try:
@@ -89,6 +109,7 @@ class RealtimeSession:
         except WebSocketDisconnect:
             return
         finally:
+            self.gateway.sessions.pop(self.id, None)
             await self._abandon()
 
     async def _on_message(self, message: Mapping[str, Any]) -> None:
@@ -112,6 +133,9 @@ class RealtimeSession:
             await handler(event)
         except BlinkError as exc:
             await self.send(error_event(exc, event_id))
+        except Exception:  # a bug in one handler answers that event with an error; the session stays open
+            log.exception("session %s: event failed", self.id)
+            await self.send(error_event(BlinkError("internal error handling the event"), event_id))
 
     # client events ------------------------------------------------------------------------------------
     async def _session_update(self, event: dict[str, Any]) -> None:
@@ -147,7 +171,22 @@ class RealtimeSession:
                     obj, "max_output_tokens", 1, limit, integer=True, param=f"{where}.max_output_tokens"
                 )
             out["max_output_tokens"] = value
+        if "retrieval" in obj:
+            out["retrieval"] = self._retrieval_from(obj["retrieval"], f"{where}.retrieval")
         return out
+
+    def _retrieval_from(self, raw: Any, param: str) -> dict[str, Any] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise InvalidRequest(f"'{param}' must be an object or null", param=param)
+        if self.gateway.store is None:
+            raise InvalidRequest("this server has no document store", param=param)
+        top_k = v.get_number(raw, "top_k", 1, MAX_TOP_K, integer=True, param=f"{param}.top_k")
+        ids = raw.get("document_ids")
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise InvalidRequest(f"'{param}.document_ids' must be a list of strings", param=f"{param}.document_ids")
+        return {"top_k": int(top_k or 4), "document_ids": ids}
 
     async def _item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")
@@ -183,6 +222,81 @@ class RealtimeSession:
         self.items.append(stored)
         await self.send({"type": "conversation.item.created", "previous_item_id": previous, "item": stored})
 
+    async def _draft(self, event: dict[str, Any]) -> None:
+        """input_text.draft {text}: the user's unsent text. Every keystroke may send one; the planner coalesces."""
+        self._check_session(event)
+        text = v.get_str(event, "text", required=True, param="text")
+        assert text is not None
+        if self.planner is not None and (self._task is None or self._task.done()):
+            self.planner.draft(self._history(), text)
+
+    async def _context_open(self, event: dict[str, Any]) -> None:
+        """context.open {document_ids}: documents the user opened; retrieval searches them (unless the session's
+        retrieval names its own document_ids)."""
+        self._check_session(event)
+        ids = event.get("document_ids")
+        if not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)):
+            raise InvalidRequest("'document_ids' must be a non-empty list of strings", param="document_ids")
+        if self.gateway.store is None:
+            raise InvalidRequest("this server has no document store", param="document_ids")
+        for doc_id in ids:
+            if await self.gateway.store.get(doc_id) is None:
+                raise NotFound(f"no document {doc_id!r}", param="document_ids")
+        self.open_documents = tuple(dict.fromkeys(ids))
+
+    def _check_session(self, event: dict[str, Any]) -> None:
+        session_id = v.get_str(event, "session_id", param="session_id")
+        if session_id is not None and session_id != self.id:
+            known = session_id in self.gateway.sessions
+            raise InvalidRequest(
+                f"session {session_id!r} is {'another connection' if known else 'unknown or closed'}; "
+                f"this connection's session is {self.id!r}",
+                param="session_id",
+                code="unknown_session",
+            )
+
+    def _history(self) -> Messages:
+        return tuple({"role": i["role"], "content": i["content"][0]["text"]} for i in self.items)
+
+    async def _retrieve(self, query: str) -> list[ScoredChunk]:
+        retrieval = self.settings["retrieval"]
+        if retrieval is None or self.gateway.store is None:
+            return []
+        ids = retrieval["document_ids"] or list(self.open_documents) or None
+        return await self.gateway.store.search(query, retrieval["top_k"], ids)
+
+    def _compose(self, chunks: list[ScoredChunk], history: Messages, user: str | None) -> Messages:
+        """system instructions + retrieved chunks, then the conversation, then the user's message."""
+        system = self.settings["instructions"] or ""
+        if chunks:
+            system = (system + "\n\n" if system else "") + "Documents:\n\n" + context_block(chunks)
+        head = ({"role": "system", "content": system},) if system else ()
+        tail = ({"role": "user", "content": user},) if user is not None else ()
+        return (*head, *history, *tail)
+
+    async def _start_preload(self, target: Target) -> Generation:
+        if self.gateway.num_live:
+            # a pre-load's CPU work (retrieval's embedding, tokenizing, its own prompt chunk in each step) runs on
+            # the cores live streams decode on: measured, four typing sessions raised a live stream's p99
+            # inter-token latency 1.6x even with the engine's background budget; so it waits for them
+            raise PreloadDeferred("live responses are streaming")
+        chunks = await self._retrieve(target.text)
+        self._preload_chunks[_target_key(target)] = _chunk_keys(chunks)
+        while len(self._preload_chunks) > 8:  # the last completed pre-load is among the newest few started
+            del self._preload_chunks[next(iter(self._preload_chunks))]
+        request = GenerateRequest(
+            self.gateway.new_id("preload"),
+            self.settings["model"],
+            Sampling(max_tokens=1, temperature=0),
+            messages=self._compose(chunks, target.messages, target.text),
+            deadline=time.time() + self.gateway.config.preload_ttl_s,
+            session_id=self.id,
+            priority=PRELOAD_PRIORITY,
+            prefill_only=True,
+            open_last=True,
+        )
+        return await self.gateway.generate(request)
+
     async def _response_create(self, event: dict[str, Any]) -> None:
         if self._task is not None and not self._task.done():
             raise InvalidRequest(
@@ -198,9 +312,6 @@ class RealtimeSession:
                 "the conversation has no user message yet; send conversation.item.create first",
                 code="empty_conversation",
             )
-        messages = [{"role": i["role"], "content": i["content"][0]["text"]} for i in self.items]
-        if settings["instructions"]:
-            messages.insert(0, {"role": "system", "content": settings["instructions"]})
         max_tokens = settings["max_output_tokens"]
         sampling = Sampling(
             max_tokens=None if max_tokens == "inf" else max_tokens,
@@ -208,7 +319,9 @@ class RealtimeSession:
             top_p=float(settings["top_p"]),
             seed=settings["seed"],
         )
-        request = GenerateRequest(self.gateway.new_id("resp"), settings["model"], sampling, messages=tuple(messages))
+        request = GenerateRequest(
+            self.gateway.new_id("resp"), settings["model"], sampling, messages=(), session_id=self.id
+        )
         self._cancel_requested = False
         self._task = asyncio.create_task(self._respond(request, time.monotonic(), event.get("event_id")))
 
@@ -221,10 +334,34 @@ class RealtimeSession:
 
     # the response -------------------------------------------------------------------------------------
     async def _respond(self, request: GenerateRequest, started: float, event_id: Any) -> None:
+        preload: dict[str, Any] = {"preloaded": False, "preload_predicted": False}
         try:
+            if self.planner is not None:
+                await self.planner.stop()  # what it computed stays in the prefix cache
+            stopped = time.monotonic()
+            history = self._history()
+            *before, last = history
+            user = last["content"] if last["role"] == "user" else None
+            query = user or next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
+            chunks = await self._retrieve(query)
+            preload["preload_stop_ms"] = round((stopped - started) * 1000, 3)
+            preload["retrieval_ms"] = round((time.monotonic() - stopped) * 1000, 3)
+            if user is not None:
+                history = tuple(before)
+            request = dataclasses.replace(request, messages=self._compose(chunks, history, user))
+            if self.planner is not None and user is not None:
+                final_chunks = _chunk_keys(chunks)
+                for key, completed in (("preloaded", True), ("preload_predicted", False)):
+                    done = self.planner.matches(history, user, completed=completed)
+                    preload[key] = done is not None and self._preload_chunks.get(_target_key(done)) == final_chunks
             generation = await self.gateway.generate(request, started=started)
         except BlinkError as exc:
             await self.send(error_event(exc, event_id if isinstance(event_id, str) else None))
+            return
+        except Exception:  # a bug here must still answer the client, never leave it waiting
+            log.exception("session %s: response %s could not start", self.id, request.request_id)
+            error = BlinkError("the response could not start: internal error")
+            await self.send(error_event(error, event_id if isinstance(event_id, str) else None))
             return
         self._generation = generation
         if self._cancel_requested:
@@ -253,14 +390,14 @@ class RealtimeSession:
                         "delta": delta,
                     }
                 )
-            await self._finish(generation, response_id, item_id)
+            await self._finish(generation, response_id, item_id, preload)
         except (WebSocketDisconnect, OSError, RuntimeError) as exc:  # the socket closed under us
             log.debug("session %s: response %s not delivered: %s", self.id, response_id, exc)
         finally:
             self._generation = None
             await generation.close()
 
-    async def _finish(self, generation: Generation, response_id: str, item_id: str) -> None:
+    async def _finish(self, generation: Generation, response_id: str, item_id: str, preload: dict[str, Any]) -> None:
         status, details = _status(generation)
         text = generation.text
         if status is not ResponseStatus.FAILED:
@@ -304,13 +441,20 @@ class RealtimeSession:
                         "total_tokens": prompt + completion,
                         "input_token_details": {"cached_tokens": fin.cached_tokens if fin else 0},
                     },
-                    "timings": generation.timings(),
+                    "timings": {
+                        **generation.timings(),
+                        "prompt_tokens": prompt,
+                        "cached_tokens": fin.cached_tokens if fin else 0,
+                        **preload,
+                    },
                 },
             }
         )
 
     async def _abandon(self) -> None:
-        """The client left: cancel the running response (the replica frees its sequence)."""
+        """The client left: cancel the running response and pre-load (the replica frees their sequences)."""
+        if self.planner is not None:
+            await self.planner.stop()
         task, generation = self._task, self._generation
         if generation is not None:
             await generation.close()
@@ -318,6 +462,14 @@ class RealtimeSession:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _target_key(target: Target) -> tuple[Any, ...]:
+    return (tuple((m["role"], m["content"]) for m in target.messages), target.text)
+
+
+def _chunk_keys(chunks: list[ScoredChunk]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted((c.chunk.document_id, c.chunk.index) for c in chunks))
 
 
 def _status(generation: Generation) -> tuple[ResponseStatus, dict[str, Any] | None]:

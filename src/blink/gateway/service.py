@@ -22,6 +22,7 @@ from blink.bus.base import Bus, ResponseStream
 from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, ReplicaState, TokenEvent
 from blink.config import GatewayConfig
 from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, ShuttingDown, from_wire
+from blink.preload.store import ContextStore
 
 log = logging.getLogger("blink.gateway")
 
@@ -117,9 +118,11 @@ class Generation:
 
 
 class Gateway:
-    def __init__(self, bus: Bus, config: GatewayConfig, models: list[str]) -> None:
+    def __init__(self, bus: Bus, config: GatewayConfig, models: list[str], store: ContextStore | None = None) -> None:
         self.bus = bus
         self.config = config
+        self.store = store  # documents for retrieval (preload/store.py); None: no /v1/documents
+        self.sessions: dict[str, Any] = {}  # realtime sessions by id, while their connection is open
         self.models = models
         self.default_model = models[0]
         self._active: dict[str, Generation] = {}
@@ -175,6 +178,11 @@ class Gateway:
     @property
     def num_active(self) -> int:
         return len(self._active)
+
+    @property
+    def num_live(self) -> int:
+        """Active generations a user is waiting on (not background work such as pre-loads)."""
+        return sum(1 for g in self._active.values() if g.request.priority == 0)
 
     @staticmethod
     def new_id(prefix: str) -> str:

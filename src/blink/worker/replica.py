@@ -51,6 +51,7 @@ _TRANSITIONS = {
     ReplicaState.STOPPED: set(),
 }
 _REMEMBERED_CANCELS = 10_000
+_OPEN_END = "\x00blink-open-end\x00"  # marks where a still-typed last message ends in the rendered template
 _FINISH_STATUS = {FinishReason.STOP: FinishStatus.STOP, FinishReason.LENGTH: FinishStatus.LENGTH}
 
 
@@ -85,6 +86,7 @@ class Replica:
         self.tokenizer: Tokenizer | None = None
         self._active: dict[str, _Active] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._preloads: dict[str, str] = {}  # session id -> its pre-load's request id, while it runs
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once the model is loaded and warmed
         self._engine_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blink-engine")
@@ -110,6 +112,10 @@ class Replica:
                 running=engine.num_running if engine else 0,
                 waiting=engine.num_waiting if engine else 0,
                 max_model_len=engine.max_model_len if engine else 0,
+                kv_blocks_in_use=engine.blocks.num_blocks - engine.blocks.num_free_blocks if engine else 0,
+                kv_blocks_total=engine.blocks.num_blocks if engine else 0,
+                background_prefill_tokens=engine.background_prefill_tokens if engine else 0,
+                background_tokens_used=engine.scheduler.background_tokens_used if engine else 0,
             )
         )
 
@@ -205,9 +211,26 @@ class Replica:
             return
         try:
             prompt = self._prompt_ids(req)
-            params = self._params(req, len(prompt))
+            if req.prefill_only:
+                await self._replace_preload(req)
+                prompt = self._preload_prompt(prompt)
+                if not prompt:  # nothing left to compute: every full block is cached already
+                    self._forget_preload(req)
+                    await self.bus.publish(Accepted(req.request_id, self.replica_id, 0))
+                    await self.bus.publish(Finished(req.request_id, FinishStatus.STOP))
+                    return
+                params = SamplingParams(max_tokens=1)
+            else:
+                params = self._params(req, len(prompt))
             deadline = None if req.deadline is None else time.monotonic() + (req.deadline - time.time())
-            self.engine.add_request(req.request_id, prompt, params, deadline=deadline)
+            self.engine.add_request(
+                req.request_id,
+                prompt,
+                params,
+                deadline=deadline,
+                priority=req.priority,
+                prefill_only=req.prefill_only,
+            )
         except BlinkError as exc:
             await self.bus.publish(
                 Finished(
@@ -223,13 +246,45 @@ class Replica:
         if not await self.bus.publish(Accepted(req.request_id, self.replica_id, len(prompt))):
             await self._drop(req.request_id, FinishStatus.CANCELLED)
 
+    async def _replace_preload(self, req: GenerateRequest) -> None:
+        """One pre-load per session at a time: a newer one replaces the older (its finished blocks stay cached)."""
+        if req.session_id is None:
+            return
+        previous = self._preloads.pop(req.session_id, None)
+        if previous is not None and previous in self._active:
+            assert self.engine is not None
+            self.engine.abort(previous)
+            self._active.pop(previous)
+            await self.bus.publish(Finished(previous, FinishStatus.CANCELLED))
+        self._preloads[req.session_id] = req.request_id
+
+    def _preload_prompt(self, prompt: list[int]) -> list[int]:
+        """What a pre-load computes: at most --preload-max-tokens (its cap on speculative KV), and only whole
+        blocks, since only whole blocks enter the prefix cache (a partial one would be recomputed at submit);
+        empty if those blocks are all cached already."""
+        assert self.engine is not None
+        bs = self.engine.blocks.block_size
+        limit = min(self.engine_config.preload_max_tokens, self.engine.max_model_len - 1, len(prompt))
+        prompt = prompt[: limit // bs * bs]
+        cached = len(self.engine.blocks.lookup([*prompt, 0])) * bs  # the probe token: lookup keeps one uncached
+        return prompt if cached < len(prompt) else []
+
+    def _forget_preload(self, req: GenerateRequest) -> None:
+        if req.session_id is not None and self._preloads.get(req.session_id) == req.request_id:
+            del self._preloads[req.session_id]
+
     def _prompt_ids(self, req: GenerateRequest) -> list[int]:
         assert self.tokenizer is not None
         if req.messages is not None:
+            messages = list(req.messages)
+            if req.open_last and messages:  # the prompt ends where the last message's text ends (still typed)
+                messages[-1] = {**messages[-1], "content": messages[-1]["content"] + _OPEN_END}
             try:
-                text = self.tokenizer.apply_chat_template(list(req.messages))
+                text = self.tokenizer.apply_chat_template(messages)
             except ValueError as exc:
                 raise InvalidRequest(str(exc), param="messages") from None
+            if req.open_last and _OPEN_END in text:
+                text = text[: text.rindex(_OPEN_END)]
         else:
             text = req.prompt or ""
         ids = self.tokenizer.encode(text)
@@ -264,10 +319,19 @@ class Replica:
         active = self._active.get(out.request_id)
         if active is None:  # warm-up or already dropped
             return
-        if out.token_id is None:  # the engine dropped it: its deadline passed
+        if out.token_id is None:  # ended without a token: a pre-load is done, or the deadline passed
             del self._active[out.request_id]
-            await self.bus.publish(
-                Finished(
+            self._forget_preload(active.request)
+            if out.finish_reason is FinishReason.PREFILLED:  # its blocks are in the prefix cache now
+                finished = Finished(
+                    out.request_id,
+                    FinishStatus.STOP,
+                    prompt_tokens=out.prompt_tokens,
+                    cached_tokens=out.cached_tokens,
+                    timings=self._timings(active, out),
+                )
+            else:
+                finished = Finished(
                     out.request_id,
                     FinishStatus.ERROR,
                     prompt_tokens=out.prompt_tokens,
@@ -275,7 +339,7 @@ class Replica:
                     error_code="deadline_exceeded",
                     error_message="the request's deadline passed before it finished",
                 )
-            )
+            await self.bus.publish(finished)
             return
         if active.first_token is None:
             active.first_token = time.monotonic()
@@ -330,7 +394,9 @@ class Replica:
         assert self.engine is not None
         prompt_tokens, completion_tokens = self.engine.num_tokens(request_id)
         self.engine.abort(request_id)
-        self._active.pop(request_id, None)
+        active = self._active.pop(request_id, None)
+        if active is not None:
+            self._forget_preload(active.request)
         await self.bus.publish(
             Finished(
                 request_id,

@@ -181,3 +181,24 @@ def test_bad_prompts_are_rejected(engine: LLMEngine) -> None:
     with pytest.raises(ContextLengthExceeded):
         engine.add_request("e", [1] * engine.max_model_len, GREEDY)
     assert not engine.has_work()
+
+
+def test_a_prefill_only_request_fills_the_cache_for_the_prompt_that_follows(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    _, tok = model_and_tokenizer
+    system = {"role": "system", "content": "You answer questions about the solar system in one sentence. " * 3}
+    prompt = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "How hot is Venus?"}]))
+    cold = small_engine(model_and_tokenizer, prefix_caching=False).generate(prompt, GREEDY)
+    engine = small_engine(model_and_tokenizer)
+    draft = prompt[: len(prompt) - 9]  # what the user had typed: most of the prompt
+    engine.add_request("pre", draft, GREEDY, priority=1, prefill_only=True)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert [(o.request_id, o.token_id, o.finish_reason) for o in outs] == [("pre", None, FinishReason.PREFILLED)]
+    assert no_blocks_held(engine)  # nothing held: the blocks are only cached
+    engine.add_request("live", prompt, GREEDY)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert [o.token_id for o in outs] == cold  # the same answer as without pre-loading
+    assert outs[-1].cached_tokens == len(draft) // 16 * 16 > 0

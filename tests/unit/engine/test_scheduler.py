@@ -179,3 +179,49 @@ def test_finishing_is_a_one_way_transition() -> None:
 def test_bad_settings_are_rejected() -> None:
     with pytest.raises(ValueError):
         make(budget=0)
+
+
+def test_background_prefill_gets_only_its_small_budget_while_live_streams_decode() -> None:
+    sched = Scheduler(
+        BlockManager(64, BS),
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        prefill_chunk_tokens=8,
+        background_chunk_tokens=2,
+        background_step_tokens=10,
+    )
+    sched.add(seq("live"))
+    run(sched)  # live is decoding from now on
+    sched.add(seq("pre", 20, priority=1, first=50))
+    seen = [chunks(run(sched)) for _ in range(3)]
+    assert all(c["live"] == 1 for c in seen)
+    assert [c["pre"] for c in seen] == [2, 2, 2]
+    sched.finish(sched.running[0], FinishReason.STOP)  # nobody live: background steps stay short
+    assert chunks(run(sched)) == {"pre": 10}
+
+
+def test_a_live_request_preempts_background_work_when_the_batch_is_full() -> None:
+    sched = make(seqs=1)
+    sched.add(seq("pre", 12, priority=1))
+    run(sched)
+    sched.add(seq("live", 4, first=50))
+    batch = run(sched)
+    assert chunks(batch) == {"live": 4}
+    pre = sched.waiting[0]
+    assert pre.request_id == "pre" and pre.status is SeqStatus.WAITING and sched.blocks.table("pre") == []
+
+
+def test_blocks_computed_by_background_work_are_counted_once_when_live_work_reuses_them() -> None:
+    sched = make()
+    pre = seq("pre", 10, priority=1)
+    sched.add(pre)
+    batch = sched.schedule(0.0)
+    pre.num_computed += batch.chunks[0]
+    sched.blocks.commit("pre", pre.token_ids, pre.num_computed, speculative=True)
+    sched.finish(pre, FinishReason.STOP)
+    sched.add(seq("live", 12))  # the same first 10 tokens: 2 full blocks of the pre-load
+    run(sched)
+    assert sched.background_tokens_used == 2 * BS
+    sched.add(seq("again", 12, first=1))  # reusing them a second time is not counted again
+    run(sched)
+    assert sched.background_tokens_used == 2 * BS

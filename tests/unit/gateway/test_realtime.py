@@ -124,7 +124,7 @@ def test_session_update_checks_max_output_tokens_against_the_model_it_switches_t
     asyncio.run(main())
 
 
-def test_response_done_reports_tokens_in_usage_and_only_durations_in_timings(serve: Serve) -> None:
+def test_response_done_reports_tokens_in_usage_and_the_prompts_story_in_timings(serve: Serve) -> None:
     server = serve()
 
     async def main() -> None:
@@ -135,7 +135,10 @@ def test_response_done_reports_tokens_in_usage_and_only_durations_in_timings(ser
             done, _ = await until(ws, "response.done")
             response = done["response"]
             assert response["usage"]["input_tokens"] == 7
-            assert set(response["timings"]) == {"ttft_ms", "total_ms", "decode_ms"}
+            timings = response["timings"]
+            assert {"ttft_ms", "total_ms", "decode_ms", "preload_stop_ms", "retrieval_ms"} <= set(timings)
+            assert timings["prompt_tokens"] == 7 and timings["cached_tokens"] == 0
+            assert timings["preloaded"] is False and timings["preload_predicted"] is False
 
     asyncio.run(main())
 

@@ -75,3 +75,32 @@ def test_a_w8a8_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(w8a8_mod
         got += [o.token_id for o in warm.step() if o.request_id == "second"]
     assert got == expected
     assert warm.blocks.num_cached_blocks > 0
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["What is the capital of France?", "What does a compiler do?"],
+)
+def test_a_streams_greedy_tokens_do_not_depend_on_what_shares_its_steps(w8a8_model, question: str) -> None:  # type: ignore[no-untyped-def]
+    model, tok = w8a8_model
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+    other = tok.encode("Tell me a story about a dragon and a knight who became friends. " * 20)
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+
+    def run(company: bool) -> list[int]:
+        config = EngineConfig(max_num_seqs=4, max_model_len=1024, background_step_tokens=32, background_chunk_tokens=4)
+        engine = LLMEngine(model, tok.stop_token_ids, config)
+        engine.add_request("live", prompt, params)
+        out: list[int] = []
+        for step in range(200):
+            if company and step in (0, 3, 10):  # pre-loads: prompt chunks of 1-4 tokens beside the live decode
+                pre = SamplingParams(max_tokens=1)
+                engine.add_request(f"pre{step}", other[: 100 + step], pre, priority=1, prefill_only=True)
+            if company and step == 5:  # and another live stream, at another length
+                engine.add_request("other", other[:30], params)
+            out += [o.token_id for o in engine.step() if o.request_id == "live" and o.token_id is not None]
+            if not engine.has_work():
+                break
+        return out
+
+    assert run(company=True) == run(company=False)

@@ -1,0 +1,82 @@
+"""The documents API: POST/GET /v1/documents, GET/DELETE /v1/documents/{id}, over a ContextStore.
+
+Documents put here are what a realtime session opens with `context.open {document_ids}`. Errors are raised as
+BlinkErrors and become HTTP responses at the app's one translation point.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from blink.errors import InvalidRequest, NotFound
+from blink.gateway import validation as v
+from blink.gateway.openai_http import read_json
+from blink.gateway.service import Gateway
+from blink.preload.store import ContextStore, Document, Metadata
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _metadata(raw: Any) -> Metadata:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequest("'metadata' must be an object", param="metadata")
+    for key, value in raw.items():
+        # non-finite floats are refused: the responses must be valid JSON, which has no NaN or Infinity
+        if not isinstance(value, str | int | float) or (isinstance(value, float) and not math.isfinite(value)):
+            raise InvalidRequest(f"'metadata.{key}' must be a string, number or boolean", param=f"metadata.{key}")
+    return raw
+
+
+def _summary(doc: Document) -> dict[str, Any]:
+    return {
+        "id": doc.id,
+        "object": "document",
+        "chunks": len(doc.chunks),
+        "bytes": len(doc.text.encode()),
+        "metadata": doc.metadata,
+        "created": doc.created,
+    }
+
+
+class DocumentRoutes:
+    """Handlers for the app's routes. `max_request_bytes` bounds a whole POST body (the JSON around the text
+    included); the store bounds the text itself."""
+
+    def __init__(self, store: ContextStore, max_request_bytes: int) -> None:
+        self.store = store
+        self.max_request_bytes = max_request_bytes
+
+    async def create(self, request: Request) -> Response:
+        body = await read_json(request, self.max_request_bytes)
+        doc_id = v.get_str(body, "id")
+        if doc_id is None:
+            doc_id = Gateway.new_id("doc")
+        elif not _ID.fullmatch(doc_id):
+            raise InvalidRequest("'id' must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", param="id")
+        text = v.get_str(body, "text", required=True)
+        assert text is not None
+        doc = await self.store.put(doc_id, text, _metadata(body.get("metadata")))
+        return JSONResponse(_summary(doc), status_code=201)
+
+    async def list_documents(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_summary(doc) for doc in await self.store.list()]})
+
+    async def retrieve(self, request: Request) -> Response:
+        doc_id = request.path_params["id"]
+        doc = await self.store.get(doc_id)
+        if doc is None:
+            raise NotFound(f"no document with id {doc_id!r}", param="id")
+        return JSONResponse({**_summary(doc), "text": doc.text})
+
+    async def delete(self, request: Request) -> Response:
+        doc_id = request.path_params["id"]
+        if not await self.store.delete(doc_id):
+            raise NotFound(f"no document with id {doc_id!r}", param="id")
+        return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True})
