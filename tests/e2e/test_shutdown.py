@@ -41,6 +41,7 @@ def test_sigterm_ends_in_flight_streams_as_incomplete(tmp_path: Path, model_dir:
                     assert done["response"]["status"] == "incomplete"
                     assert done["response"]["status_details"]["reason"] == "server_shutdown"
                     rest = [line async for line in lines if line.startswith("data:")]
+            await ws.close()  # the server closed it; release the client's transport too
             errors = [json.loads(line[5:]) for line in rest if '"error"' in line]
             assert errors and errors[-1]["error"]["code"] == "server_shutdown"
             assert rest[-1] == "data: [DONE]"

@@ -57,33 +57,39 @@ class PagedAttention:
     ) -> None:
         self.cache, self.slot_mapping, self.chunks = cache, slot_mapping, chunks
         self.decode_rows, self.decode_context, self.decode_mask = decode_rows, decode_context, decode_mask
-        self.masks = [self._causal(c.start, c.rows.stop - c.rows.start) for c in chunks]
-
-    @staticmethod
-    def _causal(start: int, n: int) -> torch.Tensor | None:
-        if start == 0:
-            return None  # plain causal: SDPA's is_causal
-        rows = torch.arange(start, start + n).unsqueeze(1)  # [n, 1]
-        return torch.arange(start + n).unsqueeze(0) <= rows  # [n, start+n]
+        # prompt rows attend in groups aligned to KV blocks, each over exactly the keys up to its last position:
+        # a row's arithmetic then depends only on its position, never on how its prompt was chunked (a cold
+        # prefill, a prefix-cache hit and a pre-load give the same K/V; measured: chunk-shaped SDPA calls made
+        # greedy answers differ between a pre-loaded prompt and the same prompt served cold)
+        self.groups: list[list[tuple[slice, int, torch.Tensor]]] = []  # per chunk: (rows in the step, keys, mask)
+        for chunk in chunks:
+            groups: list[tuple[slice, int, torch.Tensor]] = []
+            self.groups.append(groups)
+            first, end = chunk.start, chunk.start + chunk.rows.stop - chunk.rows.start
+            lo = first
+            while lo < end:  # rows of one KV block at a time (a chunk starting mid-block begins with its rest)
+                hi = min(end, (lo // cache.block_size + 1) * cache.block_size)
+                rows = slice(chunk.rows.start + lo - first, chunk.rows.start + hi - first)
+                positions = torch.arange(lo, hi).unsqueeze(1)  # [g, 1]
+                groups.append((rows, hi, torch.arange(hi).unsqueeze(0) <= positions))
+                lo = hi
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [slots, KVH, D]
         kc.index_copy_(0, self.slot_mapping, k)
         vc.index_copy_(0, self.slot_mapping, v)
         out = torch.empty_like(q)  # [N, H, D]
-        for chunk, mask in zip(self.chunks, self.masks, strict=True):
-            if chunk.start == 0:  # the whole context is this step's: no gather
-                keys, values = k[chunk.rows], v[chunk.rows]
-            else:
-                keys, values = kc.index_select(0, chunk.context), vc.index_select(0, chunk.context)  # [L, KVH, D]
-            out[chunk.rows] = F.scaled_dot_product_attention(
-                q[chunk.rows].transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
-                keys.transpose(0, 1).unsqueeze(0),  # [1, KVH, L, D]
-                values.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
-                is_causal=mask is None,
-                enable_gqa=True,
-            )[0].transpose(0, 1)
+        for chunk, groups in zip(self.chunks, self.groups, strict=True):
+            keys = kc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D], gathered once
+            values = vc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
+            for rows, length, mask in groups:
+                out[rows] = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1).unsqueeze(0),  # [1, H, g, D]
+                    keys[:, :, :length],
+                    values[:, :, :length],
+                    attn_mask=mask,
+                    enable_gqa=True,
+                )[0].transpose(0, 1)
         if len(self.decode_rows):
             b, length = self.decode_context.shape
             flat = self.decode_context.view(-1)
