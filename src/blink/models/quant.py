@@ -8,7 +8,7 @@ one row); a tied lm_head gets its own int8 copy. Measured side by side in benchm
          on the fly. Closest to fp32 (greedy agreement 96%); fastest decode at batch 1; but the kernel does one
          row at a time, so a prompt prefills about 2x slower than fp32.
   w8a8   int8 weights and int8 activations (per token, on the fly), exact int32 accumulation (`torch._int_mm`):
-         prefill 1.3x faster than fp32, the fastest batched decode, greedy agreement 94%. The default: on this
+         prefill 1.1-1.4x faster than fp32, the fastest batched decode, greedy agreement 94%. The default: on this
          hardware it gives the lowest time to first token.
 
 Activation outliers (a few channels far larger than the rest) make per-token int8 coarse, so w8a8 is smoothed as
