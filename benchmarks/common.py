@@ -1,10 +1,11 @@
-"""What every benchmark report carries: when, on what machine, and where it is written."""
+"""What every benchmark report carries (when, on what machine, where it is written), and the reference model."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,18 @@ def write_report(out: Path, name: str, markdown: str, data: dict[str, Any]) -> N
     print(markdown)
     (out / f"{name}.md").write_text(markdown)
     (out / f"{name}.json").write_text(json.dumps({"machine": machine(), **data}, indent=1))
+
+
+def transformers_model() -> Any:
+    """The default model as `transformers` loads it from the same GGUF (fp32): the reference engine to beat."""
+    import torch
+    import transformers
+
+    from blink.models import registry
+
+    path = registry.get("smollm2-135m-instruct").locate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()

@@ -17,7 +17,6 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import PROMPTS, machine, write_report
+from benchmarks.common import PROMPTS, machine, transformers_model, write_report
 from blink.config import EngineConfig, default_cache_dir
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
@@ -92,15 +91,8 @@ def blink_decode_ms(fmt: str, tokens: int, threads: int) -> tuple[float, dict[in
 
 
 def transformers_decode_ms(tokens: int, threads: int) -> float:
-    import transformers
-
     torch.set_num_threads(threads)
-    path = registry.get("smollm2-135m-instruct").locate()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        ).eval()
+    model = transformers_model()
     _, tok = load("fp32")
     per_token = []
     for prompt in PROMPTS[:5]:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
 from benchmarks.common import PROMPTS as ALL_PROMPTS
+from benchmarks.common import transformers_model
 from tests.e2e.conftest import Server
 
 PROMPTS = ALL_PROMPTS[:8]
@@ -89,11 +90,9 @@ def run_transformers(rounds: int, max_tokens: int) -> dict[str, Any]:
     from blink.models import registry
 
     path = registry.get("smollm2-135m-instruct").locate()
+    model = transformers_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        ).eval()
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
     def one(prompt: str) -> tuple[float, list[float], str]:

@@ -47,6 +47,29 @@ def rss_mb(server: Server) -> float:
     raise AssertionError("no VmRSS")
 
 
+async def preloads_settled(server: Server, before: int, timeout: float = 60) -> None:
+    """Wait until the replica computed pre-load tokens beyond `before` and stays idle for a while (the planner
+    starts the next pre-load of a chain a moment after the previous one ends)."""
+    deadline = time.monotonic() + timeout
+    idle_since, last = None, -1
+    while True:
+        state = await asyncio.to_thread(server.readyz)
+        computed = sum(r["background_prefill_tokens"] for r in state["replicas"])
+        if computed > before and state["active_responses"] == 0 and computed == last:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 0.3:
+                return
+        else:
+            idle_since = None
+        last = computed
+        assert time.monotonic() < deadline, f"pre-loads did not settle: {state}"
+        await asyncio.sleep(0.05)
+
+
+def background_tokens(server: Server) -> int:
+    return sum(r["background_prefill_tokens"] for r in server.readyz()["replicas"])
+
+
 def kv_in_use(server: Server) -> int:
     return sum(r["kv_blocks_in_use"] for r in server.readyz()["replicas"])
 
@@ -57,8 +80,9 @@ def test_drafts_preload_the_prompt_and_the_answer_is_unchanged(server: Server) -
     async def main() -> tuple[dict[str, Any], dict[str, Any]]:
         ws = await session(server, instructions=instructions)
         try:
+            before = background_tokens(server)
             await type_out(ws, QUESTION[:-12], pause=0.01)  # typed all but the last words, then paused
-            await asyncio.sleep(3)  # the pre-load runs (nothing else is running: the whole step budget)
+            await preloads_settled(server, before)
             await type_out(ws, QUESTION, start=len(QUESTION) - 12)
             warm = await answer(ws, QUESTION)
         finally:
@@ -188,8 +212,9 @@ def test_retrieval_builds_the_prompt_from_documents_and_preloads_it(server: Serv
             await ws.send(json.dumps({"type": "session.update", "session": {"retrieval": {"top_k": 2}}}))
             await until(ws, "session.updated")
             await ws.send(json.dumps({"type": "context.open", "document_ids": ["museum"]}))
+            before = background_tokens(server)
             await type_out(ws, "Who painted the oldest painting in the ")
-            await asyncio.sleep(4)
+            await preloads_settled(server, before)
             return await answer(ws, "Who painted the oldest painting in the museum?")
         finally:
             await ws.close()

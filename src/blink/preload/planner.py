@@ -30,7 +30,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from blink.errors import BlinkError
+
 log = logging.getLogger("blink.preload")
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("cancelling a superseded pre-load failed: %s", exc)
+
 
 Messages = tuple[dict[str, str], ...]
 
@@ -124,7 +132,7 @@ class PrefillPlanner:
             self._cancelling = True  # one cancel per pre-load, however many drafts follow
             self.stats.superseded += 1
             task = asyncio.get_running_loop().create_task(self._current[1].cancel("superseded"))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            task.add_done_callback(_log_failure)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         self._wake.set()
@@ -142,7 +150,7 @@ class PrefillPlanner:
         """Submit time (or the session ends): cancel the pre-load in flight, drop pending drafts."""
         self._pending = None
         if self._current is not None and self._current[1] is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BlinkError):  # the bus refused it (shutting down): nothing left to stop
                 await self._current[1].cancel("superseded")
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -170,7 +178,7 @@ class PrefillPlanner:
                     await asyncio.sleep(self.retry_s)
                     self._wake.set()
                 continue
-            except Exception as exc:  # not ready, overloaded, too long: pre-loading is best effort
+            except BlinkError as exc:  # not ready, overloaded, too long: pre-loading is best effort
                 log.debug("pre-load not started: %s", exc)
                 self.stats.failed += 1
                 self._current = None
