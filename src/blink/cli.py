@@ -84,7 +84,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     from blink.worker.replica import Replica
 
     try:
-        registry.get(config.model.model).locate()
+        registry.get(config.model.model).locate(config.model.cache_dir)
     except BlinkError as exc:
         print(f"blink: {exc.message}", file=sys.stderr)
         return 2

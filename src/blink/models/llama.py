@@ -135,13 +135,21 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        angles = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)  # [P, D/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [P, D]
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        half = cfg.head_dim // 2
-        signed = torch.cat((-angles[:, :half].sin(), angles[:, half:].sin()), dim=-1)  # [P, D]
-        self.register_buffer("rope_sin", signed, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the rotary tables in fp32 on the CPU (after a model built on the meta device is loaded)."""
+        cfg = self.config
+        with torch.device("cpu"):
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+            positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+            angles = torch.outer(positions, inv_freq)  # [P, D/2]
+            angles = torch.cat((angles, angles), dim=-1)  # [P, D]
+            half = cfg.head_dim // 2
+            self.rope_cos = angles.cos()
+            self.rope_sin = torch.cat((-angles[:, :half].sin(), angles[:, half:].sin()), dim=-1)  # [P, D]
 
     def load_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights ("model.layers.0.self_attn.q_proj.weight", ...), fusing q/k/v and
@@ -160,7 +168,10 @@ class LlamaModel(nn.Module):
         if self.config.tie_word_embeddings:
             renamed.pop("lm_head.weight", None)
             renamed["lm_head.weight"] = renamed["embed_tokens.weight"]
-        self.load_state_dict(renamed, strict=True)
+        # assign: a model built on the meta device takes these tensors as they are (no second copy in memory)
+        self.load_state_dict(renamed, strict=True, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend, logits_index: torch.Tensor
