@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from blink import __version__
-from blink.config import EngineConfig, GatewayConfig, ModelConfig, ServeConfig, add_flags, from_flags
+from blink.config import EngineConfig, GatewayConfig, ModelConfig, ServeConfig, add_flags, from_flags, parse_speculative
 
 if TYPE_CHECKING:
     from blink.gateway.service import Gateway
@@ -85,8 +85,14 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
 
     try:
         registry.get(config.model.model).locate(config.model.cache_dir)
+        kind, draft = parse_speculative(config.engine.speculative)
+        if kind == "draft":
+            registry.get(draft).locate(config.model.cache_dir)
     except BlinkError as exc:
         print(f"blink: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"blink: {exc}", file=sys.stderr)
         return 2
     gw = config.gateway
     bus = MemoryBus(max_pending=gw.max_pending_requests, stream_events=gw.stream_queue_events)

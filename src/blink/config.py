@@ -62,6 +62,16 @@ class EngineConfig:
         choices=WEIGHT_FORMATS,
     )
     warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2)
+    speculative: str = _help(
+        "speculative decoding: ngram (prompt lookup), draft:<model> (a smaller model with the same vocabulary, "
+        "see `blink models`) or off; output is the same as without (greedy: token for token)",
+        "ngram",
+    )
+    speculative_tokens: int = _help(
+        "most tokens proposed per sequence and step; the engine proposes fewer (or none) when the measured "
+        "acceptance and step costs say they don't pay",
+        5,
+    )
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,16 @@ class ServeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+
+
+def parse_speculative(value: str) -> tuple[str, str]:
+    """--speculative -> (kind, draft model name): ("off", ""), ("ngram", "") or ("draft", name)."""
+    if value in ("off", "ngram"):
+        return value, ""
+    kind, _, name = value.partition(":")
+    if kind == "draft" and name:
+        return kind, name
+    raise ValueError(f"--speculative {value!r}: expected ngram, draft:<model> or off")
 
 
 def resolve_threads(threads: int) -> int:

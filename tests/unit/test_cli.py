@@ -33,3 +33,14 @@ def test_models_lists_the_default(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("magic", "expected ngram, draft:<model> or off"), ("draft:", "expected ngram"), ("draft:nope", "unknown model")],
+)
+def test_a_bad_speculative_setting_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    assert main(["serve", "--speculative", value]) == 2
+    assert message in capsys.readouterr().err

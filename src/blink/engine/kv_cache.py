@@ -153,6 +153,20 @@ class BlockManager:
                 if block.serial == 0:
                     self._free.move_to_end(block_id, last=False)
 
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Shrink the request's table to the blocks `num_tokens` positions need (speculative decoding returns the
+        blocks of rejected guesses). The dropped blocks were never registered: only computed positions are."""
+        table = self._tables.get(request_id)
+        if table is None:
+            return
+        keep = max(self.blocks_for(num_tokens), table.committed)
+        while len(table.blocks) > keep:
+            block = self.blocks[table.blocks.pop()]
+            assert block.ref_count == 1 and block.serial == 0, "only a sequence's private tail is trimmed"
+            block.ref_count = 0
+            self._free[block.block_id] = None
+            self._free.move_to_end(block.block_id, last=False)
+
     @staticmethod
     def claim(prefix: Sequence[Block]) -> int:
         """A live request reuses `prefix`: count (once) the blocks background work computed for it."""

@@ -5,6 +5,9 @@
                                  # and a final output for each that expired
     engine.abort(request_id)     # frees the sequence (and its KV blocks) before the next step
 
+With a proposer (speculative decoding, see speculative.py), a step may emit several tokens of one sequence: one
+StepOutput per token, in order.
+
 Contract: all three are called from one thread at a time (the replica calls add/abort between steps).
 """
 
@@ -18,8 +21,9 @@ import torch
 from blink.config import EngineConfig, resolve_threads
 from blink.engine.kv_cache import BlockManager
 from blink.engine.runner import ModelRunner, PagedKVCache
-from blink.engine.scheduler import Scheduler
+from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
+from blink.engine.speculative import AdaptiveSpeculation, Proposal, Proposer, StepCost
 from blink.errors import ContextLengthExceeded, InvalidRequest
 from blink.models.llama import LlamaModel
 
@@ -35,10 +39,19 @@ class StepOutput:
     cached_tokens: int  # prompt tokens served from the prefix cache
     queue_s: float  # arrival -> first scheduled
     prefill_s: float  # first scheduled -> first token
+    spec_proposed: int = 0  # speculative decoding: guesses proposed for this request so far, and accepted
+    spec_accepted: int = 0
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaModel, stop_token_ids: frozenset[int], config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        stop_token_ids: frozenset[int],
+        config: EngineConfig,
+        *,
+        proposer: Proposer | None = None,
+    ) -> None:
         torch.set_num_threads(resolve_threads(config.threads))
         self.config = config
         self.max_model_len = min(config.max_model_len, model.config.max_position_embeddings)
@@ -65,6 +78,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size)
         self._seqs: dict[str, Sequence] = {}
         self.background_prefill_tokens = 0  # prompt tokens computed for prefill-only sequences (pre-loading)
+        # speculative decoding: off without a proposer; the policy needs step costs (measure_step_cost)
+        self.proposer = proposer
+        self.step_cost = StepCost()
+        self.speculation = AdaptiveSpeculation(config.speculative_tokens if proposer else 0, self.step_cost)
 
     def add_request(
         self,
@@ -132,25 +149,105 @@ class LLMEngine:
         for seq in batch.sequences:
             seq.first_scheduled = seq.first_scheduled or now
         tables = [self.blocks.table(seq.request_id) for seq in batch.sequences]
-        tokens = self.runner.run(batch, tables)
+        proposals = self._speculate(batch) if self.proposer else None
+        started = time.perf_counter()
+        tokens = self.runner.run(batch, tables, proposals)
+        if self.proposer and all(n == 1 for n in batch.chunks):  # decode only: what the policy's costs predict
+            rows = len(batch.sequences) + sum(len(p.tokens) for p in proposals if p) if proposals else batch.num_tokens
+            self.step_cost.observe(len(batch.sequences), rows, time.perf_counter() - started)
         bs = self.blocks.block_size
-        for seq, n, token in zip(batch.sequences, batch.chunks, tokens, strict=True):
+        for i, (seq, n, emitted) in enumerate(zip(batch.sequences, batch.chunks, tokens, strict=True)):
+            proposal = proposals[i] if proposals else None
             if seq.prefill_only:
                 self.background_prefill_tokens += n
             before = seq.num_computed
+            if proposal and proposal.tokens:
+                accepted = len(emitted) - 1  # the kept guesses; their K/V are computed, the rejected ones' are not
+                self.speculation.record(seq, len(proposal.tokens), accepted)
+                n += accepted
             seq.num_computed += n
+            finished = False
+            for token in emitted:
+                out = self._postprocess(seq, token)
+                outputs.append(out)
+                if out.finished:  # a stop token or max_tokens inside the kept guesses: the rest is dropped
+                    finished = True
+                    break
+            if finished:
+                continue
             if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse
                 self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, speculative=seq.prefill_only)
-            if token is not None:
-                outputs.append(self._postprocess(seq, token))
-            elif seq.prefill_only and seq.num_computed == seq.num_tokens:
+            if proposal and proposal.tokens:
+                self.blocks.trim(seq.request_id, seq.num_computed)  # the rejected guesses' blocks
+            if seq.prefill_only and seq.num_computed == seq.num_tokens:
                 self._finish(seq, FinishReason.PREFILLED)
                 outputs.append(self._output(seq, None, FinishReason.PREFILLED))
         return outputs
 
+    def _speculate(self, batch: ScheduledBatch) -> list[Proposal | None] | None:
+        """Guesses for the batch's decoding sequences, as many as the policy finds worth their rows, with the
+        blocks to verify them (a sequence that would need another's blocks just doesn't guess this step)."""
+        assert self.proposer is not None
+        picked = [
+            i
+            for i, (seq, n) in enumerate(zip(batch.sequences, batch.chunks, strict=True))
+            if n == 1 and seq.output_token_ids and not seq.prefill_only and seq.num_computed + 1 == seq.num_tokens
+        ]
+        if not picked or self.speculation.max_tokens < 1:
+            return None
+        seqs = [batch.sequences[i] for i in picked]
+        # no guess past max_tokens or the context: the last emitted token comes from the target
+        most = self.speculation.max_tokens
+        limits = [
+            max(0, min(most + 1, s.params.max_tokens - len(s.output_token_ids), self.max_model_len - s.num_tokens) - 1)
+            for s in seqs
+        ]
+        prompt_rows = batch.num_tokens - len(seqs)  # prompt chunks sharing the step
+        if self.proposer.proposes_first:
+            found = self.proposer.propose(seqs, limits)
+            ks = self.speculation.plan(seqs, [len(p.tokens) for p in found], self.proposer.cost, prompt_rows)
+            chosen = [p.truncate(k) for p, k in zip(found, ks, strict=True)]
+        else:
+            ks = self.speculation.plan(seqs, limits, self.proposer.cost, prompt_rows)
+            chosen = self.proposer.propose(seqs, ks)
+        proposals: list[Proposal | None] = [None] * len(batch.sequences)
+        for i, seq, proposal in zip(picked, seqs, chosen, strict=True):
+            if proposal.tokens and self.blocks.allocate(seq.request_id, seq.num_tokens + len(proposal.tokens)):
+                proposals[i] = proposal
+        return proposals if any(proposals) else None
+
+    def measure_step_cost(self, context: int = 128) -> dict[str, float]:
+        """Time decode-only forwards over a grid of sequence counts and rows per sequence (1 to
+        speculative_tokens + 1) on this machine, for the speculation policy (the replica calls this while warming
+        up; real steps refine it). Needs an idle engine. Returns {"<seqs>x<rows>": seconds}."""
+        if self.speculation.max_tokens < 1:
+            return {}
+        assert not self.has_work(), "measure on an idle engine"
+        per_seq = self.speculation.max_tokens + 1
+        counts = sorted({1, max(1, self.config.max_num_seqs // 4), self.config.max_num_seqs})
+        sizes = [(b, b * r) for b in counts for r in sorted({1, 2, per_seq})]
+
+        def run(count: int, rows: int) -> None:
+            seqs = [Sequence(f"measure-{j}", [0] * context, SamplingParams(), [0]) for j in range(count)]
+            guesses = [[0] * (rows // count - 1)] * count
+            try:
+                for seq, g in zip(seqs, guesses, strict=True):
+                    seq.num_computed = context
+                    if not self.blocks.allocate(seq.request_id, context + 1 + len(g)):
+                        raise RuntimeError("the KV pool is too small to measure step costs")
+                tables = [self.blocks.table(s.request_id) for s in seqs]
+                self.runner.forward(ScheduledBatch(seqs, [1] * count), tables, guesses)
+            finally:
+                for seq in seqs:
+                    self.blocks.free(seq.request_id)
+
+        self.step_cost.measure(sizes, run)
+        assert self.proposer is not None
+        self.proposer.measure(counts, context)
+        return self.step_cost.snapshot()
+
     def _expired(self, seq: Sequence) -> StepOutput:
-        self.runner.remove(seq.request_id)
-        del self._seqs[seq.request_id]
+        self._forget(seq.request_id)
         return self._output(seq, None, FinishReason.EXPIRED)
 
     def _output(self, seq: Sequence, token: int | None, reason: FinishReason | None) -> StepOutput:
@@ -165,6 +262,8 @@ class LLMEngine:
             cached_tokens=seq.num_cached_tokens,
             queue_s=first_scheduled - seq.arrival,
             prefill_s=(seq.first_token - first_scheduled) if seq.first_token else 0.0,
+            spec_proposed=seq.spec_proposed,
+            spec_accepted=seq.spec_accepted,
         )
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
@@ -183,8 +282,13 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is not SeqStatus.FINISHED:
             self.scheduler.finish(seq, reason)
-        self.runner.remove(seq.request_id)
-        del self._seqs[seq.request_id]
+        self._forget(seq.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self.runner.remove(request_id)
+        if self.proposer is not None:
+            self.proposer.remove(request_id)
+        del self._seqs[request_id]
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "generate") -> list[int]:
         """Convenience for tests and warm-up: run one request to completion, return its output tokens."""

@@ -68,6 +68,10 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
+    spec_proposed: int = 0  # speculative decoding: guesses proposed for it, and accepted
+    spec_accepted: int = 0
+    spec_successes: float = 0.0  # recent kept guesses and trials, for the speculation policy's estimate
+    spec_trials: float = 0.0
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     first_token: float | None = None

@@ -47,6 +47,7 @@ def create_app(
                 "kv_blocks_total": r.kv_blocks_total,
                 "background_prefill_tokens": r.background_prefill_tokens,
                 "background_tokens_used": r.background_tokens_used,
+                "speculative": {"mode": r.speculative, "proposed": r.spec_proposed, "accepted": r.spec_accepted},
                 "heartbeat_at": r.sent,
             }
             for r in gateway.bus.replicas()

@@ -180,6 +180,7 @@ class OpenAIRoutes:
                 "model": req.model,
                 "choices": [choice],
                 "usage": _usage(gen),
+                "timings": gen.timings(),  # blink's (as llama.cpp's server does): queue, prefill, speculative, ...
             }
         )
 
@@ -214,7 +215,7 @@ class OpenAIRoutes:
                 assert gen.finished is not None
                 yield chunk(None if chat else "", gen.finished.status.value)
                 if include_usage:
-                    yield sse({**base, "choices": [], "usage": _usage(gen)})
+                    yield sse({**base, "choices": [], "usage": _usage(gen), "timings": gen.timings()})
             yield sse("[DONE]")
         finally:
             # also reached when the client disconnects and this generator is closed or cancelled

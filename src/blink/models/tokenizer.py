@@ -59,6 +59,7 @@ class Tokenizer:
         tokens: list[str] = info["tokens"]
         types: list[int] = info["token_types"]
         self.vocab_size = len(tokens)
+        self.tokens: tuple[str, ...] = tuple(tokens)  # id -> token text (two models share a vocabulary: equal)
         self.eos_token_id: int = info["eos_token_id"]
         self.bos_token_id: int | None = info["bos_token_id"]
         self.add_bos = bool(info["add_bos_token"])

@@ -32,11 +32,13 @@ from blink.bus.messages import (
     ReplicaStatus,
     TokenEvent,
 )
-from blink.config import EngineConfig, ModelConfig
+from blink.config import EngineConfig, ModelConfig, parse_speculative
 from blink.engine.llm_engine import LLMEngine, StepOutput
 from blink.engine.sequence import FinishReason, SamplingParams
+from blink.engine.speculative import DraftModelProposer, NgramProposer, Proposer
 from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
 from blink.models import loader, quant, registry
+from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
 from blink.worker.output import TextOutput
 
@@ -116,6 +118,9 @@ class Replica:
                 kv_blocks_total=engine.blocks.num_blocks if engine else 0,
                 background_prefill_tokens=engine.background_prefill_tokens if engine else 0,
                 background_tokens_used=engine.scheduler.background_tokens_used if engine else 0,
+                speculative=self.engine_config.speculative,
+                spec_proposed=engine.speculation.proposed if engine else 0,
+                spec_accepted=engine.speculation.accepted if engine else 0,
             )
         )
 
@@ -151,7 +156,27 @@ class Replica:
         folder = loader.prepare(spec, self.model_config.cache_dir, progress=self.progress)
         model, self.tokenizer = loader.load(folder)
         quant.convert(model, self.engine_config.weights, self.tokenizer.encode(quant.CALIBRATION_TEXT))
-        self.engine = LLMEngine(model, self.tokenizer.stop_token_ids, self.engine_config)
+        proposer = self._proposer(model)
+        self.engine = LLMEngine(model, self.tokenizer.stop_token_ids, self.engine_config, proposer=proposer)
+
+    def _proposer(self, target: LlamaModel) -> Proposer | None:
+        """The --speculative proposer: none, prompt lookup, or a draft model loaded like the target."""
+        assert self.tokenizer is not None
+        kind, draft_name = parse_speculative(self.engine_config.speculative)
+        if kind == "off":
+            return None
+        if kind == "ngram":
+            return NgramProposer()
+        spec = registry.get(draft_name)
+        folder = loader.prepare(spec, self.model_config.cache_dir, progress=self.progress)
+        draft, draft_tokenizer = loader.load(folder)
+        if draft_tokenizer.tokens != self.tokenizer.tokens:
+            raise ValueError(
+                f"draft model {draft_name!r} has another vocabulary than {self.model_name!r}: speculative decoding "
+                "needs the same tokenizer"
+            )
+        quant.convert(draft, self.engine_config.weights, draft_tokenizer.encode(quant.CALIBRATION_TEXT))
+        return DraftModelProposer(draft, self.engine_config, vocab_size=target.config.vocab_size)
 
     def _warm_up(self) -> None:
         # first calls of each kernel and shape allocate and tune; pay that before taking traffic
@@ -170,6 +195,14 @@ class Replica:
         self.engine.add_request("warmup-full", filler, SamplingParams(max_tokens=1, temperature=0))
         while self.engine.has_work():
             self.engine.step()
+        if self.engine.proposer is not None:  # the speculation policy decides from this machine's step costs
+            costs = self.engine.measure_step_cost()
+            self.engine.speculation.reset()
+            log.info(
+                "replica %s: decode step costs (sequences x rows: ms) %s",
+                self.replica_id,
+                {k: round(v * 1000, 1) for k, v in costs.items()},
+            )
 
     async def _beat(self) -> None:
         while True:
@@ -379,6 +412,7 @@ class Replica:
             "queue_ms": round(out.queue_s * 1000, 3),
             "prefill_ms": round(out.prefill_s * 1000, 3),
             "decode_ms": round(decode_s * 1000, 3),
+            "speculative": {"proposed": out.spec_proposed, "accepted": out.spec_accepted},
         }
 
     async def _cancel(self, request_id: str) -> None:

@@ -1,0 +1,292 @@
+"""Speculative decoding, side by side with plain decoding in one run on this machine (engine in-process, greedy).
+
+lookup:      prompt lookup (--speculative ngram) at batch 1 on input-grounded tasks: summarise / answer / quote from
+             an article pasted from ../shared/data/rag (S08), and rewrite a pasted code snippet (functions from
+             blink's own source). Decode tokens/s (first token to last) with and without, and whether the text is
+             identical. Each prompt runs plain then speculative, alternating which goes first.
+concurrency: 16 requests at once (8 input-grounded, 8 chat questions), aggregate tokens/s with and without
+             speculation, 3 rounds each, interleaved.
+policy:      from the costs the engine measured on this machine, how many guesses the policy gives each sequence at
+             each batch size for a given acceptance rate (where speculation turns itself off).
+draft:       (--draft, needs `make install-qwen`) Qwen2.5-Coder-0.5B drafting for 1.5B on code prompts: speedup,
+             acceptance a, guesses k and cost ratio c next to the expected (1 - a^(k+1)) / ((1 - a)(k c + 1)).
+
+  python benchmarks/speculative.py [--articles 4] [--tokens 128] [--draft] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import PROMPTS, machine, write_report
+from blink.config import EngineConfig, default_cache_dir
+from blink.engine import kv_cache, sampler, scheduler
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import SamplingParams, Sequence
+from blink.engine.speculative import AdaptiveSpeculation, DraftModelProposer, NgramProposer, Proposer
+from blink.models import loader, quant, registry
+from blink.models.llama import LlamaModel
+from blink.models.tokenizer import Tokenizer
+
+RAG = Path(__file__).resolve().parents[2] / "shared" / "data" / "rag" / "S08"
+SNIPPETS = [sampler.probabilities, kv_cache.BlockManager.lookup, kv_cache.BlockManager.free, scheduler.chunk_for]
+CODE_TASKS = [
+    "Add a docstring to this function and return the whole function.",
+    "Rewrite this function with type hints.",
+]
+QWEN_TASKS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Write a Python class for a stack with push, pop and peek.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+]
+
+
+def load(name: str) -> tuple[LlamaModel, Tokenizer]:
+    model, tok = loader.load(loader.prepare(registry.get(name), default_cache_dir(), progress=False))
+    return quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT)), tok
+
+
+def grounded_prompts(articles: int) -> list[tuple[str, str]]:
+    """(kind, user message) for input-grounded tasks: rag articles (summarise, answer, quote) and code rewrites."""
+    rows = list(csv.DictReader((RAG / "question_answer_pairs.txt").open(encoding="latin-1"), delimiter="\t"))
+    seen: dict[str, str] = {}
+    for row in rows:
+        if row["ArticleFile"] not in seen and row["Question"].endswith("?") and len(row["Question"]) > 25:
+            seen[row["ArticleFile"]] = row["Question"]
+    out: list[tuple[str, str]] = []
+    for path, question in sorted(seen.items())[:articles]:
+        text = (RAG / f"{path}.txt").read_text(encoding="latin-1", errors="replace")
+        excerpt = " ".join(text.split()[:300])
+        out.append(("summarise", f"{excerpt}\n\nSummarise the text above in three sentences."))
+        out.append(("answer", f"{excerpt}\n\nAnswer from the text above: {question}"))
+        out.append(("quote", f"{excerpt}\n\nQuote the sentence of the text above that answers: {question}"))
+    for fn in SNIPPETS:
+        code = textwrap.dedent(inspect.getsource(fn))
+        for task in CODE_TASKS:
+            out.append(("code", f"{task}\n\n```python\n{code}```"))
+    return out
+
+
+def timed_generate(engine: LLMEngine, prompt: list[int], params: SamplingParams, rid: str) -> tuple[list[int], float]:
+    """Greedy tokens and decode tokens/s (first token to last)."""
+    engine.add_request(rid, prompt, params)
+    tokens: list[int] = []
+    first = last = 0.0
+    while engine.has_work():
+        for o in engine.step():
+            if o.token_id is not None:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                tokens.append(o.token_id)
+    rate = (len(tokens) - 1) / (last - first) if len(tokens) > 1 and last > first else 0.0
+    return tokens, rate
+
+
+def engines(model: LlamaModel, tok: Tokenizer, proposer: Proposer, **config: Any) -> tuple[LLMEngine, LLMEngine]:
+    cfg = EngineConfig(**{"max_num_seqs": 16, "max_model_len": 2048, **config})
+    plain = LLMEngine(model, tok.stop_token_ids, cfg)
+    spec = LLMEngine(model, tok.stop_token_ids, cfg, proposer=proposer)
+    for engine in (plain, spec):  # warm both the same way
+        p = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi!"}]))
+        engine.generate(p, SamplingParams(max_tokens=8, temperature=0), "warm")
+    spec.measure_step_cost()
+    spec.speculation.reset()
+    return plain, spec
+
+
+def lookup(model: LlamaModel, tok: Tokenizer, articles: int, max_tokens: int) -> dict[str, Any]:
+    plain, spec = engines(model, tok, NgramProposer())
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    rows = []
+    for i, (kind, text) in enumerate(grounded_prompts(articles)):
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        before = (spec.speculation.proposed, spec.speculation.accepted)
+        order = [(plain, "p"), (spec, "s")] if i % 2 == 0 else [(spec, "s"), (plain, "p")]
+        got = {tag: timed_generate(engine, prompt, params, f"{tag}{i}") for engine, tag in order}
+        (a, plain_rate), (b, spec_rate) = got["p"], got["s"]
+        rows.append(
+            {
+                "kind": kind,
+                "prompt_tokens": len(prompt),
+                "tokens": len(a),
+                "identical": a == b,
+                "plain_tok_s": plain_rate,
+                "spec_tok_s": spec_rate,
+                "ratio": spec_rate / plain_rate if plain_rate else 0.0,
+                "proposed": spec.speculation.proposed - before[0],
+                "accepted": spec.speculation.accepted - before[1],
+            }
+        )
+        print(
+            f"  {kind:9s} {len(prompt):4d}+{len(a):3d} tokens: {plain_rate:5.1f} -> {spec_rate:5.1f} tok/s", flush=True
+        )
+    return {"rows": rows, "step_costs": spec.step_cost.snapshot(), "policy": policy_table(spec)}
+
+
+def policy_table(spec: LLMEngine) -> dict[str, dict[int, float]]:
+    """Mean guesses per sequence the policy gives at each batch size, for a few acceptance rates."""
+    table: dict[str, dict[int, float]] = {}
+    for a in (0.3, 0.5, 0.7, 0.9):
+        policy = AdaptiveSpeculation(spec.speculation.max_tokens, spec.step_cost, prior_weight=1e9)
+        policy._successes, policy._trials = a, 1.0
+        table[f"{a:.1f}"] = {}
+        for b in (1, 2, 4, 8, 16):
+            seqs = [Sequence(str(i), [1], SamplingParams()) for i in range(b)]
+            ks = policy.plan(seqs, [policy.max_tokens] * b, lambda ks: 0.0)
+            table[f"{a:.1f}"][b] = sum(ks) / b
+    return table
+
+
+def concurrency(model: LlamaModel, tok: Tokenizer, articles: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+    plain, spec = engines(model, tok, NgramProposer())
+    grounded = [text for _, text in grounded_prompts(articles)][:8]
+    texts = grounded + PROMPTS[:8]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    results: dict[str, list[float]] = {"plain": [], "spec": []}
+    outputs: dict[str, dict[str, list[int]]] = {}
+    for r in range(rounds):
+        for name, engine in [("plain", plain), ("spec", spec)] if r % 2 == 0 else [("spec", spec), ("plain", plain)]:
+            for i, p in enumerate(prompts):
+                engine.add_request(f"{name}{r}-{i}", p, params)
+            got: dict[str, list[int]] = {}
+            started = time.perf_counter()
+            while engine.has_work():
+                for o in engine.step():
+                    if o.token_id is not None:
+                        got.setdefault(o.request_id.split("-")[1], []).append(o.token_id)
+            elapsed = time.perf_counter() - started
+            results[name].append(sum(len(t) for t in got.values()) / elapsed)
+            outputs[name] = got
+            print(f"  round {r} {name}: {results[name][-1]:.1f} tok/s", flush=True)
+    return {
+        "plain_tok_s": results["plain"],
+        "spec_tok_s": results["spec"],
+        "identical": outputs["plain"] == outputs["spec"],
+        "proposed": spec.speculation.proposed,
+        "accepted": spec.speculation.accepted,
+    }
+
+
+def draft(max_tokens: int) -> dict[str, Any]:
+    target, tok = load("qwen2.5-coder-1.5b-instruct")
+    small, _ = load("qwen2.5-coder-0.5b-instruct")
+    config = EngineConfig(max_num_seqs=4, max_model_len=1024)
+    proposer = DraftModelProposer(small, config, vocab_size=target.config.vocab_size)
+    plain, spec = engines(target, tok, proposer, max_num_seqs=4, max_model_len=1024)
+    c = proposer.step_cost(1, 1) / spec.step_cost(1, 1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    rows = []
+    for i, text in enumerate(QWEN_TASKS):
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        before = (spec.speculation.proposed, spec.speculation.accepted)
+        counts = (spec.speculation.verifications, spec.speculation.misses)
+        a, plain_rate = timed_generate(plain, prompt, params, f"p{i}")
+        b, spec_rate = timed_generate(spec, prompt, params, f"s{i}")
+        rows.append(
+            {
+                "tokens": len(a),
+                "identical": a == b,
+                "plain_tok_s": plain_rate,
+                "spec_tok_s": spec_rate,
+                "proposed": spec.speculation.proposed - before[0],
+                "accepted": spec.speculation.accepted - before[1],
+                "verifications": spec.speculation.verifications - counts[0],
+                "misses": spec.speculation.misses - counts[1],
+            }
+        )
+        print(f"  qwen {i}: {plain_rate:.2f} -> {spec_rate:.2f} tok/s, identical {a == b}", flush=True)
+    return {"rows": rows, "c": c, "target_step_s": spec.step_cost(1, 1), "draft_step_s": proposer.step_cost(1, 1)}
+
+
+def report(data: dict[str, Any]) -> str:
+    lines = [f"# Speculative decoding\n\n{machine()}\n", "Command: `.venv/bin/python benchmarks/speculative.py`\n"]
+    rows = data["lookup"]["rows"]
+    lines += [
+        "## Prompt lookup at batch 1, input-grounded tasks (greedy, decode tokens/s)\n",
+        "| task | prompts | median plain | median ngram | median ratio | identical text | accepted / proposed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind in [*sorted({r["kind"] for r in rows}), "all"]:
+        sel = [r for r in rows if kind in ("all", r["kind"])]
+        lines.append(
+            f"| {kind} | {len(sel)} | {statistics.median(r['plain_tok_s'] for r in sel):.1f} | "
+            f"{statistics.median(r['spec_tok_s'] for r in sel):.1f} | "
+            f"**{statistics.median(r['ratio'] for r in sel):.2f}x** | "
+            f"{sum(r['identical'] for r in sel)}/{len(sel)} | "
+            f"{sum(r['accepted'] for r in sel)} / {sum(r['proposed'] for r in sel)} |"
+        )
+    total_plain = sum(r["tokens"] / r["plain_tok_s"] for r in rows if r["plain_tok_s"])
+    total_spec = sum(r["tokens"] / r["spec_tok_s"] for r in rows if r["spec_tok_s"])
+    lines.append(f"\nAll prompts together: {total_plain / total_spec:.2f}x (total decode time plain / ngram).\n")
+    conc = data["concurrency"]
+    ratio = statistics.median(conc["spec_tok_s"]) / statistics.median(conc["plain_tok_s"])
+    lines += [
+        "## 16 requests at once (8 input-grounded, 8 chat)\n",
+        f"Aggregate tokens/s, median of {len(conc['plain_tok_s'])} rounds: plain "
+        f"{statistics.median(conc['plain_tok_s']):.1f}, ngram {statistics.median(conc['spec_tok_s']):.1f}: "
+        f"**{ratio:.2f}x**; identical outputs: {conc['identical']}; accepted / proposed "
+        f"{conc['accepted']} / {conc['proposed']}.\n",
+        "## Where speculation turns itself off (the policy on this machine's measured step costs)\n",
+        "Mean guesses per sequence for an acceptance rate a (rows) and a batch size (columns):\n",
+        "| a | " + " | ".join(f"batch {b}" for b in (1, 2, 4, 8, 16)) + " |",
+        "|---|" + "---|" * 5,
+    ]
+    for a, by_batch in data["lookup"]["policy"].items():
+        lines.append(f"| {a} | " + " | ".join(f"{v:.1f}" for v in by_batch.values()) + " |")
+    costs = ", ".join(f"{k}: {v * 1000:.0f}" for k, v in data["lookup"]["step_costs"].items())
+    lines.append(f"\nMeasured decode step costs (sequences x rows: ms): {costs}.\n")
+    if "draft" in data:
+        d = data["draft"]
+        rows = d["rows"]
+        proposed = sum(r["proposed"] for r in rows)
+        accepted = sum(r["accepted"] for r in rows)
+        verifications = sum(r["verifications"] for r in rows)
+        # per-guess acceptance: each verification stops at its first miss, so a = kept / (kept + misses)
+        a = accepted / (accepted + sum(r["misses"] for r in rows)) if proposed else 0.0
+        speed = sum(r["tokens"] / r["plain_tok_s"] for r in rows) / sum(r["tokens"] / r["spec_tok_s"] for r in rows)
+        k = proposed / verifications if verifications else 0.0
+        lines += [
+            "## Draft model: Qwen2.5-Coder-0.5B for 1.5B, code prompts (greedy)\n",
+            f"Measured speedup {speed:.2f}x; identical {sum(r['identical'] for r in rows)}/{len(rows)}; "
+            f"accepted / proposed {accepted} / {proposed} (a = {a:.2f}); cost ratio c = {d['c']:.2f} "
+            f"(draft step {d['draft_step_s'] * 1000:.0f} ms, target {d['target_step_s'] * 1000:.0f} ms); "
+            f"expected at k = {k:.1f}: {AdaptiveSpeculation.expected_speedup(a, round(k), d['c']):.2f}x "
+            f"({verifications} verifications).\n",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--articles", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--draft", action="store_true", help="also the Qwen pair (make install-qwen)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tok = load("smollm2-135m-instruct")
+    data: dict[str, Any] = {"lookup": lookup(model, tok, args.articles, args.tokens)}
+    data["concurrency"] = concurrency(model, tok, args.articles, 96, args.rounds)
+    if args.draft:
+        data["draft"] = draft(64)
+    write_report(args.out, "speculative", report(data), data)
+
+
+if __name__ == "__main__":
+    main()

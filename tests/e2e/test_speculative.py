@@ -1,0 +1,83 @@
+"""Speculative decoding through the real server (its default: --speculative ngram) and the `openai` client: the
+greedy text equals plain decoding's, stop strings inside kept guesses cut the answer where they should, and the
+response reports what was guessed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from blink.config import EngineConfig
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import SamplingParams
+from blink.models import loader, quant
+from tests.e2e.conftest import MODEL, Server
+
+pytestmark = pytest.mark.slow
+
+CODE = """def mean(values):
+    total = 0
+    for value in values:
+        total += value
+    return total / len(values)
+"""
+MESSAGES = [{"role": "user", "content": "Add a docstring to this function:\n\n" + CODE}]
+
+
+@pytest.fixture(scope="module")
+def plain_answer(model_dir) -> str:  # type: ignore[no-untyped-def]
+    """The same request decoded in-process without speculation (same weights format as the server's default)."""
+    model, tok = loader.load(model_dir)
+    quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT))
+    engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_model_len=512))
+    ids = engine.generate(tok.encode(tok.apply_chat_template(MESSAGES)), SamplingParams(max_tokens=80, temperature=0))
+    return tok.decode([t for t in ids if t not in tok.stop_token_ids])
+
+
+@pytest.fixture
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="test", max_retries=0, timeout=120)
+
+
+def test_greedy_text_equals_plain_decoding_and_reports_its_guesses(
+    client: openai.OpenAI, server: Server, plain_answer: str
+) -> None:
+    before = server.readyz()["replicas"][0]["speculative"]
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=80,
+    )
+    assert answer.choices[0].message.content == plain_answer
+    timings: dict[str, Any] = (answer.model_extra or {})["timings"]  # blink's extra field, kept by the client
+    guessed = timings["speculative"]
+    assert guessed["proposed"] > 0 and 0 < guessed["accepted"] <= guessed["proposed"]
+    after = server.wait_idle()["replicas"][0]["speculative"]  # a heartbeat sent after the answer
+    assert after["mode"] == "ngram"
+    assert after["accepted"] - before["accepted"] >= guessed["accepted"]
+
+
+def test_a_stop_string_inside_kept_guesses_cuts_the_answer_there(
+    client: openai.OpenAI, server: Server, plain_answer: str
+) -> None:
+    stop = "/ len"  # inside the rewritten code, which copies the input: reached in a run of kept guesses
+    assert stop in plain_answer
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=80,
+        stop=[stop],
+        stream=True,
+    )
+    text, finish = "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text == plain_answer[: plain_answer.index(stop)]
+    assert finish == "stop"
+    server.wait_idle()
