@@ -20,7 +20,7 @@ import torch
 
 from blink.config import EngineConfig, resolve_threads
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import ModelRunner, PagedKVCache
+from blink.engine.runner import DECODE_KEY_QUANTUM, ModelRunner, PagedKVCache, key_span
 from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
 from blink.engine.speculative import AdaptiveSpeculation, Proposal, Proposer, StepCost
@@ -152,9 +152,15 @@ class LLMEngine:
         proposals = self._speculate(batch) if self.proposer else None
         started = time.perf_counter()
         tokens = self.runner.run(batch, tables, proposals)
-        if self.proposer and all(n == 1 for n in batch.chunks):  # decode only: what the policy's costs predict
-            rows = len(batch.sequences) + sum(len(p.tokens) for p in proposals if p) if proposals else batch.num_tokens
-            self.step_cost.observe(len(batch.sequences), rows, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if self.proposer and all(n == 1 for n in batch.chunks):  # decode only: what the policy predicts
+            guesses = [len(p.tokens) if p else 0 for p in proposals] if proposals else [0] * len(batch.sequences)
+            span = max(key_span(s.num_computed + 1 + k) for s, k in zip(batch.sequences, guesses, strict=True))
+            seqs = len(batch.sequences)
+            self.step_cost.observe(seqs, seqs + sum(guesses), elapsed, span)
+            delivered = sum(len(t) for t in tokens)
+            planned_span = max(key_span(s.num_tokens) for s in batch.sequences)  # as `_speculate` saw it
+            self.speculation.observe_step(seqs, planned_span, any(guesses), delivered, elapsed)
         bs = self.blocks.block_size
         for i, (seq, n, emitted) in enumerate(zip(batch.sequences, batch.chunks, tokens, strict=True)):
             proposal = proposals[i] if proposals else None
@@ -203,12 +209,13 @@ class LLMEngine:
             for s in seqs
         ]
         prompt_rows = batch.num_tokens - len(seqs)  # prompt chunks sharing the step
+        span = max(key_span(s.num_tokens) for s in seqs)
         if self.proposer.proposes_first:
             found = self.proposer.propose(seqs, limits)
-            ks = self.speculation.plan(seqs, [len(p.tokens) for p in found], self.proposer.cost, prompt_rows)
+            ks = self.speculation.plan(seqs, [len(p.tokens) for p in found], self.proposer.cost, prompt_rows, span)
             chosen = [p.truncate(k) for p, k in zip(found, ks, strict=True)]
         else:
-            ks = self.speculation.plan(seqs, limits, self.proposer.cost, prompt_rows)
+            ks = self.speculation.plan(seqs, limits, self.proposer.cost, prompt_rows, span)
             chosen = self.proposer.propose(seqs, ks)
         proposals: list[Proposal | None] = [None] * len(batch.sequences)
         for i, seq, proposal in zip(picked, seqs, chosen, strict=True):
@@ -216,18 +223,22 @@ class LLMEngine:
                 proposals[i] = proposal
         return proposals if any(proposals) else None
 
-    def measure_step_cost(self, context: int = 128) -> dict[str, float]:
-        """Time decode-only forwards over a grid of sequence counts and rows per sequence (1 to
-        speculative_tokens + 1) on this machine, for the speculation policy (the replica calls this while warming
-        up; real steps refine it). Needs an idle engine. Returns {"<seqs>x<rows>": seconds}."""
+    def measure_step_cost(self) -> dict[str, float]:
+        """Time decode-only forwards over a grid of sequence counts, rows per sequence (1 to speculative_tokens + 1)
+        and key spans on this machine, for the speculation policy (the replica calls this while warming up; real
+        steps refine it). Needs an idle engine. Returns {"<seqs>x<rows>@<keys>": seconds}."""
         if self.speculation.max_tokens < 1:
             return {}
         assert not self.has_work(), "measure on an idle engine"
         per_seq = self.speculation.max_tokens + 1
-        counts = sorted({1, max(1, self.config.max_num_seqs // 4), self.config.max_num_seqs})
-        sizes = [(b, b * r) for b in counts for r in sorted({1, 2, per_seq})]
+        most = self.config.max_num_seqs
+        counts = sorted({1, max(1, most // 4), most})
+        sizes = [(b, b * r, 1) for b in counts for r in sorted({1, 2, per_seq})]
+        if self.max_model_len > DECODE_KEY_QUANTUM + per_seq:  # and the next span, where attention costs more
+            sizes += [(b, b * r, 2) for b in sorted({1, most}) for r in (1, 2)]
 
-        def run(count: int, rows: int) -> None:
+        def run(count: int, rows: int, span: int) -> None:
+            context = (span - 1) * DECODE_KEY_QUANTUM + 100
             seqs = [Sequence(f"measure-{j}", [0] * context, SamplingParams(), [0]) for j in range(count)]
             guesses = [[0] * (rows // count - 1)] * count
             try:
@@ -243,7 +254,7 @@ class LLMEngine:
 
         self.step_cost.measure(sizes, run)
         assert self.proposer is not None
-        self.proposer.measure(counts, context)
+        self.proposer.measure(counts, 100)
         return self.step_cost.snapshot()
 
     def _expired(self, seq: Sequence) -> StepOutput:

@@ -27,11 +27,13 @@ from blink.models.llama import LlamaModel
 class PagedKVCache:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         cfg = model.config
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)  # [slots, KVH, D]
+        # [slots, KVH, D], plus one slot never written: the zeros that pad a gather (`zero_slot`)
+        shape = (num_blocks * block_size + 1, cfg.num_key_value_heads, cfg.head_dim)
         # torch.zeros maps untouched pages lazily: resident memory grows with the blocks actually written
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.block_size = block_size
+        self.zero_slot = num_blocks * block_size
 
     @staticmethod
     def bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
@@ -44,7 +46,7 @@ class PagedKVCache:
 class _Chunk:
     rows: slice  # this chunk's rows in the flattened step
     start: int  # positions already cached before it
-    context: torch.Tensor  # slots of positions [0, start + rows) of its sequence
+    context: torch.Tensor  # slots of positions [0, end of the block of its last row) of its sequence
 
 
 # torch's CPU flash attention walks the keys in blocks of min(512, length), and a row's arithmetic depends on that
@@ -54,12 +56,17 @@ class _Chunk:
 DECODE_KEY_QUANTUM = 512
 
 
+def key_span(keys: int) -> int:
+    """How many DECODE_KEY_QUANTUMs a decode row over `keys` positions reads (its padded key count / 512)."""
+    return max(1, -(-keys // DECODE_KEY_QUANTUM))
+
+
 class _DecodeRows:
     """The step's decode rows: one per decoding sequence, or 1 + k when it verifies k guesses. Every row
     attends to exactly the positions up to its own, in one SDPA call for all of them, and gets bit for bit the
     result it would get alone (tested): so a verified guess sees the same numbers plain decoding would.
 
-    A sequence's keys are gathered once into a zero-padded buffer [B, L, KVH, D] (L a multiple of
+    A sequence's keys are gathered once, padded with the cache's zero slot to [B, L, KVH, D] (L a multiple of
     DECODE_KEY_QUANTUM); its R rows ride in the head dimension as q [B, KVH * R * G, 1, D] (G query heads per KV
     head, grouped so that enable_gqa maps each onto its KV head), each with its own mask row."""
 
@@ -71,8 +78,11 @@ class _DecodeRows:
         longest = max(len(c) for c in contexts)
         length = -(-longest // DECODE_KEY_QUANTUM) * DECODE_KEY_QUANTUM
         self.b, self.r, self.length, self.kvh, self.g, self.dim = b, r, length, kvh, heads // kvh, dim
-        self.src = torch.cat(contexts)
-        self.dst = torch.cat([torch.arange(len(c)) + i * length for i, c in enumerate(contexts)])
+        # one gather per layer: each sequence's slots, then the cache's zero slot up to the padded length
+        self.slots = torch.full((b, length), cache.zero_slot, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            self.slots[i, : len(c)] = c
+        self.slots = self.slots.view(-1)
         # row j of sequence i is position starts[i] + j and sees keys [0, starts[i] + j]; padding rows see key 0
         lengths = torch.ones(b, r, dtype=torch.long)
         index = torch.zeros(b, r, dtype=torch.long)  # each (sequence, row) -> its row in the step
@@ -87,15 +97,11 @@ class _DecodeRows:
         self.mask = mask[:, None, :, None, :].expand(b, kvh, r, self.g, length).reshape(b, kvh * r * self.g, 1, length)
         self.index, self.valid = index.view(-1), valid.view(-1)
         self.out_rows = self.index[self.valid]
-        self.keys = torch.zeros(b * length, kvh, dim, dtype=cache.k[0].dtype)  # padding stays zero: finite
-        self.values = torch.zeros_like(self.keys)
 
     def attend(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
         b, r, length, kvh, g, d = self.b, self.r, self.length, self.kvh, self.g, self.dim
-        self.keys.index_copy_(0, self.dst, kc.index_select(0, self.src))
-        self.values.index_copy_(0, self.dst, vc.index_select(0, self.src))
-        keys = self.keys.view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-        values = self.values.view(b, length, kvh, d).transpose(1, 2)
+        keys = kc.index_select(0, self.slots).view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+        values = vc.index_select(0, self.slots).view(b, length, kvh, d).transpose(1, 2)
         qs = q.index_select(0, self.index).view(b, r, kvh, g, d).transpose(1, 2).reshape(b, kvh * r * g, 1, d)
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=self.mask, enable_gqa=True)
         o = o.view(b, kvh, r, g, d).transpose(1, 2).reshape(b * r, kvh * g, d)
@@ -109,21 +115,27 @@ class PagedAttention:
         self, cache: PagedKVCache, slot_mapping: torch.Tensor, chunks: list[_Chunk], decode: _DecodeRows | None
     ) -> None:
         self.cache, self.slot_mapping, self.chunks, self.decode = cache, slot_mapping, chunks, decode
-        # prompt rows attend in groups aligned to KV blocks, each over exactly the keys up to its last position:
-        # a row's arithmetic then depends only on its position, never on how its prompt was chunked (a cold
-        # prefill, a prefix-cache hit and a pre-load give the same K/V; measured: chunk-shaped SDPA calls made
-        # greedy answers differ between a pre-loaded prompt and the same prompt served cold)
-        self.groups: list[list[tuple[slice, int, torch.Tensor]]] = []  # per chunk: (rows in the step, keys, mask)
+        # prompt rows attend one KV block at a time, as if the whole block were in the step: the block's rows as
+        # queries (rows outside this chunk padded), the keys up to the block's end (positions not computed yet are
+        # masked), so a row's arithmetic depends on its position only, never on how its prompt was chunked: a
+        # cold prefill, chunked prefill around other streams, a prefix-cache hit and a pre-load give the same K/V
+        # (measured: chunk-shaped attention calls made greedy answers differ between such runs)
+        bs = cache.block_size
+        within = torch.ones(bs, bs, dtype=torch.bool).tril()
+        # per chunk: (its rows in the step, their offset in the block, the block's end, the mask)
+        self.groups: list[list[tuple[slice, int, int, torch.Tensor]]] = []
         for chunk in chunks:
-            groups: list[tuple[slice, int, torch.Tensor]] = []
+            groups: list[tuple[slice, int, int, torch.Tensor]] = []
             self.groups.append(groups)
             first, end = chunk.start, chunk.start + chunk.rows.stop - chunk.rows.start
             lo = first
-            while lo < end:  # rows of one KV block at a time (a chunk starting mid-block begins with its rest)
-                hi = min(end, (lo // cache.block_size + 1) * cache.block_size)
+            while lo < end:
+                block_start = lo // bs * bs
+                hi = min(end, block_start + bs)
                 rows = slice(chunk.rows.start + lo - first, chunk.rows.start + hi - first)
-                positions = torch.arange(lo, hi).unsqueeze(1)  # [g, 1]
-                groups.append((rows, hi, torch.arange(hi).unsqueeze(0) <= positions))
+                mask = torch.ones(bs, block_start + bs, dtype=torch.bool)  # earlier blocks: all visible
+                mask[:, block_start:] = within
+                groups.append((rows, lo - block_start, block_start + bs, mask))
                 lo = hi
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -131,17 +143,17 @@ class PagedAttention:
         kc.index_copy_(0, self.slot_mapping, k)
         vc.index_copy_(0, self.slot_mapping, v)
         out = torch.empty_like(q)  # [N, H, D]
+        bs = self.cache.block_size
         for chunk, groups in zip(self.chunks, self.groups, strict=True):
             keys = kc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D], gathered once
             values = vc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
-            for rows, length, mask in groups:
+            for rows, offset, block_end, mask in groups:
+                n = rows.stop - rows.start
+                queries = q.new_zeros(1, q.shape[1], bs, q.shape[2])  # [1, H, block, D]
+                queries[0, :, offset : offset + n] = q[rows].transpose(0, 1)
                 out[rows] = F.scaled_dot_product_attention(
-                    q[rows].transpose(0, 1).unsqueeze(0),  # [1, H, g, D]
-                    keys[:, :, :length],
-                    values[:, :, :length],
-                    attn_mask=mask,
-                    enable_gqa=True,
-                )[0].transpose(0, 1)
+                    queries, keys[:, :, :block_end], values[:, :, :block_end], attn_mask=mask, enable_gqa=True
+                )[0, :, offset : offset + n].transpose(0, 1)
         if self.decode is not None:
             self.decode.attend(kc, vc, q, out)
         return out
@@ -220,8 +232,9 @@ class ModelRunner:
                 decode_starts.append(start)
                 decode_rows.append(slice(row, row + n))
                 decode_context.append(self._context(table, start + n))
-            else:
-                chunks.append(_Chunk(slice(row, row + n), start, self._context(table, start + n)))
+            else:  # its keys: up to the end of its last block (see PagedAttention)
+                keys_end = -(-(start + n) // self.block_size) * self.block_size
+                chunks.append(_Chunk(slice(row, row + n), start, self._context(table, keys_end)))
             if start + n >= seq.num_tokens and not seq.prefill_only:
                 first = len(sample_rows)
                 sample_rows.extend(range(row + n - 1 - len(extra), row + n))

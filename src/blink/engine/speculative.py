@@ -266,7 +266,7 @@ class DraftModelProposer:
     def measure(self, counts: list[int], context: int) -> None:
         from blink.engine.scheduler import ScheduledBatch
 
-        def run(count: int, rows: int) -> None:
+        def run(count: int, rows: int, span: int) -> None:
             shadows = [Sequence(f"measure-{j}", [0] * context, SamplingParams(), [0]) for j in range(count)]
             try:
                 for shadow in shadows:
@@ -279,7 +279,7 @@ class DraftModelProposer:
                 for shadow in shadows:
                     self.blocks.free(shadow.request_id)
 
-        self.step_cost.measure([(b, b) for b in counts], run)
+        self.step_cost.measure([(b, b, 1) for b in counts], run)
 
     def remove(self, request_id: str) -> None:
         if self._shadows.pop(request_id, None) is not None:
@@ -301,60 +301,76 @@ def _fit(probs: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class StepCost:
-    """Seconds a decode-only step takes for `seqs` sequences and `rows` decode rows (rows >= seqs: one per sequence
-    plus its guesses), measured on this machine.
+    """Seconds a decode-only step takes for `seqs` sequences, `rows` decode rows (one per sequence plus its
+    guesses) and keys padded to `span` x 512 positions (the runner pads decode keys to multiples of 512, so a
+    step's attention cost moves in those steps), measured on this machine.
 
-    Not linear: torch's int8 matmul has a fast path for one row (measured: 2 rows cost ~2x one, 8 rows ~3x), and
-    each sequence adds its own attention call. So the costs are a table, seeded by `measure` (the replica's
-    warm-up times forwards of a grid of sizes) and refined by `observe` from real steps (exponential average per
-    size). An unmeasured size is estimated from the nearest measured sequence count at the same rows per
-    sequence, interpolated over rows and scaled by the sequence count; the policy only compares costs of one
-    batch with and without guesses, so that scale cancels out."""
+    Not linear: torch's int8 matmul has a fast path for one row (measured: 2 rows cost ~1.5x one), each sequence
+    adds its own attention, and attention grows with the span. So the costs are a table, seeded by `measure` (the
+    replica's warm-up times forwards of a grid of sizes) and refined by `observe` from real steps (exponential
+    average per size). An unmeasured size is read off the same (seqs, span) curve over rows when it has two
+    points; otherwise off the nearest measured curve's shape (same span first, then the nearest sequence count,
+    at the same rows per sequence), scaled to pass through what was observed for this (seqs, span). The policy
+    only compares costs of one batch with and without guesses, so a common scale cancels out."""
 
-    def __init__(self, smoothing: float = 0.1) -> None:
+    def __init__(self, smoothing: float = 0.3) -> None:
         self.smoothing = smoothing
-        self._table: dict[tuple[int, int], float] = {}
-        self._curves: dict[int, list[tuple[int, float]]] = {}  # seqs -> sorted (rows, seconds)
+        self._table: dict[tuple[int, int, int], float] = {}
+        self._curves: dict[tuple[int, int], list[tuple[int, float]]] = {}  # (seqs, span) -> sorted (rows, s)
 
     @property
     def known(self) -> bool:
         return bool(self._table)
 
-    def observe(self, seqs: int, rows: int, seconds: float) -> None:
-        old = self._table.get((seqs, rows))
-        self._table[(seqs, rows)] = seconds if old is None else old + self.smoothing * (seconds - old)
-        self._curves[seqs] = sorted((r, t) for (b, r), t in self._table.items() if b == seqs)
+    def observe(self, seqs: int, rows: int, seconds: float, span: int = 1) -> None:
+        key = (seqs, rows, span)
+        old = self._table.get(key)
+        self._table[key] = seconds if old is None else old + self.smoothing * (seconds - old)
+        self._curves[(seqs, span)] = sorted((r, t) for (b, r, p), t in self._table.items() if (b, p) == (seqs, span))
 
-    def measure(self, sizes: list[tuple[int, int]], run: Callable[[int, int], None], repeats: int = 2) -> None:
-        """Time `run(seqs, rows)` for each size (the fastest of `repeats`, after one untimed call)."""
-        for seqs, rows in sizes:
-            run(seqs, rows)
+    def measure(
+        self, sizes: list[tuple[int, int, int]], run: Callable[[int, int, int], None], repeats: int = 2
+    ) -> None:
+        """Time `run(seqs, rows, span)` for each size (the fastest of `repeats`, after one untimed call)."""
+        for seqs, rows, span in sizes:
+            run(seqs, rows, span)
             best = math.inf
             for _ in range(repeats):
                 t = time.perf_counter()
-                run(seqs, rows)
+                run(seqs, rows, span)
                 best = min(best, time.perf_counter() - t)
-            self.observe(seqs, rows, best)
+            self.observe(seqs, rows, best, span)
 
-    def __call__(self, seqs: int, rows: int) -> float:
-        exact = self._table.get((seqs, rows))
+    @staticmethod
+    def _interpolate(curve: list[tuple[int, float]], rows: float) -> float:
+        if len(curve) == 1:
+            return curve[0][1] * rows / curve[0][0]
+        i = min(max(bisect_left(curve, (rows, -math.inf)), 1), len(curve) - 1)
+        (x0, y0), (x1, y1) = curve[i - 1], curve[i]
+        return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+
+    def __call__(self, seqs: int, rows: int, span: int = 1) -> float:
+        exact = self._table.get((seqs, rows, span))
         if exact is not None:
             return exact
         if not self._curves:
             return float(rows)  # unmeasured: every row costs the same (speculation never pays)
-        nearest = min(self._curves, key=lambda b: (abs(math.log(b / seqs)), b))
-        curve = self._curves[nearest]
-        r = rows * nearest / seqs
-        i = min(max(bisect_left(curve, (r, -math.inf)), 1), len(curve) - 1) if len(curve) > 1 else 0
-        if len(curve) == 1:
-            estimate = curve[0][1] * r / curve[0][0]
-        else:
-            (x0, y0), (x1, y1) = curve[i - 1], curve[i]
-            estimate = y0 + (y1 - y0) * (r - x0) / (x1 - x0)
-        return max(1e-6, estimate * seqs / nearest)
+        own = self._curves.get((seqs, span), [])
+        if len(own) >= 2:
+            return max(1e-6, self._interpolate(own, rows))
+        shaped = [k for k, c in self._curves.items() if len(c) >= 2] or list(self._curves)
+        b, p = min(shaped, key=lambda k: (k[1] != span, abs(math.log(k[0] / seqs)), abs(k[1] - span), k[0]))
+
+        def shape(r: float) -> float:
+            return self._interpolate(self._curves[(b, p)], r * b / seqs)
+
+        if own:  # one observation for this batch: the reference shape through it
+            r0, t0 = own[0]
+            return max(1e-6, shape(rows) * t0 / shape(r0))
+        return max(1e-6, shape(rows) * seqs / b)
 
     def snapshot(self) -> dict[str, float]:
-        return {f"{b}x{r}": t for (b, r), t in sorted(self._table.items())}
+        return {f"{b}x{r}@{p * 512}": t for (b, r, p), t in sorted(self._table.items())}
 
 
 class AdaptiveSpeculation:
@@ -370,12 +386,21 @@ class AdaptiveSpeculation:
     j == k, else j + 1 trials (guessing stops at the first miss). A sequence's estimate blends its own recent
     counts (exponentially forgotten) with the engine's recent rate, which seeds new sequences; a sequence that
     gets no guesses forgets its own counts step by step, drifting back to the engine's rate, so one bad stretch
-    doesn't stop it guessing for good. Costs per batch size: StepCost."""
+    doesn't stop it guessing for good. Costs per batch size: StepCost.
 
-    def __init__(self, max_tokens: int, step_cost: StepCost, prior_weight: float = 2.0) -> None:
+    And a check on the result: for each batch size and key span the engine reports the tokens per second its
+    decode steps actually delivered, with and without guesses (`observe_step`). Where guessing delivered less, the
+    policy stops guessing for that size, except for one probe step in `probe_every` that keeps the comparison
+    current: the estimates above can be wrong (costs measured on short contexts, acceptance drifting), the
+    delivered rate is what counts."""
+
+    def __init__(self, max_tokens: int, step_cost: StepCost, prior_weight: float = 2.0, probe_every: int = 16) -> None:
         self.max_tokens = max_tokens
         self.step_cost = step_cost
         self.prior_weight = prior_weight
+        self.probe_every = probe_every
+        self._delivered: dict[tuple[int, int, bool], float] = {}  # (seqs, span, guessed) -> tokens/s, averaged
+        self._held_back: dict[tuple[int, int], int] = {}  # steps not guessing since the last probe
         self.proposed = 0  # engine-wide totals (metrics)
         self.accepted = 0
         self.reset()
@@ -385,6 +410,22 @@ class AdaptiveSpeculation:
         self._successes, self._trials = 1.0, 2.0  # the engine's recent rate starts at 1/2
         self.proposed = self.accepted = 0
         self.verifications = self.misses = 0  # steps that verified guesses; of those, ones that rejected one
+
+    def observe_step(self, seqs: int, span: int, guessed: bool, tokens: int, seconds: float) -> None:
+        """A decode-only step of `seqs` sequences delivered `tokens` in `seconds`, with or without guesses."""
+        key = (seqs, span, guessed)
+        rate = tokens / max(seconds, 1e-9)
+        old = self._delivered.get(key)
+        self._delivered[key] = rate if old is None else old + 0.2 * (rate - old)
+
+    def delivering(self, seqs: int, span: int) -> bool:
+        """False while guessing has delivered fewer tokens per second than not guessing, at this size."""
+        on, off = self._delivered.get((seqs, span, True)), self._delivered.get((seqs, span, False))
+        if on is None or off is None or on >= off:
+            return True
+        held = self._held_back.get((seqs, span), 0) + 1
+        self._held_back[(seqs, span)] = held % self.probe_every
+        return held % self.probe_every == 0  # the probe
 
     @property
     def rate(self) -> float:
@@ -413,11 +454,12 @@ class AdaptiveSpeculation:
         limits: list[int],
         proposer_cost: Callable[[list[int]], float],
         other_rows: int = 0,
+        span: int = 1,
     ) -> list[int]:
         """Guesses per sequence (at most limits[i]) that maximise the step's expected tokens per second;
         `other_rows`: prompt tokens sharing the step (costed as rows)."""
         ks = [0] * len(seqs)
-        if not seqs or self.max_tokens < 1 or not self.step_cost.known:
+        if not seqs or self.max_tokens < 1 or not self.step_cost.known or not self.delivering(len(seqs), span):
             return ks
         rates = [self.acceptance(s) for s in seqs]
         for seq in seqs:  # forget a little each step: a sequence that stopped guessing drifts back to the rate
@@ -425,7 +467,7 @@ class AdaptiveSpeculation:
             seq.spec_trials *= 0.9
         caps = [min(limit, self.max_tokens) for limit in limits]
         n, rows, tokens = len(seqs), len(seqs) + other_rows, float(len(seqs))
-        best_rate, best = tokens / (self.step_cost(n, rows) + proposer_cost(ks)), list(ks)
+        best_rate, best = tokens / (self.step_cost(n, rows, span) + proposer_cost(ks)), list(ks)
         # add guesses one at a time, each where it is most likely accepted, and keep the best point on that path:
         # costs are not convex (the first extra row costs most), so stopping at the first loss would be wrong
         while True:
@@ -437,7 +479,7 @@ class AdaptiveSpeculation:
                 return best
             ks[pick] += 1
             rows, tokens = rows + 1, tokens + gain
-            rate = tokens / (self.step_cost(n, rows) + proposer_cost(ks))
+            rate = tokens / (self.step_cost(n, rows, span) + proposer_cost(ks))
             if rate > best_rate:
                 best_rate, best = rate, list(ks)
 

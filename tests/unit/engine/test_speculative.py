@@ -8,6 +8,7 @@ import torch
 
 from blink.config import EngineConfig
 from blink.engine.llm_engine import LLMEngine
+from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import SamplingParams, Sequence
 from blink.engine.speculative import (
     AdaptiveSpeculation,
@@ -132,15 +133,20 @@ def test_sampled_verification_emits_tokens_distributed_as_the_target(draft: str)
 
 
 def test_step_cost_interpolates_and_scales_from_the_nearest_measured_batch() -> None:
-    cost = StepCost()
+    cost = StepCost(smoothing=0.1)
     assert not cost.known
     cost.observe(1, 1, 10.0)
     cost.observe(1, 3, 14.0)
     cost.observe(4, 4, 20.0)
+    cost.observe(4, 8, 26.0)
     assert cost(1, 1) == 10.0
-    assert cost(1, 2) == pytest.approx(12.0)
+    assert cost(1, 2) == pytest.approx(12.0)  # on its own curve
+    assert cost(1, 5) == pytest.approx(18.0)  # extrapolated from the last two points
+    assert cost(8, 8) == pytest.approx(40.0)  # nearest curve (4 sequences) at 1 row each, scaled by 2
     assert cost(2, 4) == pytest.approx(2 * 12.0)  # nearest: 1 sequence (tie broken low) at 2 rows, scaled by 2
-    assert cost(8, 8) == pytest.approx(40.0)  # nearest: 4 sequences at 1 row each, scaled by 2
+    cost.observe(8, 8, 30.0)  # one observation for 8 sequences: the 4-sequence shape through it
+    assert cost(8, 16) == pytest.approx(30.0 * 26.0 / 20.0)
+    assert cost(1, 1, span=2) == pytest.approx(10.0)  # another span, unmeasured: the same span's shape
     cost.observe(1, 1, 20.0)
     assert cost(1, 1) == pytest.approx(11.0)  # an exponential average, not the last sample
 
@@ -213,6 +219,10 @@ def toy_engine(model: LlamaModel, proposer: str = "ngram") -> LLMEngine:
             engine.step_cost.observe(b, r, 1.0)
         if isinstance(chosen, DraftModelProposer):
             chosen.step_cost.observe(b, b, 0.0)
+    engine.step_cost.smoothing = 0.0  # and keep believing it: real steps don't change these costs
+    engine.speculation.probe_every = 1  # nor what guessing delivers
+    if isinstance(chosen, DraftModelProposer):
+        chosen.step_cost.smoothing = 0.0
     return engine
 
 
@@ -333,3 +343,47 @@ def test_a_stop_token_inside_the_kept_guesses_ends_the_stream_there() -> None:
     assert got == expected and got[-1] == stop
     assert last is not None and last.finished and last.spec_accepted > 0
     assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
+
+
+@pytest.mark.parametrize("splits", [[37], [1] * 37, [5, 11, 16, 5], [16, 3, 3, 15], [2, 30, 5]])
+def test_a_prompts_numbers_do_not_depend_on_how_it_was_chunked(splits: list[int]) -> None:
+    """Chunked prefill around other streams, pre-loads and prefix hits split prompts anywhere: the K/V and the
+    last row's logits must be bit for bit those of a prefill in one piece, or greedy output would change."""
+    model = toy_model(3)
+    prompt = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def prefill(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        engine = LLMEngine(model, frozenset(), EngineConfig(max_num_seqs=2, max_model_len=128, block_size=16))
+        seq = Sequence("s", prompt, SamplingParams(temperature=0))
+        engine.runner.add(seq)
+        logits = torch.empty(0)
+        for n in sizes:
+            assert engine.blocks.allocate("s", seq.num_computed + n)
+            table = engine.blocks.table("s")
+            logits, _ = engine.runner.forward(ScheduledBatch([seq], [n]), [table])
+            seq.num_computed += n
+        slots = engine.runner._context(engine.blocks.table("s"), len(prompt))
+        kv = torch.stack(
+            [torch.stack([k[slots], v[slots]]) for k, v in zip(engine.runner.kv.k, engine.runner.kv.v, strict=True)]
+        )
+        return kv, logits
+
+    whole_kv, whole_logits = prefill([37])
+    kv, logits = prefill(splits)
+    assert torch.equal(kv, whole_kv)
+    assert torch.equal(logits, whole_logits)
+
+
+def test_the_policy_stops_guessing_where_guessing_delivered_fewer_tokens_per_second() -> None:
+    costs = {(1, r): 1.0 + 0.02 * r for r in range(1, 7)}  # the estimate: guessing is nearly free
+    spec = policy(costs, max_tokens=4)
+    seq = Sequence("a", [1], SamplingParams())
+    assert spec.plan([seq], [4], lambda ks: 0.0) == [4]
+    spec.observe_step(1, 1, guessed=True, tokens=2, seconds=1.0)  # what actually happened: 2 tok/s guessing...
+    spec.observe_step(1, 1, guessed=False, tokens=3, seconds=1.0)  # ...3 tok/s not
+    plans = [spec.plan([seq], [4], lambda ks: 0.0) for _ in range(spec.probe_every)]
+    assert plans.count([0]) == spec.probe_every - 1  # held back, but for one probe that keeps measuring
+    assert plans[-1] == [4]
+    assert spec.plan([seq], [4], lambda ks: 0.0, span=2) == [4]  # another key span: its own record
+    spec.observe_step(1, 1, guessed=True, tokens=8, seconds=1.0)  # guessing got better: it resumes
+    assert spec.plan([seq], [4], lambda ks: 0.0) == [4]

@@ -50,7 +50,7 @@ def test_greedy_output_with_speculation_equals_plain_decoding(w8a8, model_dir, p
         draft, _ = loader.load(model_dir)
         chosen = DraftModelProposer(draft, config, vocab_size=model.config.vocab_size)
     spec = LLMEngine(model, tok.stop_token_ids, config, proposer=chosen)
-    spec.measure_step_cost(context=64)
+    spec.measure_step_cost()
     if isinstance(chosen, DraftModelProposer):  # a 135M draft never pays for a 135M target: make the policy guess
         chosen.step_cost = StepCost()
         for b in range(1, 9):
