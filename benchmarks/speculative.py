@@ -12,6 +12,7 @@ draft:       (--draft, needs `make install-qwen`) Qwen2.5-Coder-0.5B drafting fo
              acceptance a, guesses k and cost ratio c next to the expected (1 - a^(k+1)) / ((1 - a)(k c + 1)).
 
   python benchmarks/speculative.py [--articles 4] [--tokens 128] [--draft] [--out benchmarks/results]
+  python benchmarks/speculative.py --only draft     # rerun one part (lookup, concurrency, draft) into the results
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import json
 import statistics
 import sys
 import textwrap
@@ -35,7 +37,7 @@ from blink.config import EngineConfig, default_cache_dir
 from blink.engine import kv_cache, sampler, scheduler
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams, Sequence
-from blink.engine.speculative import AdaptiveSpeculation, DraftModelProposer, NgramProposer, Proposer
+from blink.engine.speculative import AdaptiveSpeculation, DraftModelProposer, NgramProposer, Proposer, StepCost
 from blink.models import loader, quant, registry
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
@@ -188,35 +190,60 @@ def concurrency(model: LlamaModel, tok: Tokenizer, articles: int, max_tokens: in
     }
 
 
-def draft(max_tokens: int) -> dict[str, Any]:
+def forced(engine: LLMEngine, proposer: DraftModelProposer, k: int) -> None:
+    """Make the engine's policy guess k tokens whenever it can (told guesses and draft steps cost nothing, and
+    not checking what guessing delivers): to measure the acceptance rate the adaptive policy decides from."""
+    free = StepCost(smoothing=0.0)
+    for span in range(1, 5):
+        for rows in range(1, k + 2):
+            free.observe(1, rows, 1.0, span)
+    engine.speculation.step_cost = free
+    engine.speculation.max_tokens = k
+    engine.speculation.probe_every = 1
+    proposer.step_cost = StepCost(smoothing=0.0)
+    proposer.step_cost.observe(1, 1, 0.0)
+
+
+def draft(max_tokens: int, k: int = 4) -> dict[str, Any]:
     target, tok = load("qwen2.5-coder-1.5b-instruct")
     small, _ = load("qwen2.5-coder-0.5b-instruct")
     config = EngineConfig(max_num_seqs=4, max_model_len=1024)
-    proposer = DraftModelProposer(small, config, vocab_size=target.config.vocab_size)
-    plain, spec = engines(target, tok, proposer, max_num_seqs=4, max_model_len=1024)
-    c = proposer.step_cost(1, 1) / spec.step_cost(1, 1)
+    adaptive = DraftModelProposer(small, config, vocab_size=target.config.vocab_size)
+    plain, spec = engines(target, tok, adaptive, max_num_seqs=4, max_model_len=1024)
+    fixed = DraftModelProposer(small, config, vocab_size=target.config.vocab_size)
+    always = LLMEngine(target, tok.stop_token_ids, spec.config, proposer=fixed)
+    forced(always, fixed, k)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     rows = []
     for i, text in enumerate(QWEN_TASKS):
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
-        before = (spec.speculation.proposed, spec.speculation.accepted)
-        counts = (spec.speculation.verifications, spec.speculation.misses)
-        a, plain_rate = timed_generate(plain, prompt, params, f"p{i}")
-        b, spec_rate = timed_generate(spec, prompt, params, f"s{i}")
-        rows.append(
-            {
-                "tokens": len(a),
-                "identical": a == b,
-                "plain_tok_s": plain_rate,
-                "spec_tok_s": spec_rate,
-                "proposed": spec.speculation.proposed - before[0],
-                "accepted": spec.speculation.accepted - before[1],
-                "verifications": spec.speculation.verifications - counts[0],
-                "misses": spec.speculation.misses - counts[1],
+        row: dict[str, Any] = {}
+        for name, engine in (("plain", plain), ("adaptive", spec), ("forced", always)):
+            before = (engine.speculation.proposed, engine.speculation.accepted)
+            counts = (engine.speculation.verifications, engine.speculation.misses)
+            tokens, rate = timed_generate(engine, prompt, params, f"{name}{i}")
+            row[name] = {
+                "tokens": len(tokens),
+                "tok_s": rate,
+                "identical": tokens == row.get("plain", {}).get("ids", tokens),
+                "ids": tokens,
+                "proposed": engine.speculation.proposed - before[0],
+                "accepted": engine.speculation.accepted - before[1],
+                "verifications": engine.speculation.verifications - counts[0],
+                "misses": engine.speculation.misses - counts[1],
             }
-        )
-        print(f"  qwen {i}: {plain_rate:.2f} -> {spec_rate:.2f} tok/s, identical {a == b}", flush=True)
-    return {"rows": rows, "c": c, "target_step_s": spec.step_cost(1, 1), "draft_step_s": proposer.step_cost(1, 1)}
+        rows.append(row)
+        print(f"  qwen {i}: " + ", ".join(f"{n} {r['tok_s']:.2f} tok/s" for n, r in row.items()), flush=True)
+    for row in rows:
+        for r in row.values():
+            del r["ids"]
+    return {
+        "rows": rows,
+        "k": k,
+        "target_step_s": spec.step_cost(1, 1),
+        "draft_step_s": adaptive.step_cost(1, 1),
+        "verify_ratio": spec.step_cost(1, k + 1) / spec.step_cost(1, 1),  # k + 1 rows vs 1 row
+    }
 
 
 def report(data: dict[str, Any]) -> str:
@@ -260,22 +287,40 @@ def report(data: dict[str, Any]) -> str:
     lines.append(f"\nMeasured decode step costs (sequences x rows: ms): {costs}.\n")
     if "draft" in data:
         d = data["draft"]
-        rows = d["rows"]
-        proposed = sum(r["proposed"] for r in rows)
-        accepted = sum(r["accepted"] for r in rows)
-        verifications = sum(r["verifications"] for r in rows)
-        # per-guess acceptance: each verification stops at its first miss, so a = kept / (kept + misses)
-        a = accepted / (accepted + sum(r["misses"] for r in rows)) if proposed else 0.0
-        speed = sum(r["tokens"] / r["plain_tok_s"] for r in rows) / sum(r["tokens"] / r["spec_tok_s"] for r in rows)
-        k = proposed / verifications if verifications else 0.0
+
+        def total(mode: str, field: str) -> int:
+            return sum(int(row[mode][field]) for row in d["rows"])
+
+        def speedup(mode: str) -> float:
+            plain = sum(row["plain"]["tokens"] / row["plain"]["tok_s"] for row in d["rows"])
+            return plain / sum(row[mode]["tokens"] / row[mode]["tok_s"] for row in d["rows"])
+
+        # per-guess acceptance: a verification stops at its first miss, so a = kept / (kept + misses)
+        kept, misses = total("forced", "accepted"), total("forced", "misses")
+        a = kept / (kept + misses) if kept + misses else 0.0
+        k = total("forced", "proposed") / max(1, total("forced", "verifications"))
+        c = d["draft_step_s"] / d["target_step_s"]  # both as measured by the end of the run
+        theory = AdaptiveSpeculation.expected_speedup(a, d["k"], c)
         lines += [
             "## Draft model: Qwen2.5-Coder-0.5B for 1.5B, code prompts (greedy)\n",
-            f"Measured speedup {speed:.2f}x; identical {sum(r['identical'] for r in rows)}/{len(rows)}; "
-            f"accepted / proposed {accepted} / {proposed} (a = {a:.2f}); cost ratio c = {d['c']:.2f} "
-            f"(draft step {d['draft_step_s'] * 1000:.0f} ms, target {d['target_step_s'] * 1000:.0f} ms); "
-            f"expected at k = {k:.1f}: {AdaptiveSpeculation.expected_speedup(a, round(k), d['c']):.2f}x "
-            f"({verifications} verifications).\n",
+            f"Cost ratio c = {c:.2f} (a draft step {d['draft_step_s'] * 1000:.0f} ms, a target step "
+            f"{d['target_step_s'] * 1000:.0f} ms, batch 1, w8a8 both).\n",
+            "| mode | speedup vs plain | identical | accepted / proposed | verifications |",
+            "|---|---|---|---|---|",
         ]
+        for mode in ("adaptive", "forced"):
+            same = sum(bool(row[mode]["identical"]) for row in d["rows"])
+            lines.append(
+                f"| {mode} | {speedup(mode):.2f}x | {same}/{len(d['rows'])} | {total(mode, 'accepted')} / "
+                f"{total(mode, 'proposed')} | {total(mode, 'verifications')} |"
+            )
+        lines.append(
+            f"\nForced (k = {d['k']} guesses whenever possible; mean {k:.1f}): per-guess acceptance a = {a:.2f}; "
+            f"(1 - a^(k+1)) / ((1 - a)(k c + 1)) = **{theory:.2f}x** expected, {speedup('forced'):.2f}x measured. "
+            f"The formula takes the target's check of k guesses to cost one plain step; here {d['k'] + 1} rows "
+            f"cost {d['verify_ratio']:.2f}x one row (int8's one-row fast path), which makes the expectation "
+            f"{theory * (d['k'] * c + 1) / (d['k'] * c + d['verify_ratio']):.2f}x.\n"
+        )
     return "\n".join(lines)
 
 
@@ -285,18 +330,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--draft", action="store_true", help="also the Qwen pair (make install-qwen)")
-    parser.add_argument("--only", choices=("lookup", "concurrency", "draft"), help="one part, printed, not written")
+    parser.add_argument(
+        "--only", choices=("lookup", "concurrency", "draft"), help="rerun one part into the existing results"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tok = load("smollm2-135m-instruct")
     if args.only:
-        part = {
-            "lookup": lambda: lookup(model, tok, args.articles, args.tokens),
-            "concurrency": lambda: concurrency(model, tok, args.articles, 96, args.rounds),
-            "draft": lambda: draft(64),
-        }[args.only]()
-        print({k: v for k, v in part.items() if k != "rows"})
+        data = json.loads((args.out / "speculative.json").read_text())
+        data.pop("machine", None)
+        if args.only == "lookup":
+            data["lookup"] = lookup(model, tok, args.articles, args.tokens)
+        elif args.only == "concurrency":
+            data["concurrency"] = concurrency(model, tok, args.articles, 96, args.rounds)
+        else:
+            data["draft"] = draft(64)
+        write_report(args.out, "speculative", report(data), data)
         return
     data: dict[str, Any] = {"lookup": lookup(model, tok, args.articles, args.tokens)}
     data["concurrency"] = concurrency(model, tok, args.articles, 96, args.rounds)

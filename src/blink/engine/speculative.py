@@ -392,7 +392,9 @@ class AdaptiveSpeculation:
     decode steps actually delivered, with and without guesses (`observe_step`). Where guessing delivered less, the
     policy stops guessing for that size, except for one probe step in `probe_every` that keeps the comparison
     current: the estimates above can be wrong (costs measured on short contexts, acceptance drifting), the
-    delivered rate is what counts."""
+    delivered rate is what counts. Conversely, after 2 x `probe_every` steps of a batch size without a guess, one
+    sequence gets 2 guesses: otherwise an acceptance estimate that starts too low (a new server's 1/2, when a
+    draft model agrees 98% of the time) would never be corrected."""
 
     def __init__(self, max_tokens: int, step_cost: StepCost, prior_weight: float = 2.0, probe_every: int = 16) -> None:
         self.max_tokens = max_tokens
@@ -401,6 +403,7 @@ class AdaptiveSpeculation:
         self.probe_every = probe_every
         self._delivered: dict[tuple[int, int, bool], float] = {}  # (seqs, span, guessed) -> tokens/s, averaged
         self._held_back: dict[tuple[int, int], int] = {}  # steps not guessing since the last probe
+        self._idle: dict[tuple[int, int], int] = {}  # steps the plan gave no guess, per (seqs, span)
         self.proposed = 0  # engine-wide totals (metrics)
         self.accepted = 0
         self.reset()
@@ -476,12 +479,24 @@ class AdaptiveSpeculation:
                 if k < caps[i] and a ** (k + 1) > gain:
                     pick, gain = i, a ** (k + 1)
             if pick < 0:
-                return best
+                return self._explore(best, rates, caps, (n, span))
             ks[pick] += 1
             rows, tokens = rows + 1, tokens + gain
             rate = tokens / (self.step_cost(n, rows, span) + proposer_cost(ks))
             if rate > best_rate:
                 best_rate, best = rate, list(ks)
+
+    def _explore(self, plan: list[int], rates: list[float], caps: list[int], size: tuple[int, int]) -> list[int]:
+        if any(plan) or not any(caps):
+            self._idle[size] = 0
+            return plan
+        idle = self._idle.get(size, 0) + 1
+        self._idle[size] = idle % (2 * self.probe_every)
+        if idle < 2 * self.probe_every:
+            return plan
+        pick = max((i for i, cap in enumerate(caps) if cap > 0), key=lambda i: rates[i])
+        plan[pick] = min(2, caps[pick])
+        return plan
 
     @staticmethod
     def expected_speedup(a: float, k: int, c: float) -> float:

@@ -252,7 +252,7 @@ def test_sampling_with_speculation_matches_the_targets_distribution(proposer: st
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # repetitive: prompt lookup guesses most steps
     engine = toy_engine(model, proposer)
     counts: dict[tuple[int, ...], int] = {}
-    for batch in range(250):
+    for batch in range(160):
         for i in range(16):
             engine.add_request(
                 f"{batch}-{i}", prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=batch * 16 + i)
@@ -264,7 +264,7 @@ def test_sampling_with_speculation_matches_the_targets_distribution(proposer: st
         for tokens in outs.values():
             assert len(tokens) == 3
             counts[tuple(tokens[1:])] = counts.get(tuple(tokens[1:]), 0) + 1
-    assert engine.speculation.proposed > 800  # speculation ran...
+    assert engine.speculation.proposed > 500  # speculation ran...
     assert 0 < engine.speculation.accepted < engine.speculation.proposed  # ...with both outcomes
     assert chi2_pvalue(counts, exact_distribution(model, prompt)) > 1e-3
 
@@ -300,7 +300,7 @@ def blocks_consistent(engine: LLMEngine) -> None:
     assert engine.blocks.num_free_blocks + len(held) == engine.blocks.num_blocks
 
 
-@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+@pytest.mark.parametrize("proposer", ["ngram", pytest.param("draft", marks=pytest.mark.slow)])
 def test_no_block_leaks_over_a_thousand_steps_of_guesses_rejections_and_aborts(proposer: str) -> None:
     model = toy_model(2)
     engine = toy_engine(model, proposer)
@@ -386,4 +386,16 @@ def test_the_policy_stops_guessing_where_guessing_delivered_fewer_tokens_per_sec
     assert plans[-1] == [4]
     assert spec.plan([seq], [4], lambda ks: 0.0, span=2) == [4]  # another key span: its own record
     spec.observe_step(1, 1, guessed=True, tokens=8, seconds=1.0)  # guessing got better: it resumes
+    assert spec.plan([seq], [4], lambda ks: 0.0) == [4]
+
+
+def test_a_batch_size_that_never_guesses_still_probes_now_and_then() -> None:
+    costs = {(1, 1): 1.0} | {(1, r): 2.0 for r in range(2, 7)}  # guessing looks ruinous at the prior rate
+    spec = policy(costs, max_tokens=4)
+    seq = Sequence("a", [1], SamplingParams())
+    plans = [spec.plan([seq], [4], lambda ks: 0.0) for _ in range(2 * spec.probe_every)]
+    assert plans[:-1] == [[0]] * (2 * spec.probe_every - 1)
+    assert plans[-1] == [2]  # a probe: 2 guesses, whose outcome corrects the estimate
+    for _ in range(5):
+        spec.record(seq, 2, 2)  # they were right, again and again
     assert spec.plan([seq], [4], lambda ks: 0.0) == [4]
