@@ -237,14 +237,24 @@ class LLMEngine:
         if self.max_model_len > DECODE_KEY_QUANTUM + per_seq:  # and the next span, where attention costs more
             sizes += [(b, b * r, 2) for b in sorted({1, most}) for r in (1, 2)]
 
+        def context(span: int) -> int:
+            return (span - 1) * DECODE_KEY_QUANTUM + 100
+
+        # only what the KV pool holds (a small --kv-cache-mb): StepCost estimates the rest from these
+        sizes = [
+            (b, r, span)
+            for b, r, span in sizes
+            if b * self.blocks.blocks_for(context(span) + r // b) <= self.blocks.num_free_blocks
+        ]
+
         def run(count: int, rows: int, span: int) -> None:
-            context = (span - 1) * DECODE_KEY_QUANTUM + 100
-            seqs = [Sequence(f"measure-{j}", [0] * context, SamplingParams(), [0]) for j in range(count)]
+            length = context(span)
+            seqs = [Sequence(f"measure-{j}", [0] * length, SamplingParams(), [0]) for j in range(count)]
             guesses = [[0] * (rows // count - 1)] * count
             try:
                 for seq, g in zip(seqs, guesses, strict=True):
-                    seq.num_computed = context
-                    if not self.blocks.allocate(seq.request_id, context + 1 + len(g)):
+                    seq.num_computed = length
+                    if not self.blocks.allocate(seq.request_id, length + 1 + len(g)):
                         raise RuntimeError("the KV pool is too small to measure step costs")
                 tables = [self.blocks.table(s.request_id) for s in seqs]
                 self.runner.forward(ScheduledBatch(seqs, [1] * count), tables, guesses)

@@ -25,7 +25,7 @@ from blink.models.llama import CausalAttention, LlamaConfig, LlamaModel
 VOCAB = 6
 
 
-def toy_model(seed: int) -> LlamaModel:
+def toy_model(seed: int, positions: int = 256) -> LlamaModel:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
@@ -37,7 +37,7 @@ def toy_model(seed: int) -> LlamaModel:
         head_dim=8,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
-        max_position_embeddings=256,
+        max_position_embeddings=positions,
         tie_word_embeddings=False,
         attention_bias=False,
     )
@@ -399,3 +399,14 @@ def test_a_batch_size_that_never_guesses_still_probes_now_and_then() -> None:
     for _ in range(5):
         spec.record(seq, 2, 2)  # they were right, again and again
     assert spec.plan([seq], [4], lambda ks: 0.0) == [4]
+
+
+def test_measuring_step_costs_fits_a_small_kv_pool() -> None:
+    # 16 sequences of ~600 tokens don't fit 1 MiB of this toy's KV: those sizes are skipped, not an error
+    # (measured: `blink serve --kv-cache-mb 256` failed its warm-up on the default model)
+    config = EngineConfig(max_num_seqs=16, max_model_len=1024, kv_cache_mb=1, block_size=16)
+    engine = LLMEngine(toy_model(4, positions=1024), frozenset(), config, proposer=NgramProposer())
+    costs = engine.measure_step_cost()
+    assert "1x1@1024" in costs and "16x16@512" in costs
+    assert "16x16@1024" not in costs
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
