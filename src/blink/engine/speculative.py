@@ -325,8 +325,13 @@ class StepCost:
     def observe(self, seqs: int, rows: int, seconds: float, span: int = 1) -> None:
         key = (seqs, rows, span)
         old = self._table.get(key)
-        self._table[key] = seconds if old is None else old + self.smoothing * (seconds - old)
-        self._curves[(seqs, span)] = sorted((r, t) for (b, r, p), t in self._table.items() if (b, p) == (seqs, span))
+        new = self._table[key] = seconds if old is None else old + self.smoothing * (seconds - old)
+        curve = self._curves.setdefault((seqs, span), [])  # every decode step lands here: update in place
+        i = bisect_left(curve, (rows, -math.inf))
+        if i < len(curve) and curve[i][0] == rows:
+            curve[i] = (rows, new)
+        else:
+            curve.insert(i, (rows, new))
 
     def measure(
         self, sizes: list[tuple[int, int, int]], run: Callable[[int, int, int], None], repeats: int = 2

@@ -196,14 +196,7 @@ class Replica:
         while self.engine.has_work():
             self.engine.step()
         if self.engine.proposer is not None:  # the speculation policy decides from this machine's step costs
-            try:
-                costs = self.engine.measure_step_cost()
-            except Exception:  # speculation without costs guesses nothing; serving must not fail for it
-                log.exception(
-                    "replica %s: measuring step costs failed; speculation starts without them (real steps teach it)",
-                    self.replica_id,
-                )
-                costs = {}
+            costs = self.engine.measure_step_cost()  # only sizes the KV pool holds
             self.engine.speculation.reset()
             log.info(
                 "replica %s: decode step costs (sequences x rows: ms) %s",
