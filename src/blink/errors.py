@@ -12,7 +12,9 @@
     ├── Overloaded                  429 server_error / overloaded
     ├── SlowConsumer                503 server_error / slow_consumer
     ├── DeadlineExceeded            504 server_error / deadline_exceeded
-    └── EngineFailure               500 server_error / engine_failure
+    ├── EngineFailure               500 server_error / engine_failure
+    └── CacheUnavailable            503 server_error / cache_unavailable (the semantic cache's backend is down:
+                                    the gateway treats it as a miss and logs it; no client ever sees it)
 
 Every code blink sends is a key of `CODES`, so its HTTP status is fixed by the code alone. Replicas report
 failures on the bus as (code, message, param); `from_wire` rebuilds the same exception at the gateway, so the
@@ -107,6 +109,11 @@ class EngineFailure(BlinkError):
     code = "engine_failure"
 
 
+class CacheUnavailable(BlinkError):
+    status = 503
+    code = "cache_unavailable"
+
+
 # InvalidRequest codes that only the realtime protocol sends (as `error` events, never as an HTTP status)
 WS_ONLY_CODES = (
     "invalid_event",
@@ -136,6 +143,7 @@ CODES: dict[str, type[BlinkError]] = {
             SlowConsumer,
             DeadlineExceeded,
             EngineFailure,
+            CacheUnavailable,
         )
     },
     "invalid_json": InvalidRequest,
