@@ -91,11 +91,51 @@ class GatewayConfig:
     preload_ttl_s: float = _help("a pre-load not done this long after its draft is dropped", 30.0)
 
 
+CACHE_TURNS = ("first", "all")
+EMBEDDERS = ("onnx", "onnx-int8", "torch")  # semantic_cache/embedder.py: EMBEDDERS
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    semantic_cache: bool = _help("answer a query close in meaning to an earlier one from the semantic cache", True)
+    cache_threshold: float = _help(
+        "cosine similarity a cached query needs to answer a new one (chosen on ../shared/data/paraphrase: "
+        "benchmarks/results/semantic_cache.md)",
+        0.85,
+    )
+    cache_verify: bool = _help("also require the two queries to agree on numbers, negations, opposites and names", True)
+    cache_ttl_s: float = _help("seconds a cached answer lives", 86400.0)
+    cache_max_entries: int = _help("cached answers kept in all (least recently used go first)", 10000)
+    cache_turns: str = _help(
+        "which chat turns are cacheable: first (a conversation's first user message) or all (later turns too, "
+        "each only for the same conversation so far)",
+        "first",
+        choices=CACHE_TURNS,
+    )
+    cache_embedder: str = _help(
+        "embedding runtime for the cache and the document store: onnx-int8 (ONNX Runtime, int8 weights), onnx "
+        "(fp32) or torch",
+        "onnx-int8",
+        choices=EMBEDDERS,
+    )
+    cache_embedder_threads: int = _help("threads the embedder may use", 1)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    redis: str = _help(
+        "Redis URL (redis://host:6379/0): the semantic cache becomes Redis 8 Vector Sets there (empty: in memory)",
+        "",
+    )
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
 
 def parse_speculative(value: str) -> tuple[str, str]:

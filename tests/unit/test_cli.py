@@ -5,14 +5,14 @@ import dataclasses
 import pytest
 
 from blink.cli import build_parser, main
-from blink.config import EngineConfig, GatewayConfig, ModelConfig
+from blink.config import CacheConfig, EngineConfig, GatewayConfig, ModelConfig, RedisConfig
 
 
 def test_serve_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     text = capsys.readouterr().out
-    for cls in (ModelConfig, EngineConfig, GatewayConfig):
+    for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig):
         for f in dataclasses.fields(cls):
             assert "--" + f.name.replace("_", "-") in text
 

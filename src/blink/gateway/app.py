@@ -20,7 +20,7 @@ from blink.gateway.documents import DocumentRoutes
 from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
-from blink.gateway.wire import error_response
+from blink.gateway.wire import api_key, error_response
 
 # Starlette's own errors (routing), in blink's error shape; any other is a 400
 _HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
@@ -52,13 +52,25 @@ def create_app(
             }
             for r in gateway.bus.replicas()
         ]
-        ready = bool(gateway.ready_replicas()) and not gateway.shutting_down
+        cache_ready = gateway.cache is None or gateway.cache.ready  # its embedder loads beside the model
+        ready = bool(gateway.ready_replicas()) and cache_ready and not gateway.shutting_down
         body: dict[str, Any] = {
             "status": "ready" if ready else "not_ready",
             "replicas": replicas,
             "active_responses": gateway.num_active,
+            "semantic_cache": gateway.cache.snapshot() if gateway.cache is not None else None,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def invalidate_cache(request: Request) -> Response:
+        """DELETE /v1/cache[?model=M]: drop the caller's tenant's cached answers (of one model if named)."""
+        if gateway.cache is None:
+            raise InvalidRequest("this server's semantic cache is disabled")
+        model = request.query_params.get("model")
+        if model is not None:
+            gateway.check_model(model)
+        deleted = await gateway.cache.invalidate(api_key(request.headers), model)
+        return JSONResponse({"object": "cache.invalidated", "model": model, "deleted": deleted})
 
     async def on_blink_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BlinkError)
@@ -85,6 +97,7 @@ def create_app(
             Route("/v1/chat/completions", routes_api.chat_completions, methods=["POST"]),
             Route("/v1/completions", routes_api.completions, methods=["POST"]),
             WebSocketRoute("/v1/realtime", realtime_endpoint),
+            Route("/v1/cache", invalidate_cache, methods=["DELETE"]),
             *documents,
         ],
         exception_handlers={BlinkError: on_blink_error, HTTPException: on_http_error},

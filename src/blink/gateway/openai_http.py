@@ -20,7 +20,7 @@ from blink.bus.messages import FinishStatus, GenerateRequest
 from blink.errors import BlinkError, InvalidRequest, RequestTooLarge, ShuttingDown, from_wire
 from blink.gateway import validation as v
 from blink.gateway.service import Gateway, Generation
-from blink.gateway.wire import error_body, sse
+from blink.gateway.wire import api_key, error_body, sse
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -125,7 +125,7 @@ class OpenAIRoutes:
         model, stream, include_usage, sampling = _common(self.gateway, body)
         messages = parse_messages(body.get("messages"))
         req = GenerateRequest(self.gateway.new_id("chatcmpl"), model, sampling, messages=messages)
-        return await self._respond(request, req, started, stream, include_usage, chat=True)
+        return await self._respond(request, req, body, started, stream, include_usage, chat=True)
 
     async def completions(self, request: Request) -> Response:
         started = time.monotonic()
@@ -139,17 +139,27 @@ class OpenAIRoutes:
         if not prompt:
             raise InvalidRequest("'prompt' is empty", param="prompt")
         req = GenerateRequest(self.gateway.new_id("cmpl"), model, sampling, prompt=prompt)
-        return await self._respond(request, req, started, stream, include_usage, chat=False)
+        return await self._respond(request, req, body, started, stream, include_usage, chat=False)
 
     async def _respond(
-        self, request: Request, req: GenerateRequest, started: float, stream: bool, include_usage: bool, *, chat: bool
+        self,
+        request: Request,
+        req: GenerateRequest,
+        body: dict[str, Any],
+        started: float,
+        stream: bool,
+        include_usage: bool,
+        *,
+        chat: bool,
     ) -> Response:
-        gen = await self.gateway.generate(req, started=started)
+        use_cache = v.get_bool(body, "cache", True)  # blink's per-request opt-out of the semantic cache
+        gen = await self.gateway.generate(req, started=started, api_key=api_key(request.headers), use_cache=use_cache)
+        headers = {"X-Blink-Cache": gen.cache_status}
         if stream:
             return StreamingResponse(
                 self._stream(gen, include_usage, chat=chat),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
             )
         try:
             await _until_done_or_disconnect(gen, request)
@@ -181,7 +191,9 @@ class OpenAIRoutes:
                 "choices": [choice],
                 "usage": _usage(gen),
                 "timings": gen.timings(),  # blink's (as llama.cpp's server does): queue, prefill, speculative, ...
-            }
+                "cache": gen.cache_status,
+            },
+            headers=headers,
         )
 
     async def _stream(self, gen: Generation, include_usage: bool, *, chat: bool) -> AsyncIterator[bytes]:

@@ -37,7 +37,7 @@ from blink.bus.messages import FinishStatus, GenerateRequest, Sampling
 from blink.errors import BlinkError, InvalidRequest, NotFound, RequestTooLarge, from_wire
 from blink.gateway import validation as v
 from blink.gateway.service import Gateway, Generation
-from blink.gateway.wire import error_event
+from blink.gateway.wire import api_key, error_event
 from blink.preload.planner import Messages, PrefillPlanner, PreloadDeferred, Target
 from blink.preload.store import ScoredChunk, context_block
 
@@ -71,7 +71,9 @@ class RealtimeSession:
             "seed": None,
             "max_output_tokens": "inf",
             "retrieval": None,  # or {"top_k": int, "document_ids": [str] | None}
+            "cache": gateway.cache is not None,  # answer from the semantic cache when it can
         }
+        self.api_key = api_key(ws.headers)  # the tenant: the handshake's Authorization: Bearer <key>
         self.items: list[dict[str, Any]] = []
         self.open_documents: tuple[str, ...] = ()
         self.planner = PrefillPlanner(self._start_preload) if gateway.config.preload else None
@@ -173,6 +175,10 @@ class RealtimeSession:
             out["max_output_tokens"] = value
         if "retrieval" in obj:
             out["retrieval"] = self._retrieval_from(obj["retrieval"], f"{where}.retrieval")
+        if "cache" in obj:
+            if not isinstance(obj["cache"], bool):
+                raise InvalidRequest(f"'{where}.cache' must be a boolean", param=f"{where}.cache")
+            out["cache"] = obj["cache"]
         return out
 
     def _retrieval_from(self, raw: Any, param: str) -> dict[str, Any] | None:
@@ -323,7 +329,8 @@ class RealtimeSession:
             self.gateway.new_id("resp"), settings["model"], sampling, messages=(), session_id=self.id
         )
         self._cancel_requested = False
-        self._task = asyncio.create_task(self._respond(request, time.monotonic(), event.get("event_id")))
+        use_cache = bool(settings["cache"])
+        self._task = asyncio.create_task(self._respond(request, time.monotonic(), event.get("event_id"), use_cache))
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         if self._task is None or self._task.done():
@@ -333,7 +340,7 @@ class RealtimeSession:
             await self._generation.cancel("client")
 
     # the response -------------------------------------------------------------------------------------
-    async def _respond(self, request: GenerateRequest, started: float, event_id: Any) -> None:
+    async def _respond(self, request: GenerateRequest, started: float, event_id: Any, use_cache: bool) -> None:
         preload: dict[str, Any] = {"preloaded": False, "preload_predicted": False}
         try:
             if self.planner is not None:
@@ -354,7 +361,9 @@ class RealtimeSession:
                 for key, completed in (("preloaded", True), ("preload_predicted", False)):
                     done = self.planner.matches(history, user, completed=completed)
                     preload[key] = done is not None and self._preload_chunks.get(_target_key(done)) == final_chunks
-            generation = await self.gateway.generate(request, started=started)
+            generation = await self.gateway.generate(
+                request, started=started, api_key=self.api_key, use_cache=use_cache
+            )
         except BlinkError as exc:
             await self.send(error_event(exc, event_id if isinstance(event_id, str) else None))
             return
@@ -426,6 +435,9 @@ class RealtimeSession:
         fin = generation.finished
         prompt = (fin.prompt_tokens if fin else 0) or generation.prompt_tokens
         completion = fin.completion_tokens if fin else 0
+        cache: dict[str, Any] = {"cache": generation.cache_status}
+        if generation.lookup is not None and generation.lookup.hit is not None:
+            cache["cache_similarity"] = round(generation.lookup.hit.similarity, 4)
         await self.send(
             {
                 "type": "response.done",
@@ -434,6 +446,7 @@ class RealtimeSession:
                     "object": "realtime.response",
                     "status": status.value,
                     "status_details": details,
+                    **cache,
                     "output": output,
                     "usage": {
                         "input_tokens": prompt,

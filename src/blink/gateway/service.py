@@ -13,26 +13,66 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from blink.bus.base import Bus, ResponseStream
-from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, ReplicaState, TokenEvent
+from blink.bus.messages import (
+    Accepted,
+    Finished,
+    FinishStatus,
+    GenerateRequest,
+    ReplicaState,
+    ResponseEvent,
+    TokenEvent,
+)
 from blink.config import GatewayConfig
 from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, ShuttingDown, from_wire
 from blink.preload.store import ContextStore
+from blink.semantic_cache.cache import Lookup, SemanticCache
 
 log = logging.getLogger("blink.gateway")
 
 ACCEPT_TIMEOUT_S = 60.0  # a replica tokenizes and answers Accepted within one engine step; this is a dead one
 CANCEL_TIMEOUT_S = 10.0
+STORE_TIMEOUT_S = 1.0
+CACHED_DELTA = re.compile(r"\s*\S+(?:\s+\S+){0,3}\s*")  # a cached answer streams a few words per delta
+
+
+class CachedStream:
+    """A ResponseStream replaying a cached answer: Accepted, the answer in deltas of a few words, Finished."""
+
+    def __init__(self, request_id: str, lookup: Lookup) -> None:
+        assert lookup.hit is not None
+        self.request_id = request_id
+        entry = lookup.hit.entry
+        pieces = CACHED_DELTA.findall(entry.answer) or [entry.answer]
+        self._events: list[ResponseEvent] = [Accepted(request_id, "cache", prompt_tokens=0)]
+        self._events += [TokenEvent(request_id, i, text, 0) for i, text in enumerate(pieces)]
+        self._events.append(Finished(request_id, FinishStatus.STOP, completion_tokens=entry.completion_tokens))
+
+    async def __aiter__(self) -> AsyncIterator[ResponseEvent]:
+        for event in self._events:
+            yield event
+
+    async def close(self) -> None:
+        self._events = []
 
 
 class Generation:
-    def __init__(self, gateway: Gateway, request: GenerateRequest, stream: ResponseStream, started: float) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        request: GenerateRequest,
+        stream: ResponseStream,
+        started: float,
+        lookup: Lookup | None = None,
+    ) -> None:
         self.gateway = gateway
+        self.lookup = lookup  # the semantic cache's key and outcome; None: not looked up
         self.request = request
         self.request_id = request.request_id
         self._stream = stream
@@ -79,7 +119,29 @@ class Generation:
                 self.text_parts.append(event.text)
                 yield event.text
             elif isinstance(event, Finished):
+                if event.status is FinishStatus.STOP and self.cancel_reason is None:
+                    await self._store(event)
                 self._end(event)
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.lookup is not None and self.lookup.hit is not None
+
+    @property
+    def cache_status(self) -> str:
+        """hit, miss (looked up, not found) or off (not cacheable, opted out, cache disabled or unavailable)."""
+        return "off" if self.lookup is None else "hit" if self.lookup.hit else "miss"
+
+    async def _store(self, finished: Finished) -> None:
+        """A completed answer goes into the semantic cache before the client hears it is done, so the next
+        request can find it; bounded, and a failure only costs the cache entry."""
+        cache = self.gateway.cache
+        if self.lookup is None or self.cache_hit or cache is None:
+            return
+        try:
+            await asyncio.wait_for(cache.store(self.lookup, self.text, finished.completion_tokens), STORE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("semantic cache: storing %s took over %.1f s; not stored", self.request_id, STORE_TIMEOUT_S)
 
     async def collect(self) -> str:
         async for _ in self.deltas():
@@ -95,7 +157,8 @@ class Generation:
         if self.done or self.cancel_reason is not None:
             return
         self.cancel_reason = reason
-        await self.gateway.bus.cancel(self.request_id, self.request.model)
+        if not self.cache_hit:  # a replayed answer is on no replica
+            await self.gateway.bus.cancel(self.request_id, self.request.model)
 
     def _end(self, finished: Finished) -> None:
         self.finished = finished
@@ -111,6 +174,7 @@ class Generation:
     def timings(self) -> dict[str, Any]:
         now = time.monotonic()
         out: dict[str, Any] = dict(self.finished.timings) if self.finished else {}
+        out.update(self.lookup.timings() if self.lookup else {"cache": "off"})
         if self.first_delta is not None:
             out["ttft_ms"] = round((self.first_delta - self.started) * 1000, 3)
         out["total_ms"] = round((now - self.started) * 1000, 3)
@@ -118,10 +182,18 @@ class Generation:
 
 
 class Gateway:
-    def __init__(self, bus: Bus, config: GatewayConfig, models: list[str], store: ContextStore | None = None) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        config: GatewayConfig,
+        models: list[str],
+        store: ContextStore | None = None,
+        cache: SemanticCache | None = None,
+    ) -> None:
         self.bus = bus
         self.config = config
         self.store = store  # documents for retrieval (preload/store.py); None: no /v1/documents
+        self.cache = cache  # the semantic cache; None: disabled
         self.sessions: dict[str, Any] = {}  # realtime sessions by id, while their connection is open
         self.models = models
         self.default_model = models[0]
@@ -153,14 +225,32 @@ class Gateway:
         if not self.ready_replicas(model):
             raise NotReady(f"no replica of {model!r} is ready yet; retry shortly")
 
-    async def generate(self, request: GenerateRequest, *, started: float | None = None) -> Generation:
-        """Submit a validated request and wait for a replica to accept it."""
+    async def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        started: float | None = None,
+        api_key: str | None = None,
+        use_cache: bool = True,
+    ) -> Generation:
+        """Answer a validated request from the semantic cache (the entries of `api_key`'s tenant only; None: the
+        anonymous tenant; `use_cache` False skips it), or else submit it and wait for a replica to accept it."""
         self.check_model(request.model)
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down")
+        started = started or time.monotonic()
+        lookup = await self.cache.lookup(api_key, request) if self.cache is not None and use_cache else None
+        if lookup is not None and lookup.hit is not None:  # served even while no replica is ready
+            generation = Generation(self, request, CachedStream(request.request_id, lookup), started, lookup)
+            self._active[request.request_id] = generation
+            self._idle.clear()
+            await generation.wait_accepted()
+            return generation
         self.check_ready(request.model)
         if request.deadline is None:  # nobody waits longer than this: a replica drops it once it passes
             request = dataclasses.replace(request, deadline=time.time() + self.config.request_timeout_s)
         stream = await self.bus.submit(request)
-        generation = Generation(self, request, stream, started or time.monotonic())
+        generation = Generation(self, request, stream, started, lookup)
         self._active[request.request_id] = generation
         self._idle.clear()
         try:

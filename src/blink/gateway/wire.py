@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -24,6 +25,13 @@ def error_event(exc: BlinkError, event_id: str | None = None) -> dict[str, Any]:
     if event_id is not None:
         error["event_id"] = event_id
     return {"type": "error", "error": error}
+
+
+def api_key(headers: Mapping[str, str]) -> str | None:
+    """The API key of `Authorization: Bearer <key>` (HTTP, and the WebSocket handshake); None without one. Until
+    full authentication exists, the key names the tenant (the semantic cache's hard partition); it is not checked."""
+    scheme, _, key = headers.get("authorization", "").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -148,3 +148,32 @@ class Embedder:
                 mask = torch.tensor([e.attention_mask for e in encodings])  # [B, S]
                 out[start : start + len(encodings)] = self.model(ids, mask).numpy()
         return out
+
+
+def export_onnx(target: Path, source: Path | None = None) -> None:
+    """Write the model (at `source`; None: the packaged one) to `target` as one ONNX graph: token ids [B, S] and
+    mask [B, S] (int64) → unit embeddings [B, D], the same pipeline as `Bert.forward`. Takes ~10 s."""
+    import warnings
+
+    embedder = Embedder.load(source)
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])  # [B, S]: a padded batch, so masks are traced
+    mask = (ids != 0).long()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
+    with warnings.catch_warnings():  # the exporter warns about its own internals (tree specs, axis names)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            embedder.model,
+            (ids, mask),
+            str(target),
+            input_names=["ids", "mask"],
+            output_names=["embeddings"],
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def packaged_model() -> Path:
+    """The folder of the packaged all-MiniLM-L6-v2 (weights, tokenizer.json); ModelNotFound if not installed."""
+    return _packaged_model()

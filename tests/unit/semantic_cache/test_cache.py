@@ -1,0 +1,242 @@
+"""The cache policy (semantic_cache/cache.py): scopes, cacheability, hits, verification, degradation.
+
+The embedder is the bag-of-words stand-in (tests/unit/preload/fakes.py) so similarities are predictable; the
+index is the real in-memory one. The end-to-end tests use the real model and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from blink.bus.messages import GenerateRequest, Sampling
+from blink.config import CacheConfig
+from blink.errors import CacheUnavailable
+from blink.semantic_cache.cache import SemanticCache, tenant_of
+from blink.semantic_cache.index import Candidate, Entry, Scope
+from blink.semantic_cache.memory import MemoryIndex
+from tests.unit.preload.fakes import DIM, HashEmbedder
+
+
+class FakeEmbedder:
+    name = "hash"
+    dim = DIM
+
+    def __init__(self) -> None:
+        self._embed = HashEmbedder()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._embed(texts)
+
+
+def chat(*messages: tuple[str, str], model: str = "m", **sampling: Any) -> GenerateRequest:
+    sampling.setdefault("temperature", 0.0)
+    return GenerateRequest(
+        "r", model, Sampling(**sampling), messages=tuple({"role": r, "content": c} for r, c in messages)
+    )
+
+
+def make(config: CacheConfig | None = None, index: Any = None, clock: Any = None) -> SemanticCache:
+    embedder = FakeEmbedder()
+    kwargs = {"clock": clock} if clock else {}
+    return SemanticCache(index or MemoryIndex(100, DIM), lambda: embedder, config or CacheConfig(), **kwargs)
+
+
+async def remember(cache: SemanticCache, key: str | None, request: GenerateRequest, answer: str = "A") -> None:
+    lookup = await cache.lookup(key, request)
+    assert lookup is not None and lookup.hit is None
+    assert await cache.store(lookup, answer, 3)
+
+
+async def outcome(cache: SemanticCache, key: str | None, request: GenerateRequest) -> str:
+    lookup = await cache.lookup(key, request)
+    return "off" if lookup is None else "hit" if lookup.hit else "miss"
+
+
+Q = ("user", "how do I reset my password")
+
+
+def test_a_stored_answer_is_found_again_and_only_in_its_own_scope() -> None:
+    async def body() -> None:
+        cache = make()
+        await remember(cache, "key-a", chat(("system", "be brief"), Q))
+        assert await outcome(cache, "key-a", chat(("system", "be brief"), Q)) == "hit"
+        assert await outcome(cache, "key-b", chat(("system", "be brief"), Q)) == "miss"  # another tenant
+        assert await outcome(cache, None, chat(("system", "be brief"), Q)) == "miss"  # the anonymous tenant
+        assert await outcome(cache, "key-a", chat(("system", "be brief"), Q, model="other")) == "miss"
+        assert await outcome(cache, "key-a", chat(("system", "be verbose"), Q)) == "miss"
+        assert await outcome(cache, "key-a", chat(Q)) == "miss"  # no system prompt
+        assert await outcome(cache, "key-a", chat(("system", "be brief"), Q, temperature=0.7)) == "miss"
+        assert await outcome(cache, "key-a", chat(("system", "be brief"), Q, seed=1)) == "miss"
+        assert await outcome(cache, "key-a", chat(("system", "be brief"), Q, stop=("\n",))) == "miss"
+
+    asyncio.run(body())
+
+
+def test_tenant_digests_hide_the_key_and_differ() -> None:
+    assert "secret" not in tenant_of("secret")
+    assert tenant_of("a") != tenant_of("b") != tenant_of(None)
+    assert tenant_of(None) == tenant_of("")
+
+
+def test_a_paraphrase_hits_and_a_negated_or_renumbered_query_does_not() -> None:
+    async def body() -> None:
+        cache = make(CacheConfig(cache_threshold=0.6))
+        await remember(cache, None, chat(("user", "how do I cancel my subscription")))
+        assert await outcome(cache, None, chat(("user", "how do I cancel my subscription please"))) == "hit"
+        refused = await cache.lookup(None, chat(("user", "how do I not cancel my subscription")))
+        assert refused is not None and refused.hit is None and refused.rejected == 1
+        await remember(cache, None, chat(("user", "send 100 USD to Bob")))
+        assert await outcome(cache, None, chat(("user", "send 1000 USD to Bob"))) == "miss"
+        no_verify = make(CacheConfig(cache_threshold=0.6, cache_verify=False))
+        await remember(no_verify, None, chat(("user", "how do I cancel my subscription")))
+        assert await outcome(no_verify, None, chat(("user", "how do I not cancel my subscription"))) == "hit"
+
+    asyncio.run(body())
+
+
+def test_below_the_threshold_is_a_miss() -> None:
+    async def body() -> None:
+        cache = make(CacheConfig(cache_threshold=0.99))
+        await remember(cache, None, chat(("user", "how do I cancel my subscription")))
+        assert await outcome(cache, None, chat(("user", "how do I cancel my subscription please"))) == "miss"
+
+    asyncio.run(body())
+
+
+def test_what_is_not_cacheable() -> None:
+    async def body() -> None:
+        cache = make()
+        later = chat(("user", "hi"), ("assistant", "hello"), Q)
+        assert cache.key(None, later) is None  # default: first turns only
+        assert cache.key(None, chat(Q, ("assistant", "partial"))) is None  # does not end with a user message
+        assert cache.key(None, chat(("user", "   "))) is None
+        assert cache.key(None, replace(chat(Q), prefill_only=True)) is None
+        assert cache.key(None, replace(chat(Q), priority=1)) is None
+        assert cache.key(None, replace(chat(Q), open_last=True)) is None
+        everything = make(CacheConfig(cache_turns="all"))
+        await remember(everything, None, later)
+        assert await outcome(everything, None, later) == "hit"
+        other_history = chat(("user", "hi"), ("assistant", "hey there"), Q)
+        assert await outcome(everything, None, other_history) == "miss"
+        assert await outcome(everything, None, chat(Q)) == "miss"
+
+    asyncio.run(body())
+
+
+def test_completions_and_chats_do_not_share_entries() -> None:
+    async def body() -> None:
+        cache = make()
+        completion = GenerateRequest("r", "m", Sampling(temperature=0.0), prompt=Q[1])
+        await remember(cache, None, completion)
+        assert await outcome(cache, None, completion) == "hit"
+        assert await outcome(cache, None, chat(Q)) == "miss"
+
+    asyncio.run(body())
+
+
+def test_an_answer_longer_than_max_tokens_is_not_a_hit() -> None:
+    async def body() -> None:
+        cache = make()
+        await remember(cache, None, chat(Q))  # stored with 3 completion tokens
+        assert await outcome(cache, None, chat(Q, max_tokens=3)) == "hit"
+        assert await outcome(cache, None, chat(Q, max_tokens=2)) == "miss"
+
+    asyncio.run(body())
+
+
+def test_entries_expire_after_the_ttl() -> None:
+    async def body() -> None:
+        now = [1000.0]
+        cache = make(CacheConfig(cache_ttl_s=60), clock=lambda: now[0])
+        await remember(cache, None, chat(Q))
+        now[0] += 59
+        assert await outcome(cache, None, chat(Q)) == "hit"
+        now[0] += 2
+        assert await outcome(cache, None, chat(Q)) == "miss"
+
+    asyncio.run(body())
+
+
+def test_invalidation_drops_one_tenant_or_one_model_of_it() -> None:
+    async def body() -> None:
+        cache = make()
+        await remember(cache, "a", chat(Q))
+        await remember(cache, "a", chat(Q, model="other"))
+        await remember(cache, "b", chat(Q))
+        assert await cache.invalidate("a", "other") == 1
+        assert await outcome(cache, "a", chat(Q, model="other")) == "miss"
+        assert await outcome(cache, "a", chat(Q)) == "hit"
+        assert await cache.invalidate("a") == 1
+        assert await outcome(cache, "a", chat(Q)) == "miss"
+        assert await outcome(cache, "b", chat(Q)) == "hit"
+
+    asyncio.run(body())
+
+
+def test_a_hit_is_not_stored_again_and_an_empty_answer_never() -> None:
+    async def body() -> None:
+        cache = make()
+        lookup = await cache.lookup(None, chat(Q))
+        assert lookup is not None
+        assert not await cache.store(lookup, "", 0)
+        await remember(cache, None, chat(Q))
+        hit = await cache.lookup(None, chat(Q))
+        assert hit is not None and hit.hit is not None
+        assert not await cache.store(hit, "again", 1)
+        assert cache.stats.stores == 1
+
+    asyncio.run(body())
+
+
+class FlakyIndex(MemoryIndex):
+    """The in-memory index with a switch that makes every call fail as a dead backend does."""
+
+    def __init__(self) -> None:
+        super().__init__(100, DIM)
+        self.down = False
+
+    def _fail_if_down(self) -> None:
+        if self.down:
+            raise CacheUnavailable("backend down")
+
+    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry) -> None:
+        self._fail_if_down()
+        await super().add(scope, vector, entry)
+
+    async def search(self, scope: Scope, vector: np.ndarray, k: int, now: float) -> list[Candidate]:
+        self._fail_if_down()
+        return await super().search(scope, vector, k, now)
+
+
+def test_a_dead_backend_is_a_logged_miss_and_a_recovered_one_is_used_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        now = [1000.0]
+        index = FlakyIndex()
+        cache = make(index=index, clock=lambda: now[0])
+        await remember(cache, None, chat(Q))
+        index.down = True
+        with caplog.at_level(logging.WARNING, "blink.semantic_cache"):
+            assert await outcome(cache, None, chat(Q)) == "off"
+            assert await outcome(cache, None, chat(Q)) == "off"  # backing off: not even tried
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert cache.stats.errors == 1
+        index.down = False
+        assert await outcome(cache, None, chat(Q)) == "off"  # still inside the back-off window
+        now[0] += 1.5
+        assert await outcome(cache, None, chat(Q)) == "hit"
+
+    asyncio.run(body())
+
+
+def test_settings_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        make(CacheConfig(cache_threshold=0))
+    with pytest.raises(ValueError, match="ttl"):
+        make(CacheConfig(cache_ttl_s=0))
