@@ -8,7 +8,9 @@ one question at a time on one thread (benchmarks/results/semantic_cache.md):
   onnx-int8  ONNX Runtime with int8 weights per output channel (dynamic quantisation of the fp32 export): the
              default. ~2x faster than fp32 ONNX; each vector moves a little (cosine to fp32 0.985-0.999), and on
              the labelled pairs the cache decides almost the same (recall 74.7% vs 76.6%, precision 99.5% vs
-             99.6%), while only int8 keeps a lookup's p99 under 15 ms with 10,000 entries.
+             99.6%), while only int8 keeps a lookup's p99 under 15 ms with 10,000 entries. Activations are
+             quantised per tensor, so a text's vector depends slightly on the texts batched with it: the cache
+             embeds every query alone (and stores that same vector).
   onnx       ONNX Runtime, fp32: the same vectors as the PyTorch reference (cosine 1.0000), 2-3x faster than
              PyTorch here (torch's small fp32 matmuls are slow on this CPU).
   torch      the PyTorch reference in models/bert.py.
