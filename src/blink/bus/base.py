@@ -7,7 +7,10 @@ Guarantees a transport must give:
 - `publish` never blocks on a slow consumer: a response stream is bounded, and when it overflows the consumer
   gets `Finished(status=ERROR, error_code="slow_consumer")` after the events already queued, and `publish`
   returns False from then on (the replica must drop the request). It also returns False once the consumer
-  closed the stream.
+  closed the stream, and for a request that was never submitted.
+A transport that can be unreachable (Redis) raises NotReady from `submit` and `cancel` (a submit that timed out
+may still have been queued: its outcome is unknown), returns False from `publish`, and neither `receive` nor
+`heartbeat` raise for it: they log it and return (receive: nothing), so a replica's loop outlives the outage.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -30,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from blink.bus.redis_wire import redact
 from blink.errors import CacheUnavailable
 from blink.semantic_cache.index import Candidate, Entry, Scope
 
@@ -55,7 +55,7 @@ class RedisIndex:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self.max_entries = max_entries
         self.dim = dim
-        self._where = _redact(url)
+        self._where = redact(url)
         self._vs = f"{prefix}:vs:"
         self._lru = f"{prefix}:lru"
         self._exp = f"{prefix}:exp"
@@ -167,15 +167,6 @@ class RedisIndex:
             yield
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"redis at {self._where}: {exc}") from exc
-
-
-def _redact(url: str) -> str:
-    """The URL without its password: the message reaches logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 def _glob(text: str) -> str:

@@ -1,0 +1,326 @@
+"""The scale-out transport: Redis Streams (Redis >= 8.0), shared by any number of gateways and replicas.
+
+The key layout is in redis_wire.py; the replica's reading side in redis_work.py. Round trips: submit, cancel and
+publish take one each (a Finished one more, to acknowledge the request); a response reader's next batch one
+(deleting what it consumed rides along). A replica's XREADGROUP and a gateway's XREAD BLOCK are served by Redis
+as soon as the entry is written, so no step of the token path waits for a polling interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.typing import EncodableT, FieldT
+
+from blink.bus.messages import (
+    Accepted,
+    Cancel,
+    Finished,
+    FinishStatus,
+    GenerateRequest,
+    ReplicaStatus,
+    ResponseEvent,
+    TokenEvent,
+    WorkMessage,
+)
+from blink.bus.redis_wire import (
+    CANCEL_KEEP,
+    ERRORS,
+    FIELD,
+    GROUP,
+    Health,
+    Keys,
+    blocking_client,
+    encode,
+    entries,
+    parse,
+    redact,
+    slow_consumer,
+)
+from blink.bus.redis_work import WorkReader
+from blink.errors import NotReady, Overloaded
+
+log = logging.getLogger("blink.bus")
+
+READ_BLOCK_MS = 2000  # a response reader's block: how soon it notices its stream was closed
+READ_COUNT = 64  # entries per response read
+REFRESH_S = 0.5  # how stale replicas() may be for replicas heard through Redis
+
+# KEYS: pool, resp, state. ARGV: group, max_pending, request, ttl_ms. The group is made with the stream (id 0:
+# requests sent before any replica came are delivered). Returns the entry id, or nil when the backlog is full.
+_SUBMIT = """
+local pending = nil
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == ARGV[1] then pending = info['pending'] end
+  end
+end
+if pending == nil then
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+  pending = 0
+end
+if redis.call('XLEN', KEYS[1]) - pending >= tonumber(ARGV[2]) then return false end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], 'open', 'PX', ARGV[4])
+return redis.call('XADD', KEYS[1], '*', 'm', ARGV[3])
+"""
+
+# KEYS: resp, state. ARGV: mode ("event" or "overflow"), stream_events, ttl_ms, event, is_finished.
+# Returns 1 appended, 0 refused (the response is not open), -1 full: the caller then appends the slow_consumer
+# Finished in "overflow" mode, which only the first of concurrent publishers manages.
+_PUBLISH = """
+if redis.call('GET', KEYS[2]) ~= 'open' then return 0 end
+if ARGV[1] == 'event' and redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[1] == 'overflow' then
+  redis.call('SET', KEYS[2], 'overflow', 'PX', ARGV[3])
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[5] == '1' and 'finished' or 'open', 'PX', ARGV[3])
+return 1
+"""
+
+
+class RedisBus:
+    """A Bus over Redis Streams. Every gateway and replica process makes its own on the same URL and prefix.
+
+    Failures: submit and cancel raise NotReady while Redis is unreachable (within about timeout_s); publish
+    returns False (the replica drops the request, as for a gone reader); receive and heartbeat log an outage once,
+    back off and return (receive: nothing), so a replica's loop outlives it; a response stream retries and, after
+    heartbeat_timeout seconds of outage, ends with Finished(ERROR, model_not_ready). A malformed entry (bad JSON,
+    unknown kind, newer version) is logged and dropped (a request is acknowledged), never raised.
+    `replicas()` shows this process's heartbeats at once and others' within REFRESH_S once `start()` ran.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_pending: int = 256,
+        stream_events: int = 1024,
+        heartbeat_timeout: float = 10.0,
+        prefix: str = "blink:bus",
+        response_ttl_s: float = 600.0,
+        timeout_s: float = 1.0,
+    ) -> None:
+        if max_pending < 1 or stream_events < 1:
+            raise ValueError(f"max_pending and stream_events must be at least 1, got {max_pending}, {stream_events}")
+        self.max_pending = max_pending
+        self.stream_events = stream_events
+        self.heartbeat_timeout = heartbeat_timeout
+        self.timeout_s = timeout_s
+        self.where = redact(url)
+        self.keys = Keys(prefix)
+        self.ttl_ms = math.ceil(response_ttl_s * 1000)
+        self.health = Health(self.where)
+        # no retry: submit and publish are not idempotent (a retry after Redis ran the command but the reply was
+        # lost would queue a request twice or repeat a token); redis-py's pool replaces a connection a restarted
+        # Redis closed when it hands it out, so a restart needs no retry either
+        self.client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.blocking = blocking_client(url, timeout_s)  # response readers: each holds a connection while it blocks
+        self._submit = self.client.register_script(_SUBMIT)
+        self._publish = self.client.register_script(_PUBLISH)
+        self._work = WorkReader(self.client, url, self.keys, self.health, timeout_s)
+        self.reading: set[str] = set()  # request ids whose stream is open here
+        self._sent: dict[str, ReplicaStatus] = {}  # heartbeats sent from this process
+        self._status: dict[str, ReplicaStatus] = {}
+        self._bad_status: dict[str, str] = {}  # malformed replica fields already logged
+        self._refresher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def unavailable(self, exc: BaseException) -> NotReady:
+        return NotReady(f"the event bus (redis at {self.where}) is unavailable: {exc or type(exc).__name__}")
+
+    async def start(self) -> None:
+        """Start following other processes' heartbeats. Never raises: an unreachable Redis is logged and retried."""
+        if self._refresher is None and not self._closed:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh(), name="blink-bus-replicas")
+
+    async def close(self) -> None:
+        """Stop the background tasks and close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self._work.close()
+        await self.blocking.aclose()
+        await self.client.aclose()
+
+    # gateway side ---------------------------------------------------------------------------------------
+    async def submit(self, request: GenerateRequest) -> RedisResponseStream:
+        rid = request.request_id
+        if rid in self.reading:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        keys = [self.keys.pool(request.model), self.keys.resp(rid), self.keys.state(rid)]
+        try:
+            entry = await self._submit(keys=keys, args=[GROUP, self.max_pending, encode(request), self.ttl_ms])
+        except ERRORS as exc:
+            raise self.unavailable(exc) from exc
+        if entry is None:
+            raise Overloaded(f"{self.max_pending} requests are already waiting for {request.model!r}")
+        self.reading.add(rid)
+        return RedisResponseStream(self, rid)
+
+    async def cancel(self, request_id: str, model: str) -> None:
+        cancel: dict[FieldT, EncodableT] = {FIELD: encode(Cancel(request_id, model))}
+        try:
+            await self.client.xadd(self.keys.cancels(model), cancel, maxlen=CANCEL_KEEP, approximate=True)
+        except ERRORS as exc:
+            raise self.unavailable(exc) from exc
+
+    def replicas(self) -> list[ReplicaStatus]:
+        now = time.time()
+        return [s for s in self._status.values() if now - s.sent < self.heartbeat_timeout]
+
+    async def _refresh(self) -> None:
+        while True:
+            try:
+                raw = cast(dict[str, str], await self.client.hgetall(self.keys.replicas))
+            except ERRORS as exc:
+                await asyncio.sleep(max(REFRESH_S, self.health.failed(exc, "reading the replica list")))
+                continue
+            self.health.ok()
+            fresh: dict[str, ReplicaStatus] = {}
+            for replica_id, text in raw.items():
+                try:
+                    fresh[replica_id] = cast(ReplicaStatus, parse({FIELD: text}, (ReplicaStatus,)))
+                except ValueError as exc:
+                    if self._bad_status.get(replica_id) != text:  # once, not on every refresh
+                        self._bad_status[replica_id] = text
+                        log.warning("bus: ignoring the malformed status of replica %r: %s", replica_id, exc)
+            for replica_id, mine in self._sent.items():  # the read may predate a heartbeat sent meanwhile
+                if replica_id not in fresh or mine.sent >= fresh[replica_id].sent:
+                    fresh[replica_id] = mine
+            self._status = fresh
+            await asyncio.sleep(REFRESH_S)
+
+    # replica side ---------------------------------------------------------------------------------------
+    async def receive(self, model: str, replica_id: str, *, wait: float, max_requests: int) -> list[WorkMessage]:
+        """As Bus.receive. While Redis is unreachable: logs it once, waits up to `wait` and returns nothing."""
+        return await self._work.receive(model, replica_id, wait, max_requests)
+
+    async def publish(self, event: ResponseEvent) -> bool:
+        rid = event.request_id
+        keys = [self.keys.resp(rid), self.keys.state(rid)]
+        finished = isinstance(event, Finished)
+        try:
+            args: list[EncodableT] = ["event", self.stream_events, self.ttl_ms, encode(event), int(finished)]
+            outcome = int(await self._publish(keys=keys, args=args))
+            if outcome < 0:  # the reader fell behind: it gets this error after what it has, and we stop
+                args = ["overflow", self.stream_events, self.ttl_ms, encode(slow_consumer(rid)), 1]
+                await self._publish(keys=keys, args=args)
+            self.health.ok()
+        except ERRORS as exc:
+            self.health.failed(exc, "publishing")
+            outcome = 0
+        if finished:
+            await self._work.finished(rid)
+        return outcome == 1
+
+    async def heartbeat(self, status: ReplicaStatus) -> None:
+        """As Bus.heartbeat; an unreachable Redis is logged, not raised."""
+        self._sent[status.replica_id] = self._status[status.replica_id] = status
+        try:
+            await self._work.register(status.model, status.replica_id)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(self.keys.replicas, status.replica_id, encode(status))
+            pipe.hpexpire(self.keys.replicas, math.ceil(2000 * self.heartbeat_timeout), status.replica_id)
+            await pipe.execute()
+        except ERRORS as exc:
+            self.health.failed(exc, "sending a heartbeat")
+            return
+        self.health.ok()
+
+
+class RedisResponseStream:
+    """One request's events, read with XREAD BLOCK after `last_id`, the id of the last entry read (the resume
+    point: ids increase along the stream). What was consumed is deleted with the next read, so until the consumer
+    asks for more it still counts against stream_events."""
+
+    def __init__(self, bus: RedisBus, request_id: str, after: str = "0-0") -> None:
+        self.request_id = request_id
+        self.last_id = after
+        self.closed = False
+        self._bus = bus
+        self._key = bus.keys.resp(request_id)
+
+    async def __aiter__(self) -> AsyncIterator[ResponseEvent]:
+        bus = self._bus
+        consumed: list[str] = []
+        outage: float | None = None
+        while not self.closed:
+            pipe = bus.blocking.pipeline(transaction=False)
+            if consumed:
+                pipe.xdel(self._key, *consumed)
+            pipe.xread({self._key: self.last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
+            try:
+                async with asyncio.timeout(READ_BLOCK_MS / 1000 + bus.timeout_s):  # no extra task, as wait_for
+                    replies = await pipe.execute()
+            except ERRORS as exc:
+                outage = outage or time.monotonic()
+                if time.monotonic() - outage >= bus.heartbeat_timeout:
+                    await self._end()
+                    message = bus.unavailable(exc).message
+                    yield Finished(
+                        self.request_id, FinishStatus.ERROR, error_code="model_not_ready", error_message=message
+                    )
+                    return
+                await asyncio.sleep(bus.health.failed(exc, "reading a response"))
+                continue
+            outage, consumed = None, []
+            for entry_id, fields in entries(replies[-1]):
+                self.last_id = entry_id
+                consumed.append(entry_id)
+                try:
+                    event = cast(ResponseEvent, parse(fields, (Accepted, TokenEvent, Finished)))
+                except ValueError as exc:
+                    log.warning("bus: dropping malformed entry %s of %s: %s", entry_id, self._key, exc)
+                    continue
+                if isinstance(event, Finished):
+                    await self._end()
+                yield event
+                if isinstance(event, Finished):
+                    return
+
+    async def _end(self) -> None:
+        """The response is over: drop its stream now rather than at its expiry."""
+        self.closed = True
+        self._bus.reading.discard(self.request_id)
+        try:
+            await self._bus.client.delete(self._key)
+        except ERRORS as exc:
+            self._bus.health.failed(exc, "deleting a finished response")
+
+    async def close(self) -> None:
+        """Stop receiving: mark the response done (publish returns False from then on) and drop what is unread.
+        Never raises; if Redis is unreachable the replica stops when the stream overflows or the deadline passes."""
+        if self.closed:
+            return
+        self.closed = True
+        self._bus.reading.discard(self.request_id)
+        pipe = self._bus.client.pipeline(transaction=False)
+        pipe.set(self._bus.keys.state(self.request_id), "closed", px=self._bus.ttl_ms)
+        pipe.delete(self._key)
+        try:
+            await pipe.execute()
+        except ERRORS as exc:
+            self._bus.health.failed(exc, "closing a response")

@@ -1,0 +1,143 @@
+"""What the Redis bus's two sides share: key names, the entry format, and how an outage is handled.
+
+Keys, for a prefix P (default blink:bus); every stream entry is {"m": JSON of messages.to_dict}:
+    P:pool:<model>    GenerateRequests; one consumer group ("replicas"), each replica a consumer named by its
+                      replica_id. A request is XACKed and XDELed together when its replica publishes its Finished,
+                      so the stream holds the undelivered backlog plus the requests replicas hold (their pending
+                      entries, which a failover can XAUTOCLAIM from a dead replica): backlog = XLEN - pending.
+    P:cancel:<model>  Cancels, read by every replica of the pool from the last id it saw (a broadcast); about
+                      CANCEL_KEEP entries are kept
+    P:resp:<id>       one request's events in order; entry ids increase, so an id is a resume point. The reader
+                      deletes what it consumed, so XLEN is its unread backlog. Expires response_ttl_s after a write.
+    P:state:<id>      "open" from submit until no more events are wanted: "finished" (Finished written), "overflow"
+                      or "closed" (the reader closed); publish returns False unless it is open. Expires
+                      response_ttl_s after a write, so a response nobody wrote to for that long is no longer open.
+    P:replicas        hash replica_id -> its latest ReplicaStatus; a field expires 2 x heartbeat_timeout after it
+                      was written (HPEXPIRE, Redis >= 7.4)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from blink.bus import messages
+from blink.bus.messages import Finished, FinishStatus
+
+log = logging.getLogger("blink.bus")
+
+GROUP = "replicas"
+FIELD = "m"
+CANCEL_KEEP = 1000  # cancels kept per pool; a replica that stalls this many cancels behind misses the oldest
+BACKOFF_S = (0.05, 2.0)  # first and longest wait between tries while Redis is unreachable
+ERRORS = (RedisError, OSError)  # OSError covers the builtin ConnectionError and TimeoutError asyncio raises
+
+Entries = list[tuple[str, dict[str, str] | None]]  # (entry id, fields); fields None: the entry was deleted
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.replicas = f"{prefix}:replicas"
+
+    def pool(self, model: str) -> str:
+        return f"{self.prefix}:pool:{model}"
+
+    def cancels(self, model: str) -> str:
+        return f"{self.prefix}:cancel:{model}"
+
+    def resp(self, request_id: str) -> str:
+        return f"{self.prefix}:resp:{request_id}"
+
+    def state(self, request_id: str) -> str:
+        return f"{self.prefix}:state:{request_id}"
+
+
+def blocking_client(url: str, connect_timeout_s: float) -> aioredis.Redis:
+    """A client for blocking reads: no socket timeout (each call bounds its own wait with asyncio.timeout, which
+    drops the connection when it fires) and no retry (a retried blocking read could deliver twice)."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=connect_timeout_s,
+        socket_timeout=None,  # explicitly: redis-py's default is 5 s, which would cut longer blocks
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class Health:
+    """Redis reachability as one bus sees it: an outage is logged when it starts and when it ends (a replica's
+    loop would otherwise log every step), and callers back off exponentially while it lasts."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.down_since: float | None = None
+        self.delay = 0.0
+        self.retry_at = 0.0  # monotonic time before which a replica's receive does not try again
+
+    def failed(self, exc: BaseException, doing: str) -> float:
+        """Note a failure; returns how long to wait before the next try."""
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            reason = exc or type(exc).__name__
+            log.warning("bus: redis at %s is unavailable (%s: %s); retrying", self.where, doing, reason)
+        self.delay = min(BACKOFF_S[1], max(BACKOFF_S[0], 2 * self.delay))
+        self.retry_at = now + self.delay
+        return self.delay
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            down = time.monotonic() - self.down_since
+            log.info("bus: redis at %s is available again after %.1f s", self.where, down)
+            self.down_since, self.delay, self.retry_at = None, 0.0, 0.0
+
+
+def encode(msg: messages.Message) -> str:
+    return json.dumps(messages.to_dict(msg))  # ensure_ascii: lone surrogates survive, as UTF-8 would not carry them
+
+
+def parse(fields: dict[str, str] | None, kinds: tuple[type[Any], ...]) -> messages.Message:
+    """The message of an entry; ValueError unless it is well formed, of one of `kinds`, and not newer than us."""
+    text = (fields or {}).get(FIELD)
+    if text is None:
+        raise ValueError("the entry has no message")
+    try:
+        msg = messages.from_dict(json.loads(text))
+    except (TypeError, KeyError, AttributeError) as exc:  # a dict of the wrong shape (ValueError passes through)
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    if type(msg) not in kinds:
+        raise ValueError(f"a {msg.kind} message where {'/'.join(k.kind for k in kinds)} belongs")
+    return msg
+
+
+def entries(reply: object) -> Entries:
+    """The entries of an XREAD/XREADGROUP reply on one stream (RESP2: [[key, [(id, fields), ...]]], or empty)."""
+    streams = cast(list[tuple[str, Entries]], reply or [])
+    return [entry for _, found in streams for entry in found]
+
+
+def slow_consumer(request_id: str) -> Finished:
+    return Finished(
+        request_id,
+        FinishStatus.ERROR,
+        error_code="slow_consumer",
+        error_message="the client read too slowly; the response was cancelled",
+    )
+
+
+def redact(url: str) -> str:
+    """The URL without its password: the message reaches logs and clients (the bus and the semantic cache both use it)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()

@@ -1,0 +1,251 @@
+"""A replica's side of the Redis bus: its pool's requests (consumer group) and cancels (broadcast stream).
+
+Each replica blocks in XREADGROUP on a connection of its own while a watcher task blocks in XREAD on the pool's
+cancel stream on another; a cancel ends the first block with CLIENT UNBLOCK rather than waiting it out. An idle
+receive costs one round trip before it blocks; a busy one (wait 0) one round trip in all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from blink.bus.messages import Cancel, GenerateRequest, WorkMessage
+from blink.bus.redis_wire import ERRORS, GROUP, Entries, Health, Keys, blocking_client, entries, parse
+
+log = logging.getLogger("blink.bus")
+
+CANCEL_BLOCK_MS = 5000  # a cancel watcher's block; the next receive starts a new one
+UNBLOCK_TRIES, UNBLOCK_RETRY_S = 20, 0.005
+
+
+@dataclass
+class _Consumer:
+    """One replica's reading state in this process."""
+
+    replica_id: str
+    pool: str
+    cancels: str
+    cursor: str  # last cancel entry seen: a replica gets the cancels sent after it first showed up
+    pool_conn: aioredis.Redis  # XREADGROUP only, so that CLIENT UNBLOCK ends exactly that block
+    cancel_conn: aioredis.Redis  # the watcher's XREAD BLOCK
+    pool_id: int | None = None  # CLIENT ID of pool_conn; None once its connection dropped
+    recover: bool = False  # a pool read failed after it was sent: Redis may have delivered entries we never saw
+    # read from Redis but not handed out yet: a receive cancelled after Redis answered must not lose them
+    inbox: list[Cancel] = field(default_factory=list)
+    ready: list[GenerateRequest] = field(default_factory=list)
+    watcher: asyncio.Task[list[Cancel]] | None = None
+
+
+class WorkReader:
+    """Receives work for the replicas of one process and acknowledges each request once it is finished."""
+
+    def __init__(self, client: aioredis.Redis, url: str, keys: Keys, health: Health, timeout_s: float) -> None:
+        self._client = client
+        self._url = url
+        self._keys = keys
+        self._health = health
+        self._timeout_s = timeout_s
+        self._consumers: dict[str, _Consumer] = {}
+        self._taken: dict[str, tuple[str, str]] = {}  # request id -> (pool, entry id) until its Finished
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+        watchers = [c.watcher for c in self._consumers.values() if c.watcher is not None]
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        for c in self._consumers.values():
+            await c.pool_conn.aclose()
+            await c.cancel_conn.aclose()
+
+    async def receive(self, model: str, replica_id: str, wait: float, max_requests: int) -> list[WorkMessage]:
+        """As Bus.receive. While Redis is unreachable: logs it once, waits up to `wait` and returns what was read
+        before (usually nothing)."""
+        if self.closed:
+            return []
+        deadline = time.monotonic() + max(0.0, wait)
+        if self._health.retry_at <= time.monotonic():
+            try:
+                out = await self._receive(model, replica_id, wait, max_requests)
+            except ERRORS as exc:
+                if self.closed:  # its connections were closed under it
+                    return []
+                self._health.failed(exc, "receiving work")
+            else:
+                self._health.ok()
+                return out
+        c = self._consumers.get(replica_id)
+        if c is None or not (c.inbox or (c.ready and max_requests)):
+            await asyncio.sleep(max(0.0, min(deadline, self._health.retry_at) - time.monotonic()))
+        return self._hand_out(c, max_requests) if c is not None else []
+
+    async def _receive(self, model: str, replica_id: str, wait: float, n: int) -> list[WorkMessage]:
+        c = await self.register(model, replica_id)
+        self._watch(c)
+        if len(c.ready) < n:
+            await self._read_pool(c, n - len(c.ready), None)
+        if not c.inbox and not (n and c.ready) and wait > 0:
+            await self._wait(c, n, wait)
+        return self._hand_out(c, n)
+
+    def _hand_out(self, c: _Consumer, n: int) -> list[WorkMessage]:
+        """Synchronous, so what leaves c.inbox and c.ready reaches the caller: each is handed out exactly once."""
+        if c.watcher is not None and c.watcher.done():
+            self._watch(c)
+        out: list[WorkMessage] = [*c.inbox, *c.ready[:n]]
+        c.inbox.clear()
+        del c.ready[:n]
+        return out
+
+    async def register(self, model: str, replica_id: str) -> _Consumer:
+        """Remember the replica (first call: its pool, and the cancel stream's current end as its cursor)."""
+        if replica_id in self._consumers:
+            return self._consumers[replica_id]
+        pool, cancels = self._keys.pool(model), self._keys.cancels(model)
+        last = cast(list[tuple[str, Any]], await self._client.xrevrange(cancels, count=1))
+        await self._ensure_group(pool)
+        cursor = last[0][0] if last else "0-0"
+        conns = blocking_client(self._url, self._timeout_s), blocking_client(self._url, self._timeout_s)
+        consumer = _Consumer(replica_id, pool, cancels, cursor, *conns)
+        return self._consumers.setdefault(replica_id, consumer)  # a concurrent first call may have won
+
+    async def _ensure_group(self, pool: str) -> None:
+        try:  # id 0: requests submitted before any replica came are delivered
+            await self._client.xgroup_create(pool, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _watch(self, c: _Consumer) -> asyncio.Task[list[Cancel]]:
+        """Collect what a finished watcher read into the inbox; make sure one is watching. Returns it."""
+        if c.watcher is not None and c.watcher.done():
+            if not c.watcher.cancelled():
+                c.inbox.extend(c.watcher.result())
+            c.watcher = None
+        if c.watcher is None:
+            c.watcher = asyncio.get_running_loop().create_task(self._watch_cancels(c), name="blink-bus-cancels")
+        return c.watcher
+
+    async def _watch_cancels(self, c: _Consumer) -> list[Cancel]:
+        """Block until cancels come (or CANCEL_BLOCK_MS pass); never raises but CancelledError."""
+        try:
+            async with asyncio.timeout(CANCEL_BLOCK_MS / 1000 + self._timeout_s):
+                reply = await c.cancel_conn.xread({c.cancels: c.cursor}, block=CANCEL_BLOCK_MS)
+        except ERRORS as exc:
+            await asyncio.sleep(self._health.failed(exc, "watching cancels"))  # the cursor keeps what comes
+            return []
+        out = []
+        for entry_id, fields in entries(reply):
+            c.cursor = entry_id
+            try:
+                out.append(cast(Cancel, parse(fields, (Cancel,))))
+            except ValueError as exc:
+                log.warning("bus: dropping malformed entry %s of %s: %s", entry_id, c.cancels, exc)
+        return out
+
+    async def _wait(self, c: _Consumer, n: int, wait: float) -> None:
+        """Block up to `wait` s for requests (when n > 0) or cancels; a cancel ends the block at once."""
+        loop = asyncio.get_running_loop()
+        if n == 0:
+            deadline = loop.time() + wait
+            while not c.inbox and (left := deadline - loop.time()) > 0:
+                await asyncio.wait({self._watch(c)}, timeout=left)
+                self._watch(c)
+            return
+        if c.pool_id is None:
+            async with asyncio.timeout(self._timeout_s):
+                c.pool_id = int(await c.pool_conn.client_id())
+        read = loop.create_task(self._read_pool(c, n, max(1, round(wait * 1000))))  # BLOCK 0 blocks forever
+        try:
+            while not read.done():
+                watcher = self._watch(c)
+                if c.inbox:
+                    await self._unblock(c, read)
+                    break
+                await asyncio.wait({read, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await read
+        finally:
+            read.cancel()  # only matters when receive itself was cancelled
+
+    async def _unblock(self, c: _Consumer, read: asyncio.Task[None]) -> None:
+        """End the pool read's block early. Tried again for a moment: Redis may not have started that block yet
+        (the unblock goes on another connection); if it never succeeds the block runs out within its wait."""
+        assert c.pool_id is not None
+        for _ in range(UNBLOCK_TRIES):
+            try:
+                if await self._client.client_unblock(c.pool_id):
+                    return
+            except ERRORS as exc:
+                log.debug("bus: CLIENT UNBLOCK failed: %s", exc)
+                return
+            await asyncio.wait({read}, timeout=UNBLOCK_RETRY_S)
+            if read.done():
+                return
+
+    async def _read_pool(self, c: _Consumer, n: int, block_ms: int | None) -> None:
+        """Up to n requests into c.ready: first any that a failed read left pending here, else new ones."""
+        try:
+            if c.recover and await self._recover(c, n):
+                return
+            async with asyncio.timeout((block_ms or 0) / 1000 + self._timeout_s):  # pool_conn has no socket timeout
+                reply = await c.pool_conn.xreadgroup(GROUP, c.replica_id, {c.pool: ">"}, count=n, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # the stream is gone (Redis restarted empty): make it again, read next time
+                await self._ensure_group(c.pool)
+                return
+            raise
+        except BaseException:
+            c.pool_id, c.recover = None, True
+            raise
+        await self._take(c, entries(reply))
+
+    async def _recover(self, c: _Consumer, n: int) -> int:
+        """Entries delivered to this consumer that it never handed out: its pending list minus what it holds."""
+        async with asyncio.timeout(self._timeout_s):
+            reply = await c.pool_conn.xreadgroup(GROUP, c.replica_id, {c.pool: "0"})
+        held = {entry_id for pool, entry_id in self._taken.values() if pool == c.pool}
+        lost = [entry for entry in entries(reply) if entry[0] not in held]
+        c.recover = len(lost) > n
+        await self._take(c, lost[:n])
+        return len(lost)
+
+    async def _take(self, c: _Consumer, found: Entries) -> None:
+        bad = []
+        for entry_id, fields in found:
+            try:
+                request = cast(GenerateRequest, parse(fields, (GenerateRequest,)))
+            except ValueError as exc:
+                log.warning("bus: dropping malformed entry %s of %s: %s", entry_id, c.pool, exc)
+                bad.append(entry_id)
+                continue
+            self._taken[request.request_id] = (c.pool, entry_id)
+            c.ready.append(request)
+        if bad:  # acknowledged, or it would stay pending on this replica forever
+            try:
+                await self._ack(c.pool, *bad)
+            except ERRORS as exc:
+                log.warning("bus: could not acknowledge malformed entries of %s: %s", c.pool, exc)
+
+    async def finished(self, request_id: str) -> None:
+        """The request's Finished was published: acknowledge it (and delete it) in its pool. Never raises."""
+        taken = self._taken.pop(request_id, None)
+        if taken is None:
+            return
+        try:
+            await self._ack(*taken)
+        except ERRORS as exc:  # left pending: a failover would claim it, find its response no longer open, drop it
+            self._health.failed(exc, "acknowledging a request")
+
+    async def _ack(self, pool: str, *entry_ids: str) -> None:
+        pipe = self._client.pipeline(transaction=True)  # together, so that XLEN - pending stays the backlog
+        pipe.xack(pool, GROUP, *entry_ids)
+        pipe.xdel(pool, *entry_ids)
+        await pipe.execute()
