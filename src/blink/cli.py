@@ -1,6 +1,7 @@
 """The `blink` command: the only place that reads flags and the environment, and wires the parts together.
 
-blink serve       gateway + in-memory bus + one pre-warmed replica, in one process
+blink serve       gateway + in-memory bus + one pre-warmed replica, in one process (--redis: on Redis Streams)
+blink worker      a replica alone, serving the gateways of a Redis bus (--redis)
 blink prepare     convert the model (and the embedding model) once into the cache (serve does this when needed)
 blink models      list the models this installation can serve
 blink cache-eval  measure the semantic cache on a labelled pair file
@@ -34,6 +35,7 @@ from blink.config import (
 )
 
 if TYPE_CHECKING:
+    from blink.bus.base import Bus
     from blink.gateway.service import Gateway
     from blink.semantic_cache.cache import SemanticCache
     from blink.semantic_cache.embedder import LazyEmbedder
@@ -58,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(serve, cls)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    worker = sub.add_parser(
+        "worker",
+        help="run a replica that serves the gateways of a Redis bus (blink serve --redis)",
+        description="Load and warm the model, then join the model's pool on the Redis bus: take requests, stream "
+        "tokens back, send heartbeats. SIGTERM or SIGINT stops it (requests in flight end as incomplete).",
+    )
+    for cls in (ModelConfig, EngineConfig, RedisConfig):
+        add_flags(worker, cls, skip=("local_replica",))
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     prepare = sub.add_parser(
         "prepare", help="prepare a model into the cache (dequantize once, load fast after), and the embedding model"
     )
@@ -74,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir", type=Path, default=ModelConfig().cache_dir, help="where the embedder is kept")
     evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     for cls in (CacheConfig, RedisConfig):
-        add_flags(evaluate, cls, skip=("semantic_cache", "cache_turns", "cache_max_entries"))
+        add_flags(evaluate, cls, skip=("semantic_cache", "cache_turns", "cache_max_entries", "local_replica"))
 
     sub.add_parser("models", help="list the models this installation can serve")
     return parser
@@ -103,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from blink.semantic_cache.evaluate import run
 
         return run(args.pairs, from_flags(CacheConfig, args), from_flags(RedisConfig, args), args.cache_dir, args.json)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "worker":
+        return worker(from_flags(ModelConfig, args), from_flags(EngineConfig, args), from_flags(RedisConfig, args))
     config = ServeConfig(
         model=from_flags(ModelConfig, args),
         engine=from_flags(EngineConfig, args),
@@ -110,49 +125,105 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache=from_flags(CacheConfig, args),
         redis=from_flags(RedisConfig, args),
     )
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(config, log_level=args.log_level)
 
 
-def serve(config: ServeConfig, *, log_level: str = "info") -> int:
-    from blink.bus.memory import MemoryBus
+def _preflight(model: ModelConfig, engine: EngineConfig) -> str | None:
+    """Why the model (or its draft) cannot be served, before anything starts; None if it can."""
     from blink.errors import BlinkError
+    from blink.models import registry
+
+    try:
+        registry.get(model.model).locate(model.cache_dir)
+        kind, draft = parse_speculative(engine.speculative)
+        if kind == "draft":
+            registry.get(draft).locate(model.cache_dir)
+    except BlinkError as exc:
+        return exc.message
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _bus(redis: RedisConfig, max_pending: int, stream_events: int) -> Bus:
+    if redis.redis:
+        from blink.bus.redis import RedisBus
+
+        return RedisBus(redis.redis, max_pending=max_pending, stream_events=stream_events)
+    from blink.bus.memory import MemoryBus
+
+    return MemoryBus(max_pending=max_pending, stream_events=stream_events)
+
+
+def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
+    """`blink worker`: one replica on the Redis bus, until SIGTERM or SIGINT."""
+    import signal
+
+    from blink.worker.replica import Replica
+
+    if not redis.redis:
+        print("blink worker: --redis is required (the bus the gateways use)", file=sys.stderr)
+        return 2
+    problem = _preflight(model, engine)
+    if problem is not None:
+        print(f"blink: {problem}", file=sys.stderr)
+        return 2
+    gw = GatewayConfig()
+
+    async def main() -> None:
+        bus = _bus(redis, gw.max_pending_requests, gw.stream_queue_events)
+        await bus.start()
+        replica = Replica(bus, model, engine)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(replica.run())
+        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await replica.stop()
+        try:
+            await task
+        finally:
+            await bus.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     from blink.gateway.app import create_app
     from blink.gateway.service import Gateway
-    from blink.models import registry
     from blink.preload.store import MemoryContextStore
     from blink.semantic_cache.embedder import LazyEmbedder
     from blink.worker.replica import Replica
 
-    try:
-        registry.get(config.model.model).locate(config.model.cache_dir)
-        kind, draft = parse_speculative(config.engine.speculative)
-        if kind == "draft":
-            registry.get(draft).locate(config.model.cache_dir)
-    except BlinkError as exc:
-        print(f"blink: {exc.message}", file=sys.stderr)
+    local = config.redis.local_replica or not config.redis.redis
+    if not config.redis.local_replica and not config.redis.redis:
+        print("blink serve: --no-local-replica needs --redis (workers join through it)", file=sys.stderr)
         return 2
-    except ValueError as exc:
-        print(f"blink: {exc}", file=sys.stderr)
+    problem = _preflight(config.model, config.engine) if local else None
+    if problem is not None:
+        print(f"blink: {problem}", file=sys.stderr)
         return 2
     gw = config.gateway
-    bus = MemoryBus(max_pending=gw.max_pending_requests, stream_events=gw.stream_queue_events)
+    bus = _bus(config.redis, gw.max_pending_requests, gw.stream_queue_events)
     embedder = LazyEmbedder(config.cache.cache_embedder, config.model.cache_dir, config.cache.cache_embedder_threads)
     cache = _semantic_cache(config.cache, config.redis, embedder) if config.cache.semantic_cache else None
     gateway = Gateway(bus, gw, [config.model.model], MemoryContextStore(embedder.embed), cache)
-    replica = Replica(bus, config.model, config.engine)
+    replica = Replica(bus, config.model, config.engine) if local else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         await bus.start()
-        task = asyncio.create_task(replica.run())
+        task = asyncio.create_task(replica.run() if replica else asyncio.sleep(0))
         task.add_done_callback(_report_replica_exit)
         if cache is not None:  # /readyz waits for it; the document store alone loads it at its first document
             loading = asyncio.create_task(asyncio.to_thread(embedder.load))
             loading.add_done_callback(_report_embedder)
         log.info("listening on http://%s:%d; loading %s", gw.host, gw.port, config.model.model)
         yield
-        await replica.stop()
+        if replica is not None:
+            await replica.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         if cache is not None:
@@ -168,10 +239,11 @@ def _semantic_cache(config: CacheConfig, redis: RedisConfig, embedder: LazyEmbed
     from blink.semantic_cache.index import VectorIndex
 
     index: VectorIndex
-    if redis.redis:
+    url = config.cache_redis or redis.redis
+    if url:
         from blink.semantic_cache.redis import RedisIndex
 
-        index = RedisIndex(redis.redis, config.cache_max_entries)
+        index = RedisIndex(url, config.cache_max_entries)
     else:
         from blink.semantic_cache.memory import MemoryIndex
 

@@ -119,13 +119,21 @@ class CacheConfig:
         choices=EMBEDDERS,
     )
     cache_embedder_threads: int = _help("threads the embedder may use", 1)
+    cache_redis: str = _help(
+        "Redis URL for the semantic cache alone (Redis 8 Vector Sets); empty: --redis's, if given, else in memory",
+        "",
+    )
 
 
 @dataclass(frozen=True)
 class RedisConfig:
     redis: str = _help(
-        "Redis URL (redis://host:6379/0): the semantic cache becomes Redis 8 Vector Sets there (empty: in memory)",
+        "Redis URL (redis://host:6379/0): the event bus becomes Redis Streams, which `blink worker` processes on "
+        "any machine join, and the semantic cache Redis 8 Vector Sets (empty: all in this process)",
         "",
+    )
+    local_replica: bool = _help(
+        "with --redis, also run a replica in this process (off: a gateway only, served by `blink worker`s)", True
     )
 
 

@@ -155,7 +155,7 @@ def test_redis_backend_serves_hits_survives_an_outage_and_is_used_again(
     tmp_path_factory: pytest.TempPathFactory, model_dir: Path
 ) -> None:
     with RedisServer() as redis:
-        srv = Server(tmp_path_factory.mktemp("cache-redis") / "serve.log", "--redis", redis.url)
+        srv = Server(tmp_path_factory.mktemp("cache-redis") / "serve.log", "--cache-redis", redis.url)
         try:
             srv.wait_ready()
             assert srv.readyz()["semantic_cache"]["index"] == "redis"

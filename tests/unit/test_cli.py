@@ -44,3 +44,10 @@ def test_a_bad_speculative_setting_is_a_clear_error(
 ) -> None:
     assert main(["serve", "--speculative", value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_scale_out_flags_are_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker"]) == 2
+    assert "--redis is required" in capsys.readouterr().err
+    assert main(["serve", "--no-local-replica"]) == 2
+    assert "--no-local-replica needs --redis" in capsys.readouterr().err

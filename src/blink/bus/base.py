@@ -32,6 +32,9 @@ class ResponseStream(Protocol):
 
 
 class Bus(Protocol):
+    reclaims: bool  # True when a dead replica's requests are re-delivered to another replica of the pool
+    heartbeat_timeout: float  # seconds after its last heartbeat that a replica counts as gone
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...

@@ -58,6 +58,8 @@ class MemoryResponseStream:
 
 
 class MemoryBus:
+    reclaims: bool = False  # one process: its replicas die with it
+
     def __init__(self, *, max_pending: int = 256, stream_events: int = 1024, heartbeat_timeout: float = 10.0) -> None:
         self.max_pending = max_pending
         self.stream_events = stream_events

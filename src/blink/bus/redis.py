@@ -31,6 +31,7 @@ from blink.bus.messages import (
     TokenEvent,
     WorkMessage,
 )
+from blink.bus.redis_claim import Claimer
 from blink.bus.redis_wire import (
     CANCEL_KEEP,
     ERRORS,
@@ -101,7 +102,14 @@ class RedisBus:
     heartbeat_timeout seconds of outage, ends with Finished(ERROR, model_not_ready). A malformed entry (bad JSON,
     unknown kind, newer version) is logged and dropped (a request is acknowledged), never raised.
     `replicas()` shows this process's heartbeats at once and others' within REFRESH_S once `start()` ran.
+
+    Failover (`reclaims`): the requests a dead replica had taken and not finished (its heartbeat older than
+    heartbeat_timeout, missing, or STOPPED) are claimed by a live READY replica of the pool within claim_interval_s
+    of its next receive, and come out of that receive like new ones (redis_claim.py); those whose response is no
+    longer open are acknowledged instead. The new replica publishes into the same response, from Accepted on.
     """
+
+    reclaims: bool = True
 
     def __init__(
         self,
@@ -110,12 +118,17 @@ class RedisBus:
         max_pending: int = 256,
         stream_events: int = 1024,
         heartbeat_timeout: float = 10.0,
+        claim_interval_s: float = 1.0,
         prefix: str = "blink:bus",
         response_ttl_s: float = 600.0,
         timeout_s: float = 1.0,
     ) -> None:
         if max_pending < 1 or stream_events < 1:
             raise ValueError(f"max_pending and stream_events must be at least 1, got {max_pending}, {stream_events}")
+        if heartbeat_timeout <= 0 or claim_interval_s < 0:
+            raise ValueError(
+                f"need heartbeat_timeout > 0 and claim_interval_s >= 0: {heartbeat_timeout}, {claim_interval_s}"
+            )
         self.max_pending = max_pending
         self.stream_events = stream_events
         self.heartbeat_timeout = heartbeat_timeout
@@ -137,7 +150,8 @@ class RedisBus:
         self.blocking = blocking_client(url, timeout_s)  # response readers: each holds a connection while it blocks
         self._submit = self.client.register_script(_SUBMIT)
         self._publish = self.client.register_script(_PUBLISH)
-        self._work = WorkReader(self.client, url, self.keys, self.health, timeout_s)
+        claimer = Claimer(self.client, self.keys, heartbeat_timeout, claim_interval_s)
+        self._work = WorkReader(self.client, url, self.keys, self.health, timeout_s, claimer)
         self.reading: set[str] = set()  # request ids whose stream is open here
         self._sent: dict[str, ReplicaStatus] = {}  # heartbeats sent from this process
         self._status: dict[str, ReplicaStatus] = {}
@@ -192,7 +206,9 @@ class RedisBus:
         return [s for s in self._status.values() if now - s.sent < self.heartbeat_timeout]
 
     async def _refresh(self) -> None:
-        while True:
+        # not `while True`: redis-py now and then swallows the cancel close() sends (seen with HGETALL), and the
+        # loop must end anyway
+        while not self._closed:
             try:
                 raw = cast(dict[str, str], await self.client.hgetall(self.keys.replicas))
             except ERRORS as exc:

@@ -4,7 +4,7 @@ Keys, for a prefix P (default blink:bus); every stream entry is {"m": JSON of me
     P:pool:<model>    GenerateRequests; one consumer group ("replicas"), each replica a consumer named by its
                       replica_id. A request is XACKed and XDELed together when its replica publishes its Finished,
                       so the stream holds the undelivered backlog plus the requests replicas hold (their pending
-                      entries, which a failover can XAUTOCLAIM from a dead replica): backlog = XLEN - pending.
+                      entries, which a failover XCLAIMs from a dead replica): backlog = XLEN - pending.
     P:cancel:<model>  Cancels, read by every replica of the pool from the last id it saw (a broadcast); about
                       CANCEL_KEEP entries are kept
     P:resp:<id>       one request's events in order; entry ids increase, so an id is a resume point. The reader
@@ -135,7 +135,7 @@ def slow_consumer(request_id: str) -> Finished:
 
 
 def redact(url: str) -> str:
-    """The URL without its password: the message reaches logs and clients (the bus and the semantic cache both use it)."""
+    """The URL without its password, for messages that reach logs and clients (the bus and the cache use it)."""
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -2,7 +2,9 @@
 
 Each replica blocks in XREADGROUP on a connection of its own while a watcher task blocks in XREAD on the pool's
 cancel stream on another; a cancel ends the first block with CLIENT UNBLOCK rather than waiting it out. An idle
-receive costs one round trip before it blocks; a busy one (wait 0) one round trip in all.
+receive costs one round trip before it blocks; a busy one (wait 0) one round trip in all. At most every
+claim_interval_s a receive first looks for dead replicas of its pool and takes their requests over (redis_claim.py):
+two or three round trips more.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from blink.bus.messages import Cancel, GenerateRequest, WorkMessage
+from blink.bus.redis_claim import Claimer
 from blink.bus.redis_wire import ERRORS, GROUP, Entries, Health, Keys, blocking_client, entries, parse
 
 log = logging.getLogger("blink.bus")
@@ -36,6 +39,7 @@ class _Consumer:
     pool_conn: aioredis.Redis  # XREADGROUP only, so that CLIENT UNBLOCK ends exactly that block
     cancel_conn: aioredis.Redis  # the watcher's XREAD BLOCK
     pool_id: int | None = None  # CLIENT ID of pool_conn; None once its connection dropped
+    next_claim: float = 0.0  # monotonic time of the next look for dead replicas' requests
     recover: bool = False  # a pool read failed after it was sent: Redis may have delivered entries we never saw
     # read from Redis but not handed out yet: a receive cancelled after Redis answered must not lose them
     inbox: list[Cancel] = field(default_factory=list)
@@ -46,12 +50,15 @@ class _Consumer:
 class WorkReader:
     """Receives work for the replicas of one process and acknowledges each request once it is finished."""
 
-    def __init__(self, client: aioredis.Redis, url: str, keys: Keys, health: Health, timeout_s: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis, url: str, keys: Keys, health: Health, timeout_s: float, claimer: Claimer
+    ) -> None:
         self._client = client
         self._url = url
         self._keys = keys
         self._health = health
         self._timeout_s = timeout_s
+        self._claimer = claimer
         self._consumers: dict[str, _Consumer] = {}
         self._taken: dict[str, tuple[str, str]] = {}  # request id -> (pool, entry id) until its Finished
         self.closed = False
@@ -90,6 +97,9 @@ class WorkReader:
     async def _receive(self, model: str, replica_id: str, wait: float, n: int) -> list[WorkMessage]:
         c = await self.register(model, replica_id)
         self._watch(c)
+        if time.monotonic() >= c.next_claim:
+            c.next_claim = time.monotonic() + self._claimer.interval_s
+            await self._claim(c, max(0, n - len(c.ready)))
         if len(c.ready) < n:
             await self._read_pool(c, n - len(c.ready), None)
         if not c.inbox and not (n and c.ready) and wait > 0:
@@ -214,25 +224,56 @@ class WorkReader:
         held = {entry_id for pool, entry_id in self._taken.values() if pool == c.pool}
         lost = [entry for entry in entries(reply) if entry[0] not in held]
         c.recover = len(lost) > n
+        # not checked for being open (one round trip fewer): a replica's Accepted for one that is not is refused
         await self._take(c, lost[:n])
         return len(lost)
 
-    async def _take(self, c: _Consumer, found: Entries) -> None:
-        bad = []
+    async def _claim(self, c: _Consumer, room: int) -> None:
+        """Take over up to `room` requests of dead replicas of c's pool (into c.ready, like new ones)."""
+        try:
+            claimed = await self._claimer.claim(c.pool, c.replica_id, room)
+            for dead, found in claimed.items():
+                taken = await self._take(c, found, only_open=True)
+                log.info(
+                    "bus: replica %s took over %d request(s) of dead replica %s (%d more were no longer wanted)",
+                    c.replica_id,
+                    taken,
+                    dead,
+                    len(found) - taken,
+                )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):  # Redis restarted empty: the read makes it again
+                return
+            c.recover = True
+            raise
+        except BaseException:  # claimed entries not yet taken are pending here: the recovery read finds them
+            c.recover = True
+            raise
+
+    async def _take(self, c: _Consumer, found: Entries, *, only_open: bool = False) -> int:
+        """Parse entries pending for c into c.ready; returns how many. Malformed ones are acknowledged, and with
+        `only_open` (claimed ones) those whose response is no longer open (finished, closed, overflowed, expired)."""
+        bad, good = [], []
         for entry_id, fields in found:
             try:
-                request = cast(GenerateRequest, parse(fields, (GenerateRequest,)))
+                good.append((entry_id, cast(GenerateRequest, parse(fields, (GenerateRequest,)))))
             except ValueError as exc:
                 log.warning("bus: dropping malformed entry %s of %s: %s", entry_id, c.pool, exc)
                 bad.append(entry_id)
-                continue
+        if only_open and good:
+            states = await self._client.mget([self._keys.state(request.request_id) for _, request in good])
+            bad += [entry_id for (entry_id, _), state in zip(good, states, strict=True) if state != "open"]
+            good = [taken for taken, state in zip(good, states, strict=True) if state == "open"]
+        for entry_id, request in good:
             self._taken[request.request_id] = (c.pool, entry_id)
             c.ready.append(request)
         if bad:  # acknowledged, or it would stay pending on this replica forever
             try:
                 await self._ack(c.pool, *bad)
             except ERRORS as exc:
-                log.warning("bus: could not acknowledge malformed entries of %s: %s", c.pool, exc)
+                log.warning("bus: could not acknowledge dropped entries of %s: %s", c.pool, exc)
+                c.recover = True  # the recovery read finds them again
+        return len(good)
 
     async def finished(self, request_id: str) -> None:
         """The request's Finished was published: acknowledge it (and delete it) in its pool. Never raises."""

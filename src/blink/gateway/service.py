@@ -31,6 +31,7 @@ from blink.bus.messages import (
 )
 from blink.config import GatewayConfig
 from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, ShuttingDown, from_wire
+from blink.gateway.failover import Replay, ReplayMismatch
 from blink.preload.store import ContextStore
 from blink.semantic_cache.cache import Lookup, SemanticCache
 
@@ -39,6 +40,8 @@ log = logging.getLogger("blink.gateway")
 ACCEPT_TIMEOUT_S = 60.0  # a replica tokenizes and answers Accepted within one engine step; this is a dead one
 CANCEL_TIMEOUT_S = 10.0
 STORE_TIMEOUT_S = 1.0
+LIVENESS_CHECK_S = 1.0  # while no event comes, how often a response checks that its replica still lives
+FAILOVER_WAIT_S = 10.0  # after its replica died, how long a response waits for another to take the request over
 CACHED_DELTA = re.compile(r"\s*\S+(?:\s+\S+){0,3}\s*")  # a cached answer streams a few words per delta
 
 
@@ -77,6 +80,10 @@ class Generation:
         self.request_id = request.request_id
         self._stream = stream
         self._events = stream.__aiter__()
+        self._pending: asyncio.Future[Any] | None = None  # the event being awaited, kept across timeouts
+        self.replica_id: str | None = None  # the replica that accepted it ("cache": a cache hit)
+        self._gone_since: float | None = None  # when its replica was first missed (monotonic)
+        self._replay: Replay | None = None  # after a failover: the regenerated text the client already has
         self.started = started  # monotonic time the client's request arrived
         self.first_delta: float | None = None
         self.prompt_tokens = 0
@@ -89,7 +96,40 @@ class Generation:
         return self.finished is not None
 
     async def _next(self, timeout: float | None = None) -> Any:
-        return await asyncio.wait_for(self._events.__anext__(), timeout)
+        """The stream's next event; TimeoutError after `timeout` s, without losing the event still awaited (it
+        stays pending for the next call: cancelling the stream's iterator would end it)."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._events.__anext__())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout)
+        if not done:
+            raise TimeoutError
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    def _replica_gone(self) -> Finished | None:
+        """An error ending this response if the replica serving it stopped (it sent STOPPED, or its heartbeats
+        ceased: a killed process) and no other can take it over; None while it lives or a takeover may come."""
+        if self.replica_id in (None, "cache"):
+            return None
+        bus = self.gateway.bus
+        statuses = bus.replicas()
+        if any(r.replica_id == self.replica_id and r.state is not ReplicaState.STOPPED for r in statuses):
+            self._gone_since = None
+            return None
+        now = time.monotonic()
+        self._gone_since = self._gone_since or now
+        others = [r for r in self.gateway.ready_replicas(self.request.model) if r.replica_id != self.replica_id]
+        if bus.reclaims and others and now - self._gone_since < FAILOVER_WAIT_S:
+            return None  # another replica of the pool will claim the request and start it again
+        message = f"the replica serving this response ({self.replica_id}) stopped before it finished; retry it"
+        return Finished(self.request_id, FinishStatus.ERROR, error_code="engine_failure", error_message=message)
+
+    def _taken_over(self, accepted: Accepted) -> None:
+        """Another replica restarted the request (failover): replay its text up to what the client has."""
+        log.info("response %s continues on %s (was %s)", self.request_id, accepted.replica_id, self.replica_id)
+        self.replica_id = accepted.replica_id
+        self._gone_since = None
+        self._replay = Replay(self.text)
 
     async def wait_accepted(self) -> None:
         """Wait for the replica's answer; raise the error it reported (e.g. the prompt is too long)."""
@@ -100,6 +140,7 @@ class Generation:
             raise EngineFailure("no replica took the request in time") from None
         if isinstance(event, Accepted):
             self.prompt_tokens = event.prompt_tokens
+            self.replica_id = event.replica_id
         elif isinstance(event, Finished):
             self._end(event)
             if event.status is FinishStatus.ERROR:
@@ -109,15 +150,39 @@ class Generation:
         """Yield text as it arrives; return once the response finished (see `finished`)."""
         while not self.done:
             try:
-                event = await self._next(None if self.cancel_reason is None else CANCEL_TIMEOUT_S)
-            except (TimeoutError, StopAsyncIteration):
+                event = await self._next(LIVENESS_CHECK_S if self.cancel_reason is None else CANCEL_TIMEOUT_S)
+            except TimeoutError:
+                gone = self._replica_gone() if self.cancel_reason is None else None
+                if self.cancel_reason is None and gone is None:
+                    continue  # a slow step, or a long prefill: the replica is alive
+                self._end(gone or Finished(self.request_id, FinishStatus.CANCELLED))
+                return
+            except StopAsyncIteration:
                 self._end(Finished(self.request_id, FinishStatus.CANCELLED))
                 return
             if isinstance(event, TokenEvent):
+                text = event.text
+                if self._replay is not None:
+                    try:
+                        text = self._replay.feed(text)
+                    except ReplayMismatch as exc:
+                        log.warning("response %s could not continue after failover: %s", self.request_id, exc)
+                        await self.gateway.bus.cancel(self.request_id, self.request.model)
+                        message = "the replica serving this response stopped, and its restart did not match; retry it"
+                        self._end(
+                            Finished(
+                                self.request_id, FinishStatus.ERROR, error_code="engine_failure", error_message=message
+                            )
+                        )
+                        return
+                if not text:
+                    continue
                 if self.first_delta is None:
                     self.first_delta = time.monotonic()
-                self.text_parts.append(event.text)
-                yield event.text
+                self.text_parts.append(text)
+                yield text
+            elif isinstance(event, Accepted) and event.replica_id != self.replica_id:
+                self._taken_over(event)
             elif isinstance(event, Finished):
                 if event.status is FinishStatus.STOP and self.cancel_reason is None:
                     await self._store(event)
@@ -169,6 +234,9 @@ class Generation:
         if not self.done:
             await self.cancel("disconnect")
             self.gateway._forget(self.request_id)
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         await self._stream.close()
 
     def timings(self) -> dict[str, Any]:

@@ -99,10 +99,11 @@ async def evaluate(pairs: list[Pair], cache: SemanticCache) -> dict[str, Any]:
 
 
 def _index(config: CacheConfig, redis: RedisConfig, size: int) -> VectorIndex:
-    if redis.redis:
+    url = config.cache_redis or redis.redis
+    if url:
         from blink.semantic_cache.redis import RedisIndex
 
-        return RedisIndex(redis.redis, size, prefix=f"blink:cache-eval:{uuid.uuid4().hex[:8]}")
+        return RedisIndex(url, size, prefix=f"blink:cache-eval:{uuid.uuid4().hex[:8]}")
     from blink.semantic_cache.memory import MemoryIndex
 
     return MemoryIndex(size)

