@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve the model over WebSocket (/v1/realtime) and OpenAI-compatible HTTP",
-        description="Start the gateway, the in-memory event bus and one pre-warmed replica in this process. "
-        "/readyz answers 200 once the replica has loaded and warmed its model.",
+        description="Start the gateway, the in-memory event bus and one pre-warmed replica in this process "
+        "(with --redis: the bus is Redis Streams, which `blink worker` processes join; --no-local-replica leaves "
+        "this process a gateway only). /readyz answers 200 once a replica has loaded and warmed its model.",
     )
     for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig):
         add_flags(serve, cls)
