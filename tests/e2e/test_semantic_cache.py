@@ -173,3 +173,27 @@ def test_redis_backend_serves_hits_survives_an_outage_and_is_used_again(
             assert ask_http(srv, "what's the capital of spain?")[0] == "hit"
         finally:
             srv.stop()
+
+
+def test_a_browser_presents_its_key_as_a_websocket_subprotocol(cache_server: Server) -> None:
+    async def cache_of(**connect_kwargs: Any) -> str:
+        async with connect(cache_server.ws_url, **connect_kwargs) as ws:
+            assert (await recv(ws))["type"] == "session.created"
+            settings = {"instructions": SYSTEM["content"], "temperature": 0}
+            await ws.send(json.dumps({"type": "session.update", "session": settings}))
+            await until(ws, "session.updated")
+            await ask(ws, "Tell me a fact about Mars.", max_output_tokens=200)
+            done, _ = await until(ws, "response.done")
+            assert done["response"]["status"] == "completed", done
+            return str(done["response"]["cache"])
+
+    async def main() -> None:
+        offered = ["realtime", "openai-insecure-api-key.browser-key"]
+        async with connect(cache_server.ws_url, subprotocols=offered) as ws:
+            assert ws.subprotocol == "realtime"  # the key itself is never echoed back
+        assert await cache_of(subprotocols=offered) == "miss"
+        assert await cache_of(subprotocols=offered) == "hit"
+        assert await cache_of(additional_headers={"Authorization": "Bearer browser-key"}) == "hit"  # same tenant
+        assert await cache_of(subprotocols=["realtime", "openai-insecure-api-key.other"]) == "miss"
+
+    asyncio.run(main())

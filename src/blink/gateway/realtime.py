@@ -37,7 +37,7 @@ from blink.bus.messages import FinishStatus, GenerateRequest, Sampling
 from blink.errors import BlinkError, InvalidRequest, NotFound, RequestTooLarge, from_wire
 from blink.gateway import validation as v
 from blink.gateway.service import Gateway, Generation
-from blink.gateway.wire import api_key, error_event
+from blink.gateway.wire import error_event, ws_api_key
 from blink.preload.planner import Messages, PrefillPlanner, PreloadDeferred, Target
 from blink.preload.store import ScoredChunk, context_block
 
@@ -73,7 +73,8 @@ class RealtimeSession:
             "retrieval": None,  # or {"top_k": int, "document_ids": [str] | None}
             "cache": gateway.cache is not None,  # answer from the semantic cache when it can
         }
-        self.api_key = api_key(ws.headers)  # the tenant: the handshake's Authorization: Bearer <key>
+        # the tenant: the handshake's Authorization: Bearer <key>, or the key offered as a subprotocol (browsers)
+        self.api_key, self._subprotocol = ws_api_key(ws.headers, list(ws.scope.get("subprotocols") or []))
         self.items: list[dict[str, Any]] = []
         self.open_documents: tuple[str, ...] = ()
         self.planner = PrefillPlanner(self._start_preload) if gateway.config.preload else None
@@ -100,7 +101,7 @@ class RealtimeSession:
 
     async def run(self) -> None:
         self.gateway.sessions[self.id] = self
-        await self.ws.accept()
+        await self.ws.accept(subprotocol=self._subprotocol)
         await self.send({"type": "session.created", "session": self._session()})
         try:
             while True:

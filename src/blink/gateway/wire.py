@@ -34,6 +34,19 @@ def api_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() or None if scheme.lower() == "bearer" else None
 
 
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # browsers cannot set headers on a WebSocket: the key rides here
+
+
+def ws_api_key(headers: Mapping[str, str], subprotocols: list[str]) -> tuple[str | None, str | None]:
+    """(API key, subprotocol to accept) of a WebSocket handshake: the Authorization header's key, else one offered
+    as the subprotocol `openai-insecure-api-key.<key>` (as OpenAI's Realtime API takes it from browsers). The
+    accepted subprotocol is `realtime` when offered (the key's own is never echoed back), else none."""
+    key = api_key(headers)
+    if key is None:
+        key = next((p.removeprefix(KEY_SUBPROTOCOL) for p in subprotocols if p.startswith(KEY_SUBPROTOCOL)), None)
+    return key or None, "realtime" if "realtime" in subprotocols else None
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()

@@ -45,3 +45,14 @@ def test_a_code_from_the_bus_keeps_its_status_and_an_unknown_one_is_internal() -
         assert (type(error), error.code, error.status) == (cls, code, cls.status)
     unknown = from_wire("from_the_future", "m")
     assert (unknown.code, unknown.status) == ("internal_error", 500) and "from_the_future" in unknown.message
+
+
+def test_the_websocket_tenant_comes_from_the_header_or_a_browser_subprotocol() -> None:
+    from blink.gateway.wire import ws_api_key
+
+    assert ws_api_key({"authorization": "Bearer k1"}, []) == ("k1", None)
+    offered = ["realtime", "openai-insecure-api-key.k2", "openai-beta.realtime-v1"]
+    assert ws_api_key({}, offered) == ("k2", "realtime")
+    assert ws_api_key({"authorization": "Bearer k1"}, offered) == ("k1", "realtime")  # the header wins
+    assert ws_api_key({}, ["openai-insecure-api-key."]) == (None, None)
+    assert ws_api_key({"authorization": "Basic abc"}, []) == (None, None)
