@@ -45,19 +45,28 @@ def test_greedy_text_equals_plain_decoding_and_reports_its_guesses(
     client: openai.OpenAI, server: Server, plain_answer: str
 ) -> None:
     before = server.readyz()["replicas"][0]["speculative"]
-    answer = client.chat.completions.create(
-        model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
-        temperature=0,
-        max_tokens=80,
-    )
-    assert answer.choices[0].message.content == plain_answer
-    timings: dict[str, Any] = (answer.model_extra or {})["timings"]  # blink's extra field, kept by the client
-    guessed = timings["speculative"]
-    assert guessed["proposed"] > 0 and 0 < guessed["accepted"] <= guessed["proposed"]
+    # the policy may rightly guess nothing for a short answer (its prior is the server's recent acceptance), but
+    # it explores after 32 steps without a guess: within three ~20-token answers it must have guessed
+    proposed = accepted = 0
+    for _ in range(3):
+        answer = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=80,
+            extra_body={"cache": False},  # the model must answer each time, not the semantic cache
+        )
+        assert answer.choices[0].message.content == plain_answer
+        timings: dict[str, Any] = (answer.model_extra or {})["timings"]  # blink's extra field, kept by the client
+        guessed = timings["speculative"]
+        assert 0 <= guessed["accepted"] <= guessed["proposed"]
+        proposed, accepted = proposed + guessed["proposed"], accepted + guessed["accepted"]
+        if guessed["proposed"]:
+            break
+    assert proposed > 0 and accepted > 0
     after = server.wait_idle()["replicas"][0]["speculative"]  # a heartbeat sent after the answer
     assert after["mode"] == "ngram"
-    assert after["accepted"] - before["accepted"] >= guessed["accepted"]
+    assert after["accepted"] - before["accepted"] >= accepted
 
 
 def test_a_stop_string_inside_kept_guesses_cuts_the_answer_there(
