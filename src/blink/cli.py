@@ -194,6 +194,7 @@ def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
 def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     from blink.gateway.app import create_app
     from blink.gateway.service import Gateway
+    from blink.gateway.sessions import RedisSessions
     from blink.preload.store import MemoryContextStore
     from blink.semantic_cache.embedder import LazyEmbedder
     from blink.worker.replica import Replica
@@ -210,7 +211,8 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     bus = _bus(config.redis, gw.max_pending_requests, gw.stream_queue_events)
     embedder = LazyEmbedder(config.cache.cache_embedder, config.model.cache_dir, config.cache.cache_embedder_threads)
     cache = _semantic_cache(config.cache, config.redis, embedder) if config.cache.semantic_cache else None
-    gateway = Gateway(bus, gw, [config.model.model], MemoryContextStore(embedder.embed), cache)
+    sessions = RedisSessions(config.redis.redis, gw.session_ttl_s) if config.redis.redis else None
+    gateway = Gateway(bus, gw, [config.model.model], MemoryContextStore(embedder.embed), cache, sessions)
     replica = Replica(bus, config.model, config.engine) if local else None
 
     @contextlib.asynccontextmanager
@@ -229,6 +231,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
             await task
         if cache is not None:
             await cache.close()
+        await gateway.session_store.close()
         await bus.close()
 
     http_server(create_app(gateway, lifespan), gateway, log_level=log_level).run()

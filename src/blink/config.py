@@ -89,6 +89,14 @@ class GatewayConfig:
     shutdown_grace_s: float = _help("seconds in-flight streams get to finish on SIGTERM", 5.0)
     preload: bool = _help("pre-load while the user types: prefill the predicted prompt on input_text.draft", True)
     preload_ttl_s: float = _help("a pre-load not done this long after its draft is dropped", 30.0)
+    resume_window_s: float = _help(
+        "a streamed response whose client vanished keeps running this long for it to resume (WebSocket "
+        "response.resume, SSE Last-Event-ID), and an ended one is kept as long; 0: cancel at once, no resume",
+        10.0,
+    )
+    session_ttl_s: float = _help(
+        "a realtime session (settings, conversation) is kept this long after its last use", 3600.0
+    )
 
 
 CACHE_TURNS = ("first", "all")

@@ -147,6 +147,8 @@ CODES: dict[str, type[BlinkError]] = {
         )
     },
     "invalid_json": InvalidRequest,
+    "response_not_found": NotFound,  # nothing to resume under that id (for this key, on this gateway)
+    "session_not_found": NotFound,  # no realtime session to continue under that id (for this key)
     **dict.fromkeys(WS_ONLY_CODES, InvalidRequest),
 }
 

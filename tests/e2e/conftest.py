@@ -77,7 +77,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("server") / "serve.log", "--max-num-seqs", "16")
+    # a short resume window: the tests that drop a stream check that its generation then stops
+    srv = Server(tmp_path_factory.mktemp("server") / "serve.log", "--max-num-seqs", "16", "--resume-window-s", "3")
     try:
         srv.wait_ready()
         yield srv

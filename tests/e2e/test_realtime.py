@@ -204,7 +204,37 @@ def test_client_that_vanishes_mid_stream_frees_its_sequence(server: Server) -> N
         ws.transport.abort()  # no close frame: the TCP connection just drops
 
     asyncio.run(main())
-    server.wait_idle()
+    server.wait_idle()  # once the server's resume window (3 s here) passed with nobody resuming
+
+
+def test_a_dropped_connection_resumes_its_session_and_response_with_the_same_greedy_text(server: Server) -> None:
+    question = "Describe a quiet morning in a small fishing village."
+    settings = {"temperature": 0, "max_output_tokens": 60, "cache": False}
+
+    async def main() -> None:
+        async with await session(server, **settings) as ws:
+            await ask(ws, question)
+            done, _ = await until(ws, "response.done")
+            whole = done["response"]["output"][0]["content"][0]["text"]
+        ws = await connect(server.ws_url)
+        session_id = (await recv(ws))["session"]["id"]
+        await ws.send(json.dumps({"type": "session.update", "session": settings}))
+        await until(ws, "session.updated")
+        await ask(ws, question)
+        created, _ = await until(ws, "response.created")
+        got = [(await until(ws, "response.output_text.delta"))[0] for _ in range(3)]
+        ws.transport.abort()  # the connection drops without a close frame
+        async with connect(f"{server.ws_url}?session_id={session_id}") as ws2:
+            assert (await recv(ws2))["session"]["id"] == session_id
+            resume = {"type": "response.resume", "response_id": created["response"]["id"], "after": 1}
+            await ws2.send(json.dumps(resume))  # as if delta 2 had been lost with the connection
+            done, before = await until(ws2, "response.done")
+            rest = [e for e in before if e["type"] == "response.output_text.delta"]
+            assert [e["delta_index"] for e in got[:2] + rest] == list(range(2 + len(rest)))
+            assert "".join(e["delta"] for e in got[:2] + rest) == whole
+            assert done["response"]["status"] in ("completed", "incomplete")
+
+    asyncio.run(main())
 
 
 def test_an_event_over_the_limit_in_utf8_bytes_is_refused_and_the_session_stays_open(server: Server) -> None:

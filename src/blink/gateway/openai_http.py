@@ -2,13 +2,17 @@
 
 Streams end with `data: [DONE]`. An error before the first byte is an HTTP status with an OpenAI error body;
 an error after it (the replica failed, the server is shutting down) is an SSE event `{"error": {...}}`.
-A client that disconnects cancels its generation, streaming or not.
+A client that disconnects from a non-streaming request cancels its generation. A stream's events carry SSE ids
+`<response id>:<delta index>` (-1: the opening chunk); a client that lost the stream sends the same request
+again with the header `Last-Event-ID: <the last id it got>` and receives the rest (gateway/resume.py: a stream
+runs on --resume-window-s after its client vanished, then it is cancelled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from blink.bus.messages import FinishStatus, GenerateRequest
 from blink.errors import BlinkError, InvalidRequest, RequestTooLarge, ShuttingDown, from_wire
 from blink.gateway import validation as v
+from blink.gateway.resume import ResponseLog
 from blink.gateway.service import Gateway, Generation
 from blink.gateway.wire import api_key, error_body, sse
 
@@ -121,6 +126,9 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Request) -> Response:
         started = time.monotonic()
+        resumed = self._resume(request)
+        if resumed is not None:
+            return resumed
         body = await read_json(request, self.gateway.config.max_request_bytes)
         model, stream, include_usage, sampling = _common(self.gateway, body)
         messages = parse_messages(body.get("messages"))
@@ -129,6 +137,9 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         started = time.monotonic()
+        resumed = self._resume(request)
+        if resumed is not None:
+            return resumed
         body = await read_json(request, self.gateway.config.max_request_bytes)
         model, stream, include_usage, sampling = _common(self.gateway, body)
         prompt = body.get("prompt")
@@ -156,11 +167,15 @@ class OpenAIRoutes:
         gen = await self.gateway.generate(req, started=started, api_key=api_key(request.headers), use_cache=use_cache)
         headers = {"X-Blink-Cache": gen.cache_status}
         if stream:
-            return StreamingResponse(
-                self._stream(gen, include_usage, chat=chat),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-            )
+            base = {
+                "id": req.request_id,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(req.created),
+                "model": req.model,
+            }
+            finish = functools.partial(_closing_chunks, base=base, include_usage=include_usage, chat=chat)
+            entry = self.gateway.responses.start(gen, api_key(request.headers), finish, base=base, chat=chat)
+            return _event_stream(entry, -1, headers)
         try:
             await _until_done_or_disconnect(gen, request)
         finally:
@@ -196,42 +211,78 @@ class OpenAIRoutes:
             headers=headers,
         )
 
-    async def _stream(self, gen: Generation, include_usage: bool, *, chat: bool) -> AsyncIterator[bytes]:
-        req = gen.request
-        base = {
-            "id": req.request_id,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(req.created),
-            "model": req.model,
-        }
+    def _resume(self, request: Request) -> Response | None:
+        """The rest of a stream, for a request with `Last-Event-ID: <response id>:<delta index>` (the body, the
+        original request sent again, is not read); None for a request without the header."""
+        last = request.headers.get("last-event-id")
+        if last is None:
+            return None
+        response_id, _, index = last.strip().rpartition(":")
+        if not response_id or not index.lstrip("-").isdigit():
+            raise InvalidRequest(
+                "'Last-Event-ID' must be an event id of a blink stream: '<response id>:<index>'", param="Last-Event-ID"
+            )
+        entry = self.gateway.responses.get(response_id, api_key(request.headers))
+        return _event_stream(entry, max(-1, int(index)), {"X-Blink-Cache": entry.generation.cache_status})
 
-        def chunk(text: str | None, finish: str | None = None, *, role: bool = False) -> bytes:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-                if text is not None:
-                    delta["content"] = text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return sse({**base, "choices": [choice]})
 
-        try:
-            if chat:
-                yield chunk(None, role=True)
-            async for text in gen.deltas():
-                yield chunk(text)
-            error = _failure(gen)
-            if error is not None:
-                yield sse(error_body(error))
-            else:
-                assert gen.finished is not None
-                yield chunk(None if chat else "", gen.finished.status.value)
-                if include_usage:
-                    yield sse({**base, "choices": [], "usage": _usage(gen), "timings": gen.timings()})
-            yield sse("[DONE]")
-        finally:
-            # also reached when the client disconnects and this generator is closed or cancelled
-            self.gateway.background(gen.close())
+def _event_stream(entry: ResponseLog, after: int, headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(
+        _follow(entry, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+    )
+
+
+def _chunk(
+    base: dict[str, Any],
+    text: str | None,
+    finish: str | None,
+    *,
+    chat: bool,
+    role: bool = False,
+    index: int | None = None,
+) -> bytes:
+    """One SSE chunk; `index`: the delta index it carries, which names the event (its SSE id) for a resume."""
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return sse({**base, "choices": [choice]}, event_id=None if index is None else f"{base['id']}:{index}")
+
+
+async def _closing_chunks(gen: Generation, *, base: dict[str, Any], include_usage: bool, chat: bool) -> list[bytes]:
+    """A stream's last events: the finish chunk (or an error event), usage if asked for, [DONE]."""
+    out = []
+    error = _failure(gen)
+    if error is not None:
+        out.append(sse(error_body(error)))
+    else:
+        assert gen.finished is not None
+        out.append(_chunk(base, None if chat else "", gen.finished.status.value, chat=chat))
+        if include_usage:
+            out.append(sse({**base, "choices": [], "usage": _usage(gen), "timings": gen.timings()}))
+    out.append(sse("[DONE]"))
+    return out
+
+
+async def _follow(entry: ResponseLog, after: int) -> AsyncIterator[bytes]:
+    """The SSE events of a stream after delta index `after` (-1 also sends the opening chunk), live. A client
+    that disconnects ends only this reader (the generator is closed): the response runs on for a resume."""
+    base, chat = entry.meta["base"], entry.meta["chat"]
+    entry.attach()
+    try:
+        if after < 0 and chat:
+            yield _chunk(base, None, None, chat=True, role=True, index=-1)
+        async for index, text in entry.follow(after):
+            yield _chunk(base, text, None, chat=chat, index=index)
+        for event in entry.final or ():
+            yield event
+    finally:
+        entry.detach()
 
 
 async def _until_done_or_disconnect(gen: Generation, request: Request) -> None:

@@ -1,9 +1,17 @@
 """WebSocket /v1/realtime: the realtime event protocol (names follow the OpenAI Realtime API).
 
-client → server: session.update, conversation.item.create, response.create, response.cancel, and blink's
-                 pre-loading events input_text.draft {text} and context.open {document_ids}
+client → server: session.update, conversation.item.create, response.create, response.cancel, blink's
+                 pre-loading events input_text.draft {text} and context.open {document_ids}, and
+                 response.resume {response_id, after}
 server → client: session.created, session.updated, conversation.item.created, response.created,
                  response.output_text.delta, response.output_text.done, response.done, error
+
+Sessions outlive connections (gateway/sessions.py: in memory, or in Redis with --redis): connecting to
+`/v1/realtime?session_id=<id>` continues that session (its settings and conversation) with the same API key, on
+this gateway or another on the same Redis. A response runs detached from the connection (gateway/resume.py):
+each `response.output_text.delta` carries `delta_index` (0, 1, ...), and a client that lost its connection sends
+`response.resume {response_id, after: <last delta_index it has, -1 for none>}` on a new one to get the rest, then
+response.done, with nothing lost or repeated (within --resume-window-s, on the gateway that runs it).
 
 Pre-loading (preload/planner.py): each draft re-targets the session's PrefillPlanner, which prefills the
 predicted prompt on the replica at low priority; at response.create the planner stops and the prompt finds those
@@ -25,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import time
@@ -36,10 +45,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from blink.bus.messages import FinishStatus, GenerateRequest, Sampling
 from blink.errors import BlinkError, InvalidRequest, NotFound, RequestTooLarge, from_wire
 from blink.gateway import validation as v
+from blink.gateway.resume import ResponseLog
 from blink.gateway.service import Gateway, Generation
+from blink.gateway.sessions import SessionRecord
 from blink.gateway.wire import error_event, ws_api_key
 from blink.preload.planner import Messages, PrefillPlanner, PreloadDeferred, Target
 from blink.preload.store import ScoredChunk, context_block
+from blink.semantic_cache.cache import tenant_of
 
 log = logging.getLogger("blink.gateway.realtime")
 
@@ -88,6 +100,7 @@ class RealtimeSession:
             "conversation.item.create": self._item_create,
             "response.create": self._response_create,
             "response.cancel": self._response_cancel,
+            "response.resume": self._response_resume,
             "input_text.draft": self._draft,
             "context.open": self._context_open,
         }
@@ -99,9 +112,35 @@ class RealtimeSession:
     def _session(self) -> dict[str, Any]:
         return {"id": self.id, "object": "realtime.session", **self.settings}
 
+    async def _open(self) -> bool:
+        """Continue the session the URL names (?session_id=) or create a new one; False (after an error event)
+        when the named session is not this key's or the store is unreachable."""
+        store = self.gateway.session_store
+        tenant = tenant_of(self.api_key)
+        wanted = self.ws.query_params.get("session_id")
+        try:
+            if wanted is None:
+                await store.create(self.id, SessionRecord(tenant, dict(self.settings)))
+                return True
+            record = await store.load(wanted, tenant)
+        except BlinkError as exc:
+            await self.send(error_event(exc))
+            return False
+        if record is None:
+            message = f"no session {wanted!r} for this API key (unknown, expired, or another key's)"
+            await self.send(error_event(NotFound(message, param="session_id", code="session_not_found")))
+            return False
+        self.id = wanted
+        self.settings.update(record.settings)
+        self.items = record.items
+        return True
+
     async def run(self) -> None:
-        self.gateway.sessions[self.id] = self
         await self.ws.accept(subprotocol=self._subprotocol)
+        if not await self._open():
+            await self.ws.close(1008)
+            return
+        self.gateway.sessions[self.id] = self
         await self.send({"type": "session.created", "session": self._session()})
         try:
             while True:
@@ -112,7 +151,8 @@ class RealtimeSession:
         except WebSocketDisconnect:
             return
         finally:
-            self.gateway.sessions.pop(self.id, None)
+            if self.gateway.sessions.get(self.id) is self:
+                del self.gateway.sessions[self.id]
             await self._abandon()
 
     async def _on_message(self, message: Mapping[str, Any]) -> None:
@@ -146,6 +186,7 @@ class RealtimeSession:
         if not isinstance(session, dict):
             raise InvalidRequest("'session' must be an object", param="session")
         self.settings.update(self._settings_from(session, "session"))
+        await self.gateway.session_store.save_settings(self.id, self.settings)
         await self.send({"type": "session.updated", "session": self._session()})
 
     def _settings_from(self, obj: dict[str, Any], where: str) -> dict[str, Any]:
@@ -226,6 +267,7 @@ class RealtimeSession:
             "content": [{"type": "input_text" if role != "assistant" else "output_text", "text": "".join(texts)}],
         }
         previous = self.items[-1]["id"] if self.items else None
+        await self.gateway.session_store.append_item(self.id, stored)
         self.items.append(stored)
         await self.send({"type": "conversation.item.created", "previous_item_id": previous, "item": stored})
 
@@ -377,41 +419,75 @@ class RealtimeSession:
         if self._cancel_requested:
             await generation.cancel("client")
         response_id, item_id = request.request_id, self.gateway.new_id("item")
+        finish = functools.partial(self._finish, response_id=response_id, item_id=item_id, preload=preload)
+        entry = self.gateway.responses.start(generation, self.api_key, finish, item_id=item_id)
+        created = {
+            "type": "response.created",
+            "response": {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []},
+        }
         try:
-            await self.send(
-                {
-                    "type": "response.created",
-                    "response": {
-                        "id": response_id,
-                        "object": "realtime.response",
-                        "status": "in_progress",
-                        "output": [],
-                    },
-                }
-            )
-            async for delta in generation.deltas():
+            await self._follow(entry, -1, created)
+        finally:
+            self._generation = None
+
+    async def _follow(self, entry: ResponseLog, after: int, first: dict[str, Any] | None = None) -> None:
+        """Send `first`, the response's deltas after `after`, live, then its closing events. A socket that closes
+        under us ends only this reader: the response runs on, for a resume (gateway/resume.py)."""
+        entry.attach()
+        try:
+            if first is not None:
+                await self.send(first)
+            async for index, delta in entry.follow(after):
                 await self.send(
                     {
                         "type": "response.output_text.delta",
-                        "response_id": response_id,
-                        "item_id": item_id,
+                        "response_id": entry.response_id,
+                        "item_id": entry.meta["item_id"],
                         "output_index": 0,
                         "content_index": 0,
                         "delta": delta,
+                        "delta_index": index,
                     }
                 )
-            await self._finish(generation, response_id, item_id, preload)
+            for event in entry.final or ():
+                await self.send(event)
         except (WebSocketDisconnect, OSError, RuntimeError) as exc:  # the socket closed under us
-            log.debug("session %s: response %s not delivered: %s", self.id, response_id, exc)
+            log.debug("session %s: response %s not delivered: %s", self.id, entry.response_id, exc)
+        finally:
+            entry.detach()
+
+    async def _response_resume(self, event: dict[str, Any]) -> None:
+        """response.resume {response_id, after}: continue a response this key started (on a connection that
+        is gone, or this one): its deltas after index `after` (-1: all), then its closing events."""
+        if self._task is not None and not self._task.done():
+            raise InvalidRequest(
+                "a response is already in progress; cancel it or wait for response.done",
+                code="conversation_already_has_active_response",
+            )
+        response_id = v.get_str(event, "response_id", required=True, param="response_id")
+        assert response_id is not None
+        after = v.get_number(event, "after", -1, 1 << 31, integer=True, param="after")
+        entry = self.gateway.responses.get(response_id, self.api_key)
+        self._cancel_requested = False
+        self._task = asyncio.create_task(self._resume(entry, -1 if after is None else int(after)))
+
+    async def _resume(self, entry: ResponseLog, after: int) -> None:
+        self._generation = entry.generation
+        try:
+            await self._follow(entry, after)
         finally:
             self._generation = None
-            await generation.close()
 
-    async def _finish(self, generation: Generation, response_id: str, item_id: str, preload: dict[str, Any]) -> None:
+    async def _finish(
+        self, generation: Generation, *, response_id: str, item_id: str, preload: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The response's closing events (output_text.done, response.done); its text joins the conversation
+        (whether or not a client is still connected to read them)."""
         status, details = _status(generation)
         text = generation.text
+        events: list[dict[str, Any]] = []
         if status is not ResponseStatus.FAILED:
-            await self.send(
+            events.append(
                 {
                     "type": "response.output_text.done",
                     "response_id": response_id,
@@ -431,7 +507,7 @@ class RealtimeSession:
                 "status": "completed" if status is ResponseStatus.COMPLETED else "incomplete",
                 "content": [{"type": "output_text", "text": text}],
             }
-            self.items.append(item)
+            await self._remember(item)
             output.append(item)
         fin = generation.finished
         prompt = (fin.prompt_tokens if fin else 0) or generation.prompt_tokens
@@ -439,7 +515,7 @@ class RealtimeSession:
         cache: dict[str, Any] = {"cache": generation.cache_status}
         if generation.lookup is not None and generation.lookup.hit is not None:
             cache["cache_similarity"] = round(generation.lookup.hit.similarity, 4)
-        await self.send(
+        events.append(
             {
                 "type": "response.done",
                 "response": {
@@ -464,14 +540,24 @@ class RealtimeSession:
                 },
             }
         )
+        return events
+
+    async def _remember(self, item: dict[str, Any]) -> None:
+        """Add an assistant item to the conversation: in the store, and in this session's connection(s) here."""
+        for session in {self, self.gateway.sessions.get(self.id) or self}:
+            if all(i["id"] != item["id"] for i in session.items):
+                session.items.append(item)
+        try:
+            await self.gateway.session_store.append_item(self.id, item)
+        except BlinkError as exc:
+            log.warning("session %s: the answer was not stored in the session: %s", self.id, exc.message)
 
     async def _abandon(self) -> None:
-        """The client left: cancel the running response and pre-load (the replica frees their sequences)."""
+        """The client left: cancel the pre-load (the replica frees its sequences) and stop reading the response,
+        which runs on for --resume-window-s in case the client comes back (then it is cancelled)."""
         if self.planner is not None:
             await self.planner.stop()
-        task, generation = self._task, self._generation
-        if generation is not None:
-            await generation.close()
+        task = self._task
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

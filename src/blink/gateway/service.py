@@ -32,6 +32,8 @@ from blink.bus.messages import (
 from blink.config import GatewayConfig
 from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, ShuttingDown, from_wire
 from blink.gateway.failover import Replay, ReplayMismatch
+from blink.gateway.resume import Responses
+from blink.gateway.sessions import MemorySessions, SessionStore
 from blink.preload.store import ContextStore
 from blink.semantic_cache.cache import Lookup, SemanticCache
 
@@ -257,12 +259,15 @@ class Gateway:
         models: list[str],
         store: ContextStore | None = None,
         cache: SemanticCache | None = None,
+        session_store: SessionStore | None = None,
     ) -> None:
         self.bus = bus
         self.config = config
         self.store = store  # documents for retrieval (preload/store.py); None: no /v1/documents
         self.cache = cache  # the semantic cache; None: disabled
         self.sessions: dict[str, Any] = {}  # realtime sessions by id, while their connection is open
+        self.session_store: SessionStore = session_store or MemorySessions(config.session_ttl_s)
+        self.responses = Responses(self, config.resume_window_s)  # streamed responses, resumable for a while
         self.models = models
         self.default_model = models[0]
         self._active: dict[str, Generation] = {}
@@ -362,3 +367,5 @@ class Gateway:
                 await generation.cancel("shutdown")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), self.config.shutdown_grace_s)
+        with contextlib.suppress(TimeoutError):  # and each connected client has its response's closing events
+            await asyncio.wait_for(self.responses.close(), 2.0)

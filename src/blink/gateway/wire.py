@@ -47,6 +47,7 @@ def ws_api_key(headers: Mapping[str, str], subprotocols: list[str]) -> tuple[str
     return key or None, "realtime" if "realtime" in subprotocols else None
 
 
-def sse(data: dict[str, Any] | str) -> bytes:
+def sse(data: dict[str, Any] | str, event_id: str | None = None) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}data: {payload}\n\n".encode()

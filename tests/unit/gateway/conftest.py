@@ -36,8 +36,8 @@ T = TypeVar("T")
 
 @dataclass
 class FakeReplica:
-    """Answers each request with `reply` (one TokenEvent a piece, all published at once) and `finish`; with
-    `hold`, answers nothing after Accepted until it is cancelled or `stop()`ped."""
+    """Answers each request with `reply` (one TokenEvent a piece, all published at once, or `delay` s apart) and
+    `finish`; with `hold`, answers nothing after Accepted until it is cancelled or `stop()`ped."""
 
     model: str
     max_model_len: int = 2048
@@ -45,6 +45,7 @@ class FakeReplica:
     reply: tuple[str, ...] = ("Hello", " there")
     finish: FinishStatus = FinishStatus.STOP
     hold: bool = False
+    delay: float = 0.0
     requests: list[GenerateRequest] = field(default_factory=list)
     held: list[str] = field(default_factory=list)
     replica_id: str = ""
@@ -71,6 +72,8 @@ class FakeReplica:
             self.held.append(req.request_id)
             return
         for i, text in enumerate(self.reply):
+            if self.delay:
+                await asyncio.sleep(self.delay)
             if not await bus.publish(TokenEvent(req.request_id, i, text, i + 1)):
                 return
         await bus.publish(

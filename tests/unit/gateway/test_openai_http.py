@@ -27,7 +27,8 @@ def wait_for(condition: Callable[[], object], timeout: float = 10) -> None:
 
 
 def sse_events(response: httpx.Response) -> list[Any]:
-    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in response.iter_lines() if line]
+    lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
 
 
 @pytest.mark.parametrize(
