@@ -383,3 +383,82 @@ def test_a_stopped_redis_is_survived_and_the_same_buses_work_once_it_is_back() -
 
     with RedisServer() as server:
         asyncio.run(main(server))
+
+
+def test_a_response_in_flight_when_redis_restarts_empty_ends_with_an_error_not_a_hang() -> None:
+    async def main(server: RedisServer) -> None:
+        gateway, replica = RedisBus(server.url, timeout_s=0.2), RedisBus(server.url, timeout_s=0.2)
+        try:
+            await gateway.start()
+            await replica.heartbeat(ReplicaStatus("r1", "m", ReplicaState.READY))
+            await eventually(lambda: [s.replica_id for s in gateway.replicas()] == ["r1"])
+            stream = await gateway.submit(req("a"))
+            assert [m.request_id for m in await replica.receive("m", "r1", wait=5, max_requests=8)] == ["a"]
+            assert await replica.publish(Accepted("a", "r1", 3))
+            events = stream.__aiter__()
+            assert isinstance(await asyncio.wait_for(anext(events), 5), Accepted)
+            server.stop()
+            server.start()  # empty: the response, its state, the pool's group and the heartbeats are gone
+            started = time.monotonic()
+            last = await asyncio.wait_for(anext(events), 10)
+            assert time.monotonic() - started < 5
+            assert isinstance(last, Finished) and last.status is FinishStatus.ERROR, last
+            assert last.error_code == "model_not_ready" and "restart" in (last.error_message or "")
+            # the emptied replica hash does not hide a live replica before its last heartbeat is stale
+            assert [s.replica_id for s in gateway.replicas()] == ["r1"]
+            assert not await replica.publish(TokenEvent("a", 0, "t", 1))  # nobody waits: the replica drops it
+            assert await replica.publish(Finished("a", FinishStatus.CANCELLED)) is False
+            # the same buses serve again: the group is made again on use
+            stream = await gateway.submit(req("b"))
+            got: list[str] = []
+            deadline = time.monotonic() + 10
+            while "b" not in got:
+                assert time.monotonic() < deadline, "the replica never received the request"
+                got += [m.request_id for m in await replica.receive("m", "r1", wait=0.5, max_requests=8)]
+            assert await replica.publish(Finished("b", FinishStatus.STOP))
+            assert [type(e) for e in await asyncio.wait_for(drain(stream.__aiter__()), 5)] == [Finished]
+        finally:
+            await gateway.close()
+            await replica.close()
+
+    with RedisServer() as server:
+        asyncio.run(main(server))
+
+
+def test_a_response_an_outage_cut_ends_with_an_error_once_redis_answers_again() -> None:
+    async def main(server: RedisServer) -> None:
+        gateway, replica = RedisBus(server.url, timeout_s=0.2), RedisBus(server.url, timeout_s=0.2)
+        raw = aioredis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            streams = {rid: await gateway.submit(req(rid)) for rid in ("cut", "unsent")}
+            got = [m.request_id for m in await replica.receive("m", "r1", wait=5, max_requests=8)]
+            assert sorted(got) == ["cut", "unsent"]
+            for rid in streams:
+                assert await replica.publish(Accepted(rid, "r1", 3))
+            server.pause()  # hung: what was sent may still run once it resumes
+            assert not await replica.publish(TokenEvent("cut", 0, "t", 1))  # in Redis or not: unknown
+            server.resume()
+            assert not await replica.publish(TokenEvent("cut", 1, "u", 2))  # after a possible gap: never sent
+            server.pause()
+            assert not await replica.publish(Finished("cut", FinishStatus.CANCELLED))  # the replica dropped it
+            assert not await replica.publish(Finished("unsent", FinishStatus.STOP, 3, 1))  # only its Finished failed
+            server.resume()
+            await replica.heartbeat(ReplicaStatus("r1", "m", ReplicaState.READY))  # Redis answers: they go out
+            cut = await asyncio.wait_for(drain(streams["cut"].__aiter__()), 5)
+            assert [type(e) for e in cut] in ([Accepted, Finished], [Accepted, TokenEvent, Finished]), cut
+            last = cut[-1]
+            assert isinstance(last, Finished) and last.status is FinishStatus.ERROR, last
+            assert last.error_code == "model_not_ready" and "unreachable" in (last.error_message or "")
+            unsent = await asyncio.wait_for(drain(streams["unsent"].__aiter__()), 5)
+            assert unsent == [Accepted("unsent", "r1", 3), Finished("unsent", FinishStatus.STOP, 3, 1)]
+            # both acknowledged: nothing left pending on the replica
+            assert await raw.xlen("blink:bus:pool:m") == 0
+            assert (await raw.xpending("blink:bus:pool:m", "replicas"))["pending"] == 0
+        finally:
+            server.resume()
+            await raw.aclose()
+            await gateway.close()
+            await replica.close()
+
+    with RedisServer() as server:
+        asyncio.run(main(server))

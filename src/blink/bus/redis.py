@@ -9,6 +9,7 @@ as soon as the entry is written, so no step of the token path waits for a pollin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -101,6 +102,12 @@ class RedisBus:
     back off and return (receive: nothing), so a replica's loop outlives it; a response stream retries and, after
     heartbeat_timeout seconds of outage, ends with Finished(ERROR, model_not_ready). A malformed entry (bad JSON,
     unknown kind, newer version) is logged and dropped (a request is acknowledged), never raised.
+    Nothing in flight is dropped silently by an outage: a response whose publish failed may lack that event, so it
+    gets nothing more but a Finished(ERROR, model_not_ready) in place of the replica's own, and a Finished that
+    could not be sent is sent by a later heartbeat once Redis answers (the state key keeps it from landing twice).
+    A Redis that restarted empty has lost every response: its reader notices the state key is gone (within
+    READ_BLOCK_MS) and ends it with Finished(ERROR, model_not_ready); consumer groups are made again on use, and
+    `replicas()` keeps a replica missing from the emptied hash until its last heartbeat is stale.
     `replicas()` shows this process's heartbeats at once and others' within REFRESH_S once `start()` ran.
 
     Failover (`reclaims`): the requests a dead replica had taken and not finished (its heartbeat older than
@@ -156,11 +163,20 @@ class RedisBus:
         self._sent: dict[str, ReplicaStatus] = {}  # heartbeats sent from this process
         self._status: dict[str, ReplicaStatus] = {}
         self._bad_status: dict[str, str] = {}  # malformed replica fields already logged
+        self._gaps: set[str] = set()  # responses an outage may have cut an event from, their Finished not yet sent
+        self._owed: dict[str, Finished] = {}  # Finished events an outage kept from Redis: a heartbeat sends them
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
 
     def unavailable(self, exc: BaseException) -> NotReady:
         return NotReady(f"the event bus (redis at {self.where}) is unavailable: {exc or type(exc).__name__}")
+
+    def lost(self, finished: Finished, what: str) -> Finished:
+        """`finished` turned into the error that ends a response the bus lost part or all of."""
+        message = f"the event bus (redis at {self.where}) {what}; retry it"
+        return dataclasses.replace(
+            finished, status=FinishStatus.ERROR, error_code="model_not_ready", error_message=message
+        )
 
     async def start(self) -> None:
         """Start following other processes' heartbeats. Never raises: an unreachable Redis is logged and retried."""
@@ -180,7 +196,7 @@ class RedisBus:
         await self.client.aclose()
 
     # gateway side ---------------------------------------------------------------------------------------
-    async def submit(self, request: GenerateRequest) -> RedisResponseStream:
+    async def submit(self, request: GenerateRequest, replica_id: str | None = None) -> RedisResponseStream:
         rid = request.request_id
         if rid in self.reading:
             raise ValueError(f"request id {rid!r} is already in flight")
@@ -226,6 +242,11 @@ class RedisBus:
             for replica_id, mine in self._sent.items():  # the read may predate a heartbeat sent meanwhile
                 if replica_id not in fresh or mine.sent >= fresh[replica_id].sent:
                     fresh[replica_id] = mine
+            # a restarted Redis is empty until each replica beats again: one missing from the hash is kept until
+            # its last heartbeat is stale (a field also expires, 2 x heartbeat_timeout after it was written)
+            for replica_id, known in self._status.items():
+                if replica_id not in fresh and time.time() - known.sent < self.heartbeat_timeout:
+                    fresh[replica_id] = known
             self._status = fresh
             await asyncio.sleep(REFRESH_S)
 
@@ -235,22 +256,51 @@ class RedisBus:
         return await self._work.receive(model, replica_id, wait, max_requests)
 
     async def publish(self, event: ResponseEvent) -> bool:
+        """As Bus.publish. After a publish of a response failed (Redis unreachable: the event may or may not be
+        in Redis), the response gets no other event but its Finished, turned into an error; a Finished that could
+        not be sent is kept and sent by a later heartbeat."""
         rid = event.request_id
-        keys = [self.keys.resp(rid), self.keys.state(rid)]
-        finished = isinstance(event, Finished)
+        if rid in self._gaps:
+            if not isinstance(event, Finished):
+                return False
+            self._gaps.discard(rid)
+            event = self.lost(event, "was unreachable while this response streamed, so part of it may be lost")
         try:
-            args: list[EncodableT] = ["event", self.stream_events, self.ttl_ms, encode(event), int(finished)]
-            outcome = int(await self._publish(keys=keys, args=args))
-            if outcome < 0:  # the reader fell behind: it gets this error after what it has, and we stop
-                args = ["overflow", self.stream_events, self.ttl_ms, encode(slow_consumer(rid)), 1]
-                await self._publish(keys=keys, args=args)
-            self.health.ok()
+            delivered = await self._append(event)
         except ERRORS as exc:
             self.health.failed(exc, "publishing")
-            outcome = 0
-        if finished:
+            if isinstance(event, Finished):
+                self._owed[rid] = event
+            else:
+                self._gaps.add(rid)
+            return False
+        self.health.ok()
+        if isinstance(event, Finished):
+            self._owed.pop(rid, None)
             await self._work.finished(rid)
+        return delivered
+
+    async def _append(self, event: ResponseEvent) -> bool:
+        """Append to the response if it is open; True if appended. Raises what redis-py raises."""
+        rid = event.request_id
+        keys = [self.keys.resp(rid), self.keys.state(rid)]
+        finished = int(isinstance(event, Finished))
+        args: list[EncodableT] = ["event", self.stream_events, self.ttl_ms, encode(event), finished]
+        outcome = int(await self._publish(keys=keys, args=args))
+        if outcome < 0:  # the reader fell behind: it gets this error after what it has, and we stop
+            args = ["overflow", self.stream_events, self.ttl_ms, encode(slow_consumer(rid)), 1]
+            await self._publish(keys=keys, args=args)
         return outcome == 1
+
+    async def _send_owed(self) -> None:
+        """Send the Finished events an outage kept back (Redis answered again); stop at the first failure."""
+        for rid, finished in list(self._owed.items()):
+            if self._owed.get(rid) is not finished:  # sent meanwhile (a concurrent heartbeat)
+                continue
+            del self._owed[rid]
+            await self.publish(finished)
+            if rid in self._owed:
+                return
 
     async def heartbeat(self, status: ReplicaStatus) -> None:
         """As Bus.heartbeat; an unreachable Redis is logged, not raised."""
@@ -265,12 +315,16 @@ class RedisBus:
             self.health.failed(exc, "sending a heartbeat")
             return
         self.health.ok()
+        if self._owed:
+            await self._send_owed()
 
 
 class RedisResponseStream:
     """One request's events, read with XREAD BLOCK after `last_id`, the id of the last entry read (the resume
     point: ids increase along the stream). What was consumed is deleted with the next read, so until the consumer
-    asks for more it still counts against stream_events."""
+    asks for more it still counts against stream_events. Each read also checks that the response's state key
+    exists: without it (Redis restarted empty, or the response expired) nothing will come, and the stream ends
+    with Finished(ERROR, model_not_ready) after what was read."""
 
     def __init__(self, bus: RedisBus, request_id: str, after: str = "0-0") -> None:
         self.request_id = request_id
@@ -287,6 +341,7 @@ class RedisResponseStream:
             pipe = bus.blocking.pipeline(transaction=False)
             if consumed:
                 pipe.xdel(self._key, *consumed)
+            pipe.exists(bus.keys.state(self.request_id))  # before the read: no entry can come after it is gone
             pipe.xread({self._key: self.last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
             try:
                 async with asyncio.timeout(READ_BLOCK_MS / 1000 + bus.timeout_s):  # no extra task, as wait_for
@@ -316,6 +371,10 @@ class RedisResponseStream:
                 yield event
                 if isinstance(event, Finished):
                     return
+            if not replies[-2]:
+                await self._end()
+                yield bus.lost(Finished(self.request_id, FinishStatus.ERROR), "lost this response (did Redis restart?)")
+                return
 
     async def _end(self) -> None:
         """The response is over: drop its stream now rather than at its expiry."""
