@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="run a replica that serves the gateways of a Redis bus (blink serve --redis)",
         description="Load and warm the model, then join the model's pool on the Redis bus: take requests, stream "
-        "tokens back, send heartbeats. SIGTERM or SIGINT stops it (requests in flight end as incomplete).",
+        "tokens back, send heartbeats. SIGTERM or SIGINT stops it: it takes no new requests, finishes those it "
+        "holds for up to --drain-timeout-s, and hands the rest back to the other workers, which continue them.",
     )
     for cls in (ModelConfig, EngineConfig, RedisConfig):
         add_flags(worker, cls, skip=("local_replica",))
@@ -181,7 +182,7 @@ def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         task = asyncio.create_task(replica.run())
         await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        await replica.stop()
+        await replica.stop(drain_s=redis.drain_timeout_s)
         try:
             await task
         finally:
@@ -225,8 +226,8 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
             loading.add_done_callback(_report_embedder)
         log.info("listening on http://%s:%d; loading %s", gw.host, gw.port, config.model.model)
         yield
-        if replica is not None:
-            await replica.stop()
+        if replica is not None:  # with --redis it may hold other gateways' requests: drained, or handed back
+            await replica.stop(drain_s=config.redis.drain_timeout_s if config.redis.redis else 0.0)
         with contextlib.suppress(asyncio.CancelledError):
             await task
         if cache is not None:

@@ -82,6 +82,11 @@ class GatewayConfig:
         "events buffered per response for a slow client; past it the response is cancelled", 1024
     )
     max_pending_requests: int = _help("requests queued for replicas before new ones get 429", 256)
+    first_token_deadline_s: float = _help(
+        "new requests get 429 overloaded when every replica estimates a new request would wait longer than this "
+        "for its first token (from its measured prefill and finish rates); 0: never",
+        10.0,
+    )
     max_request_bytes: int = _help("largest accepted HTTP body or WebSocket message", 1 << 20)
     request_timeout_s: float = _help(
         "longest a request may take, queue + generation; past it the replica frees it (deadline_exceeded)", 600.0
@@ -142,6 +147,11 @@ class RedisConfig:
     )
     local_replica: bool = _help(
         "with --redis, also run a replica in this process (off: a gateway only, served by `blink worker`s)", True
+    )
+    drain_timeout_s: float = _help(
+        "on SIGTERM, a worker takes no new requests and finishes those it holds for up to this long; the rest it "
+        "hands back to the other workers, which continue them (clients see no gap in their text)",
+        20.0,
     )
 
 

@@ -30,6 +30,7 @@ class BlinkError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    retry_after: float | None = None  # seconds a client should wait before retrying (HTTP Retry-After), if known
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

@@ -121,6 +121,22 @@ def test_cancel_reaches_the_replicas_of_the_pool(make_bus: Buses) -> None:
     run(make_bus, main)
 
 
+def test_a_request_for_a_named_replica_goes_to_it_alone_and_an_unknown_one_to_the_pool(make_bus: Buses) -> None:
+    async def main() -> None:
+        bus = await make_bus()
+        for replica_id in ("r1", "r2"):
+            await bus.receive("m", replica_id, wait=0, max_requests=8)
+            await bus.heartbeat(ReplicaStatus(replica_id, "m", ReplicaState.READY))
+        await bus.submit(req("for-r2"), "r2")
+        await bus.submit(req("any"), "r-unknown")
+        got1 = await bus.receive("m", "r1", wait=1, max_requests=8)  # r1 reads first: it still gets only the pool's
+        assert [m.request_id for m in got1] == ["any"]
+        got2 = await bus.receive("m", "r2", wait=1, max_requests=8)
+        assert [m.request_id for m in got2] == ["for-r2"]
+
+    run(make_bus, main)
+
+
 def test_full_pool_queue_is_overloaded(make_bus: Buses) -> None:
     async def main() -> None:
         bus = await make_bus(max_pending=2)

@@ -166,3 +166,38 @@ def test_two_replicas_racing_for_a_dead_ones_requests_deliver_each_once(
         assert await pool_state(redis_server, redis_prefix) == (len(rids), len(rids), ["r2", "r3"])
 
     run(buses, main)
+
+
+def test_requests_routed_to_a_replica_that_died_are_claimed_by_another(
+    buses: Buses, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """What a dead replica held from its direct stream, and what it never read there, both go to a live replica;
+    its direct stream is deleted once empty, and later submits for it go to the pool."""
+
+    async def main() -> None:
+        gateway, dead, live = await buses(), await buses(), await buses()
+        assert isinstance(dead, RedisBus) and isinstance(live, RedisBus)
+        await dead.heartbeat(beat("dead"))
+        await live.heartbeat(beat("live"))
+        await dead.receive("m", "dead", wait=0, max_requests=8)
+        streams = [await gateway.submit(req(rid), "dead") for rid in ("held", "unread")]
+        assert [m.request_id for m in await dead.receive("m", "dead", wait=1, max_requests=1)] == ["held"]
+        await dead.close()  # killed: no more heartbeats
+        got = await serve(live, "live", until=2, seconds=10)
+        assert sorted(got) == ["held", "unread"]
+        for rid in got:
+            assert await live.publish(Finished(rid, FinishStatus.STOP))
+        for stream in streams:
+            assert [type(e) for e in await asyncio.wait_for(drain(stream.__aiter__()), 5)] == [Finished]
+        raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            deadline = time.monotonic() + 5  # the next claim pass finds it empty and deletes it
+            while await raw.exists(f"{redis_prefix}:direct:m:dead"):
+                assert time.monotonic() < deadline
+                await serve(live, "live", until=1, seconds=0.2)
+        finally:
+            await raw.aclose()
+        await gateway.submit(req("later"), "dead")
+        assert await serve(live, "live", until=1, seconds=5) == ["later"]
+
+    run(buses, main)

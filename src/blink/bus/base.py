@@ -1,8 +1,9 @@
 """The transport contract every bus implements (tests/contract/test_bus.py runs it against each).
 
 Guarantees a transport must give:
-- `submit` delivers a request to exactly one replica of its model's pool, or raises Overloaded when the pool's
-  queue is full; the returned stream yields that request's events in order and ends after `Finished`.
+- `submit` delivers a request to exactly one replica of its model's pool (the one named, when one is), or raises
+  Overloaded when the pool's queue is full; the returned stream yields that request's events in order and ends
+  after `Finished`.
 - `cancel` reaches whichever replica holds (or will take) the request.
 - `publish` never blocks on a slow consumer: a response stream is bounded, and when it overflows the consumer
   gets `Finished(status=ERROR, error_code="slow_consumer")` after the events already queued, and `publish`
@@ -40,7 +41,10 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
     # gateway side
-    async def submit(self, request: GenerateRequest) -> ResponseStream: ...
+    async def submit(self, request: GenerateRequest, replica_id: str | None = None) -> ResponseStream:
+        """`replica_id`: deliver it to that replica of the pool (it holds the prompt's prefix), which takes it
+        before the pool's; if that replica stops first, any replica of the pool may take it. None: the pool."""
+        ...
 
     async def cancel(self, request_id: str, model: str) -> None: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from blink.bus.messages import (
@@ -12,6 +13,7 @@ from blink.bus.messages import (
     Finished,
     FinishStatus,
     GenerateRequest,
+    ReplicaState,
     ReplicaStatus,
     ResponseEvent,
     WorkMessage,
@@ -67,6 +69,7 @@ class MemoryBus:
         self._pools: dict[str, asyncio.Queue[GenerateRequest]] = {}
         self._streams: dict[str, MemoryResponseStream] = {}
         self._inboxes: dict[str, list[Cancel]] = {}  # replica_id -> cancels not yet received
+        self._direct: dict[str, deque[GenerateRequest]] = {}  # replica_id -> requests submitted to it
         self._wakeups: dict[str, asyncio.Event] = {}
         self._pool_of: dict[str, str] = {}  # replica_id -> model
         self._status: dict[str, ReplicaStatus] = {}
@@ -80,7 +83,7 @@ class MemoryBus:
 
     def _pool(self, model: str) -> asyncio.Queue[GenerateRequest]:
         if model not in self._pools:
-            self._pools[model] = asyncio.Queue(maxsize=self.max_pending)
+            self._pools[model] = asyncio.Queue()  # bounded by submit: max_pending over the pool and the direct queues
         return self._pools[model]
 
     def _wake(self, model: str) -> None:
@@ -88,14 +91,18 @@ class MemoryBus:
             if pool == model:
                 self._wakeups[replica_id].set()
 
-    async def submit(self, request: GenerateRequest) -> MemoryResponseStream:
+    async def submit(self, request: GenerateRequest, replica_id: str | None = None) -> MemoryResponseStream:
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         stream = MemoryResponseStream(self, request.request_id, self.stream_events)
-        try:
-            self._pool(request.model).put_nowait(request)
-        except asyncio.QueueFull:
-            raise Overloaded(f"{self.max_pending} requests are already waiting for {request.model!r}") from None
+        pool = self._pool(request.model)
+        direct = self._direct.get(replica_id or "")
+        if pool.qsize() + sum(map(len, self._direct.values())) >= self.max_pending:
+            raise Overloaded(f"{self.max_pending} requests are already waiting for {request.model!r}")
+        if direct is not None and self._pool_of[replica_id or ""] == request.model:
+            direct.append(request)
+        else:
+            pool.put_nowait(request)
         self._streams[request.request_id] = stream
         self._wake(request.model)
         return stream
@@ -114,16 +121,20 @@ class MemoryBus:
         if replica_id not in self._pool_of:
             self._pool_of[replica_id] = model
             self._inboxes[replica_id] = []
+            self._direct[replica_id] = deque()
             self._wakeups[replica_id] = asyncio.Event()
 
     def _drain(self, model: str, replica_id: str, max_requests: int) -> list[WorkMessage]:
         out: list[WorkMessage] = list(self._inboxes[replica_id])
         self._inboxes[replica_id].clear()
-        pool = self._pool(model)
+        direct, pool = self._direct[replica_id], self._pool(model)
         for _ in range(max_requests):
-            if pool.empty():
+            if direct:
+                out.append(direct.popleft())
+            elif not pool.empty():
+                out.append(pool.get_nowait())
+            else:
                 break
-            out.append(pool.get_nowait())
         return out
 
     async def receive(self, model: str, replica_id: str, *, wait: float, max_requests: int) -> list[WorkMessage]:
@@ -150,3 +161,8 @@ class MemoryBus:
     async def heartbeat(self, status: ReplicaStatus) -> None:
         self._register(status.model, status.replica_id)
         self._status[status.replica_id] = status
+        if status.state is ReplicaState.STOPPED:  # what was sent to it and not taken, any replica may take
+            for request in self._direct.pop(status.replica_id, deque()):
+                self._pool(status.model).put_nowait(request)
+            self._direct[status.replica_id] = deque()
+            self._wake(status.model)

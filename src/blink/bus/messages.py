@@ -47,6 +47,7 @@ class GenerateRequest:
     priority: int = 0  # 0: live; above 0: background work that never delays live tokens
     prefill_only: bool = False  # pre-loading: fill the prefix cache with the prompt's K/V; no tokens, Finished
     open_last: bool = False  # chat: the last message is still being typed; the prompt ends inside it
+    affinity: str | None = None  # names the prompt's prefix (a session, a system prompt): replicas report those held
     v: int = VERSION
 
 
@@ -126,6 +127,8 @@ class ReplicaStatus:
     speculative: str = "off"  # the replica's --speculative
     spec_proposed: int = 0  # guessed tokens verified since start, and of those accepted
     spec_accepted: int = 0
+    queue_wait_s: float = 0.0  # estimated wait for a new live request's first token (worker/load.py)
+    prefixes: tuple[str, ...] = ()  # affinity keys of requests whose prompt's first blocks it holds in its cache
     sent: float = field(default_factory=time.time)
     v: int = VERSION
 
@@ -163,5 +166,6 @@ def from_dict(raw: dict[str, Any]) -> Message:
         raw["status"] = FinishStatus(raw["status"])
     elif cls is ReplicaStatus:
         raw["state"] = ReplicaState(raw["state"])
+        raw["prefixes"] = tuple(raw.get("prefixes", ()))
     msg: Message = cls(**raw)
     return msg

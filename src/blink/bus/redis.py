@@ -56,8 +56,11 @@ READ_BLOCK_MS = 2000  # a response reader's block: how soon it notices its strea
 READ_COUNT = 64  # entries per response read
 REFRESH_S = 0.5  # how stale replicas() may be for replicas heard through Redis
 
-# KEYS: pool, resp, state. ARGV: group, max_pending, request, ttl_ms. The group is made with the stream (id 0:
-# requests sent before any replica came are delivered). Returns the entry id, or nil when the backlog is full.
+# KEYS: pool, resp, state, target (a replica's direct stream, or the pool again). ARGV: group, max_pending,
+# request, ttl_ms. The group is made with the stream (id 0: requests sent before any replica came are delivered).
+# The request goes to the target if that stream exists (its replica made it and no claimer has emptied and
+# deleted it since the replica stopped), else to the pool. Returns the entry id, or nil when the pool's backlog is
+# full.
 _SUBMIT = """
 local pending = nil
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -74,7 +77,9 @@ end
 if redis.call('XLEN', KEYS[1]) - pending >= tonumber(ARGV[2]) then return false end
 redis.call('DEL', KEYS[2])
 redis.call('SET', KEYS[3], 'open', 'PX', ARGV[4])
-return redis.call('XADD', KEYS[1], '*', 'm', ARGV[3])
+local stream = KEYS[1]
+if KEYS[4] ~= KEYS[1] and redis.call('EXISTS', KEYS[4]) == 1 then stream = KEYS[4] end
+return redis.call('XADD', stream, '*', 'm', ARGV[3])
 """
 
 # KEYS: resp, state. ARGV: mode ("event" or "overflow"), stream_events, ttl_ms, event, is_finished.
@@ -200,7 +205,9 @@ class RedisBus:
         rid = request.request_id
         if rid in self.reading:
             raise ValueError(f"request id {rid!r} is already in flight")
-        keys = [self.keys.pool(request.model), self.keys.resp(rid), self.keys.state(rid)]
+        pool = self.keys.pool(request.model)
+        target = pool if replica_id is None else self.keys.direct(request.model, replica_id)
+        keys = [pool, self.keys.resp(rid), self.keys.state(rid), target]
         try:
             entry = await self._submit(keys=keys, args=[GROUP, self.max_pending, encode(request), self.ttl_ms])
         except ERRORS as exc:

@@ -6,9 +6,12 @@ older than heartbeat_timeout, or says STOPPED; a heartbeat we cannot parse (a ne
 that a rolling upgrade never robs a live replica. Only a replica whose own heartbeat is fresh and READY claims.
 
 Per dead consumer one script moves up to the claimer's room of its entries to the claimer and deletes the consumer
-once it holds none (consumers are per-process ids and would pile up). The script checks the owner and claims in one
-step, so of two replicas racing for an entry exactly one gets it: the other's script finds it no longer pending
-for the dead consumer and returns nothing.
+once it holds none (consumers are per-process ids and would pile up). A dead replica's direct stream (requests the
+gateways routed to it by prefix affinity) is claimed first by another script: what the dead consumer held there,
+then what it never read; the stream is deleted once empty, and only then the consumer (so it is found again until
+its direct stream is gone; a submit to a deleted direct stream goes to the pool). The scripts check the owner and
+claim in one step, so of two replicas racing for an entry exactly one gets it: the other's script finds it no
+longer pending for the dead consumer and returns nothing.
 
 Not fenced: a replica that was only frozen past heartbeat_timeout (not killed) and then resumes still publishes
 into the response while its request's state is open, alongside the replica that took it over.
@@ -24,8 +27,9 @@ import redis.asyncio as aioredis
 from blink.bus.messages import ReplicaState, ReplicaStatus
 from blink.bus.redis_wire import FIELD, GROUP, Entries, Keys, parse
 
-# KEYS: pool. ARGV: group, dead consumer, claiming consumer, count. Returns the claimed entries as XCLAIM does
-# (one whose stream entry is gone is dropped from the pending list and not returned, Redis >= 7.0).
+# KEYS: pool, the dead consumer's direct stream. ARGV: group, dead consumer, claiming consumer, count. Returns the
+# claimed entries as XCLAIM does (one whose stream entry is gone is dropped from the pending list and not returned,
+# Redis >= 7.0).
 _CLAIM = """
 local claimed = {}
 if tonumber(ARGV[4]) > 0 then
@@ -33,9 +37,30 @@ if tonumber(ARGV[4]) > 0 then
   for i, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[4], ARGV[2])) do ids[i] = p[1] end
   if #ids > 0 then claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids)) end
 end
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 end
+return claimed
+"""
+
+# KEYS: the dead consumer's direct stream. ARGV: group, dead consumer, claiming consumer, count. Claims what the dead
+# consumer held there, then reads what it never read, up to count in all; deletes the stream once it is empty.
+_CLAIM_DIRECT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local claimed = {}
+local n = tonumber(ARGV[4])
+if n > 0 then
+  local ids = {}
+  for i, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', n, ARGV[2])) do ids[i] = p[1] end
+  if #ids > 0 then claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids)) end
+  if n > #claimed then
+    local fresh = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', n - #claimed, 'STREAMS', KEYS[1], '>')
+    if fresh then
+      for _, entry in ipairs(fresh[1][2]) do claimed[#claimed + 1] = entry end
+    end
+  end
+end
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
 return claimed
 """
 
@@ -49,11 +74,14 @@ class Claimer:
         self.heartbeat_timeout = heartbeat_timeout
         self.interval_s = interval_s  # how often a replica looks (its receive calls this at most that often)
         self._script = client.register_script(_CLAIM)
+        self._direct_script = client.register_script(_CLAIM_DIRECT)
 
-    async def claim(self, pool: str, me: str, room: int) -> dict[str, Entries]:
-        """Entries claimed for consumer `me`, by the dead consumer they came from: at most `room` in all (0: only
-        delete the dead consumers that hold nothing). Nothing unless `me` itself is alive and READY. The caller
-        owns what comes back (it is pending for `me`): it must deliver or acknowledge it."""
+    async def claim(self, model: str, me: str, room: int) -> dict[str, list[tuple[str, Entries]]]:
+        """Entries of `model`'s pool and dead replicas' direct streams claimed for consumer `me`, by the dead
+        consumer they came from, as (stream, entries): at most `room` in all (0: only delete the dead consumers
+        that hold nothing and their empty direct streams). Nothing unless `me` itself is alive and READY. The
+        caller owns what comes back (it is pending for `me`): it must deliver or acknowledge it."""
+        pool = self._keys.pool(model)
         consumers = await self._client.xinfo_consumers(pool, GROUP)
         others = [str(c["name"]) for c in consumers if c["name"] != me]
         if not others:
@@ -62,17 +90,19 @@ class Claimer:
         mine = self._status(beats[0])
         if mine is None or mine.state is not ReplicaState.READY or not self._fresh(mine):
             return {}
-        out: dict[str, Entries] = {}
+        out: dict[str, list[tuple[str, Entries]]] = {}
         for name, beat in zip(others, beats[1:], strict=True):
             if not self._dead(beat):
                 continue
-            reply = cast(list[Any], await self._script(keys=[pool], args=[GROUP, name, me, room]))
-            found: Entries = [
-                (str(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in reply
-            ]
-            room -= len(found)
-            if found:
-                out[name] = found
+            direct = self._keys.direct(model, name)
+            for script, stream, keys in ((self._direct_script, direct, [direct]), (self._script, pool, [pool, direct])):
+                reply = cast(list[Any], await script(keys=keys, args=[GROUP, name, me, room]))
+                found: Entries = [
+                    (str(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in reply
+                ]
+                room -= len(found)
+                if found:
+                    out.setdefault(name, []).append((stream, found))
         return out
 
     def _dead(self, beat: str | None) -> bool:

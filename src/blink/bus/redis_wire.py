@@ -51,6 +51,10 @@ class Keys:
     def pool(self, model: str) -> str:
         return f"{self.prefix}:pool:{model}"
 
+    def direct(self, model: str, replica_id: str) -> str:
+        """The requests sent to one replica of the pool (it holds their prefix); same group as the pool."""
+        return f"{self.prefix}:direct:{model}:{replica_id}"
+
     def cancels(self, model: str) -> str:
         return f"{self.prefix}:cancel:{model}"
 
@@ -123,6 +127,11 @@ def entries(reply: object) -> Entries:
     """The entries of an XREAD/XREADGROUP reply on one stream (RESP2: [[key, [(id, fields), ...]]], or empty)."""
     streams = cast(list[tuple[str, Entries]], reply or [])
     return [entry for _, found in streams for entry in found]
+
+
+def by_stream(reply: object) -> list[tuple[str, Entries]]:
+    """The entries of an XREAD/XREADGROUP reply, by stream (RESP2: [[key, [(id, fields), ...]], ...])."""
+    return [(str(key), list(found)) for key, found in cast(list[tuple[str, Entries]], reply or [])]
 
 
 def slow_consumer(request_id: str) -> Finished:

@@ -1,4 +1,5 @@
-"""A replica's side of the Redis bus: its pool's requests (consumer group) and cancels (broadcast stream).
+"""A replica's side of the Redis bus: its pool's requests (consumer group), the requests routed to it alone (its
+direct stream, same group, read first), and cancels (broadcast stream).
 
 Each replica blocks in XREADGROUP on a connection of its own while a watcher task blocks in XREAD on the pool's
 cancel stream on another; a cancel ends the first block with CLIENT UNBLOCK rather than waiting it out. An idle
@@ -17,10 +18,11 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import KeyT, StreamIdT
 
 from blink.bus.messages import Cancel, GenerateRequest, WorkMessage
 from blink.bus.redis_claim import Claimer
-from blink.bus.redis_wire import ERRORS, GROUP, Entries, Health, Keys, blocking_client, entries, parse
+from blink.bus.redis_wire import ERRORS, GROUP, Entries, Health, Keys, blocking_client, by_stream, entries, parse
 
 log = logging.getLogger("blink.bus")
 
@@ -33,7 +35,9 @@ class _Consumer:
     """One replica's reading state in this process."""
 
     replica_id: str
+    model: str
     pool: str
+    direct: str  # requests routed to this replica (it holds their prefix): read with the pool, before it
     cancels: str
     cursor: str  # last cancel entry seen: a replica gets the cancels sent after it first showed up
     pool_conn: aioredis.Redis  # XREADGROUP only, so that CLIENT UNBLOCK ends exactly that block
@@ -60,7 +64,7 @@ class WorkReader:
         self._timeout_s = timeout_s
         self._claimer = claimer
         self._consumers: dict[str, _Consumer] = {}
-        self._taken: dict[str, tuple[str, str]] = {}  # request id -> (pool, entry id) until its Finished
+        self._taken: dict[str, tuple[str, str]] = {}  # request id -> (stream, entry id) until its Finished
         self.closed = False
 
     async def close(self) -> None:
@@ -120,11 +124,13 @@ class WorkReader:
         if replica_id in self._consumers:
             return self._consumers[replica_id]
         pool, cancels = self._keys.pool(model), self._keys.cancels(model)
+        direct = self._keys.direct(model, replica_id)
         last = cast(list[tuple[str, Any]], await self._client.xrevrange(cancels, count=1))
         await self._ensure_group(pool)
+        await self._ensure_group(direct)
         cursor = last[0][0] if last else "0-0"
         conns = blocking_client(self._url, self._timeout_s), blocking_client(self._url, self._timeout_s)
-        consumer = _Consumer(replica_id, pool, cancels, cursor, *conns)
+        consumer = _Consumer(replica_id, model, pool, direct, cancels, cursor, *conns)
         return self._consumers.setdefault(replica_id, consumer)  # a concurrent first call may have won
 
     async def _ensure_group(self, pool: str) -> None:
@@ -201,45 +207,54 @@ class WorkReader:
                 return
 
     async def _read_pool(self, c: _Consumer, n: int, block_ms: int | None) -> None:
-        """Up to n requests into c.ready: first any that a failed read left pending here, else new ones."""
+        """Up to n requests into c.ready (of each stream: its direct one and the pool; what is over n waits in
+        c.ready): first any that a failed read left pending here, else new ones."""
         try:
             if c.recover and await self._recover(c, n):
                 return
             async with asyncio.timeout((block_ms or 0) / 1000 + self._timeout_s):  # pool_conn has no socket timeout
-                reply = await c.pool_conn.xreadgroup(GROUP, c.replica_id, {c.pool: ">"}, count=n, block=block_ms)
+                streams: dict[KeyT, StreamIdT] = {c.direct: ">", c.pool: ">"}
+                reply = await c.pool_conn.xreadgroup(GROUP, c.replica_id, streams, count=n, block=block_ms)
         except ResponseError as exc:
-            if "NOGROUP" in str(exc):  # the stream is gone (Redis restarted empty): make it again, read next time
+            if "NOGROUP" in str(exc):  # a stream is gone (Redis restarted empty): make it again, read next time
                 await self._ensure_group(c.pool)
+                await self._ensure_group(c.direct)
                 return
             raise
         except BaseException:
             c.pool_id, c.recover = None, True
             raise
-        await self._take(c, entries(reply))
+        for stream, found in by_stream(reply):
+            await self._take(c, stream, found)
 
     async def _recover(self, c: _Consumer, n: int) -> int:
         """Entries delivered to this consumer that it never handed out: its pending list minus what it holds."""
         async with asyncio.timeout(self._timeout_s):
-            reply = await c.pool_conn.xreadgroup(GROUP, c.replica_id, {c.pool: "0"})
-        held = {entry_id for pool, entry_id in self._taken.values() if pool == c.pool}
-        lost = [entry for entry in entries(reply) if entry[0] not in held]
-        c.recover = len(lost) > n
+            reply = await c.pool_conn.xreadgroup(GROUP, c.replica_id, {c.direct: "0", c.pool: "0"})
+        held = set(self._taken.values())
+        lost = [(stream, [e for e in found if (stream, e[0]) not in held]) for stream, found in by_stream(reply)]
+        total = sum(len(found) for _, found in lost)
+        c.recover = total > n
         # not checked for being open (one round trip fewer): a replica's Accepted for one that is not is refused
-        await self._take(c, lost[:n])
-        return len(lost)
+        for stream, found in lost:
+            n -= await self._take(c, stream, found[: max(0, n)])
+        return total
 
     async def _claim(self, c: _Consumer, room: int) -> None:
         """Take over up to `room` requests of dead replicas of c's pool (into c.ready, like new ones)."""
         try:
-            claimed = await self._claimer.claim(c.pool, c.replica_id, room)
-            for dead, found in claimed.items():
-                taken = await self._take(c, found, only_open=True)
+            claimed = await self._claimer.claim(c.model, c.replica_id, room)
+            for dead, streams in claimed.items():
+                taken = found = 0
+                for stream, entries_ in streams:
+                    taken += await self._take(c, stream, entries_, only_open=True)
+                    found += len(entries_)
                 log.info(
                     "bus: replica %s took over %d request(s) of dead replica %s (%d more were no longer wanted)",
                     c.replica_id,
                     taken,
                     dead,
-                    len(found) - taken,
+                    found - taken,
                 )
         except ResponseError as exc:
             if "NOGROUP" in str(exc) or "no such key" in str(exc):  # Redis restarted empty: the read makes it again
@@ -250,7 +265,7 @@ class WorkReader:
             c.recover = True
             raise
 
-    async def _take(self, c: _Consumer, found: Entries, *, only_open: bool = False) -> int:
+    async def _take(self, c: _Consumer, stream: str, found: Entries, *, only_open: bool = False) -> int:
         """Parse entries pending for c into c.ready; returns how many. Malformed ones are acknowledged, and with
         `only_open` (claimed ones) those whose response is no longer open (finished, closed, overflowed, expired)."""
         bad, good = [], []
@@ -258,20 +273,20 @@ class WorkReader:
             try:
                 good.append((entry_id, cast(GenerateRequest, parse(fields, (GenerateRequest,)))))
             except ValueError as exc:
-                log.warning("bus: dropping malformed entry %s of %s: %s", entry_id, c.pool, exc)
+                log.warning("bus: dropping malformed entry %s of %s: %s", entry_id, stream, exc)
                 bad.append(entry_id)
         if only_open and good:
             states = await self._client.mget([self._keys.state(request.request_id) for _, request in good])
             bad += [entry_id for (entry_id, _), state in zip(good, states, strict=True) if state != "open"]
             good = [taken for taken, state in zip(good, states, strict=True) if state == "open"]
         for entry_id, request in good:
-            self._taken[request.request_id] = (c.pool, entry_id)
+            self._taken[request.request_id] = (stream, entry_id)
             c.ready.append(request)
         if bad:  # acknowledged, or it would stay pending on this replica forever
             try:
-                await self._ack(c.pool, *bad)
+                await self._ack(stream, *bad)
             except ERRORS as exc:
-                log.warning("bus: could not acknowledge dropped entries of %s: %s", c.pool, exc)
+                log.warning("bus: could not acknowledge dropped entries of %s: %s", stream, exc)
                 c.recover = True  # the recovery read finds them again
         return len(good)
 
@@ -285,8 +300,8 @@ class WorkReader:
         except ERRORS as exc:  # left pending: a failover would claim it, find its response no longer open, drop it
             self._health.failed(exc, "acknowledging a request")
 
-    async def _ack(self, pool: str, *entry_ids: str) -> None:
+    async def _ack(self, stream: str, *entry_ids: str) -> None:
         pipe = self._client.pipeline(transaction=True)  # together, so that XLEN - pending stays the backlog
-        pipe.xack(pool, GROUP, *entry_ids)
-        pipe.xdel(pool, *entry_ids)
+        pipe.xack(stream, GROUP, *entry_ids)
+        pipe.xdel(stream, *entry_ids)
         await pipe.execute()

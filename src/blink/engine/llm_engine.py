@@ -135,6 +135,14 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def live_backlog(self) -> tuple[int, int, int]:
+        """The live (priority 0) work ahead of a new request: (prompt tokens not yet computed, sequences waiting,
+        batch slots free)."""
+        live = [s for s in self.scheduler.waiting + self.scheduler.running if s.priority == 0]
+        pending = sum(max(0, len(s.prompt_token_ids) - s.num_computed) for s in live)
+        waiting = sum(1 for s in self.scheduler.waiting if s.priority == 0)
+        return pending, waiting, max(0, self.config.max_num_seqs - len(self.scheduler.running))
+
     def num_tokens(self, request_id: str) -> tuple[int, int]:
         """(prompt, completion) tokens of a live request; (0, 0) once it is gone."""
         seq = self._seqs.get(request_id)

@@ -43,6 +43,7 @@ def create_app(
                 "state": r.state.value,
                 "running": r.running,
                 "waiting": r.waiting,
+                "queue_wait_s": r.queue_wait_s,
                 "kv_blocks_in_use": r.kv_blocks_in_use,
                 "kv_blocks_total": r.kv_blocks_total,
                 "background_prefill_tokens": r.background_prefill_tokens,

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -30,7 +33,15 @@ from blink.bus.messages import (
     TokenEvent,
 )
 from blink.config import GatewayConfig
-from blink.errors import BlinkError, EngineFailure, ModelNotFound, NotReady, ShuttingDown, from_wire
+from blink.errors import (
+    BlinkError,
+    EngineFailure,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    ShuttingDown,
+    from_wire,
+)
 from blink.gateway.failover import Replay, ReplayMismatch
 from blink.gateway.resume import Responses
 from blink.gateway.sessions import MemorySessions, SessionStore
@@ -43,8 +54,19 @@ ACCEPT_TIMEOUT_S = 60.0  # a replica tokenizes and answers Accepted within one e
 CANCEL_TIMEOUT_S = 10.0
 STORE_TIMEOUT_S = 1.0
 LIVENESS_CHECK_S = 1.0  # while no event comes, how often a response checks that its replica still lives
+AFFINITY_SLACK_S = 1.0  # queue wait a replica holding the prefix may have over the least-loaded one and still get it
+REMEMBERED_AFFINITIES = 10_000
 FAILOVER_WAIT_S = 10.0  # after its replica died, how long a response waits for another to take the request over
 CACHED_DELTA = re.compile(r"\s*\S+(?:\s+\S+){0,3}\s*")  # a cached answer streams a few words per delta
+
+
+def affinity_key(request: GenerateRequest) -> str:
+    """What names a request's prompt prefix for routing: its realtime session, else its first two messages (the
+    system prompt and first turn of a conversation resent whole each turn), else the head of its prompt."""
+    if request.session_id is not None:
+        return f"s:{request.session_id}"
+    head = json.dumps(request.messages[:2], sort_keys=True) if request.messages else (request.prompt or "")[:512]
+    return "p:" + hashlib.sha256(f"{request.model}\n{head}".encode()).hexdigest()[:16]
 
 
 class CachedStream:
@@ -143,6 +165,7 @@ class Generation:
         if isinstance(event, Accepted):
             self.prompt_tokens = event.prompt_tokens
             self.replica_id = event.replica_id
+            self.gateway.accepted(self.request, event.replica_id)
         elif isinstance(event, Finished):
             self._end(event)
             if event.status is FinishStatus.ERROR:
@@ -271,6 +294,7 @@ class Gateway:
         self.models = models
         self.default_model = models[0]
         self._active: dict[str, Generation] = {}
+        self._affinity: OrderedDict[str, str] = OrderedDict()  # affinity key -> replica that took it last
         self._tasks: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
         self._idle = asyncio.Event()  # set whenever no generation is active
@@ -298,6 +322,46 @@ class Gateway:
         if not self.ready_replicas(model):
             raise NotReady(f"no replica of {model!r} is ready yet; retry shortly")
 
+    def route(self, request: GenerateRequest) -> str | None:
+        """The replica that holds the request's prefix (its heartbeats list the affinity key, or it took this
+        key's last request through this gateway), unless it is busier than the least-loaded replica by more than
+        AFFINITY_SLACK_S of queue wait; None: the pool, which the first replica with batch room reads."""
+        ready = self.ready_replicas(request.model)
+        key = request.affinity
+        if key is None or len(ready) < 2:
+            return None
+        hinted = self._affinity.get(key)
+        holders = [r for r in ready if key in r.prefixes or r.replica_id == hinted]
+        if not holders:
+            return None
+        best = min(holders, key=lambda r: (r.queue_wait_s, r.running + r.waiting))
+        if best.queue_wait_s > min(r.queue_wait_s for r in ready) + AFFINITY_SLACK_S:
+            return None
+        return str(best.replica_id)
+
+    def accepted(self, request: GenerateRequest, replica_id: str) -> None:
+        """Remember which replica took a request's prefix (it is in that replica's cache from now on)."""
+        if request.affinity is None or replica_id == "cache":
+            return
+        self._affinity[request.affinity] = replica_id
+        self._affinity.move_to_end(request.affinity)
+        while len(self._affinity) > REMEMBERED_AFFINITIES:
+            self._affinity.popitem(last=False)
+
+    def check_load(self, model: str) -> None:
+        """Raise Overloaded when every ready replica of `model` estimates a new request would wait past
+        --first-token-deadline-s for its first token (heartbeats carry the estimate: worker/load.py)."""
+        limit = self.config.first_token_deadline_s
+        waits = [r.queue_wait_s for r in self.ready_replicas(model)]
+        if limit <= 0 or not waits or min(waits) <= limit:
+            return
+        error = Overloaded(
+            f"every replica of {model!r} is saturated: a new request would wait about {min(waits):.1f} s for its "
+            f"first token, over this server's {limit:g} s; retry later"
+        )
+        error.retry_after = min(waits) - limit
+        raise error
+
     async def generate(
         self,
         request: GenerateRequest,
@@ -320,9 +384,13 @@ class Gateway:
             await generation.wait_accepted()
             return generation
         self.check_ready(request.model)
+        if request.priority == 0:
+            self.check_load(request.model)
         if request.deadline is None:  # nobody waits longer than this: a replica drops it once it passes
             request = dataclasses.replace(request, deadline=time.time() + self.config.request_timeout_s)
-        stream = await self.bus.submit(request)
+        if request.affinity is None:
+            request = dataclasses.replace(request, affinity=affinity_key(request))
+        stream = await self.bus.submit(request, self.route(request))
         generation = Generation(self, request, stream, started, lookup)
         self._active[request.request_id] = generation
         self._idle.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,8 @@ def error_body(exc: BlinkError) -> dict[str, Any]:
 
 
 def error_response(exc: BlinkError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    retry = "1" if exc.retry_after is None else str(max(1, math.ceil(exc.retry_after)))
+    headers = {"Retry-After": retry} if exc.status in (429, 503) else None
     return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 

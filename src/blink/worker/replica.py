@@ -40,6 +40,7 @@ from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
 from blink.models import loader, quant, registry
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
+from blink.worker.load import LoadEstimator, Queue
 from blink.worker.output import TextOutput
 
 log = logging.getLogger("blink.worker")
@@ -53,6 +54,8 @@ _TRANSITIONS = {
     ReplicaState.STOPPED: set(),
 }
 _REMEMBERED_CANCELS = 10_000
+REMEMBERED_PREFIXES = 1024  # affinity keys of recent requests, checked against the prefix cache at each heartbeat
+HEARTBEAT_PREFIXES = 128  # the most a heartbeat reports
 _OPEN_END = "\x00blink-open-end\x00"  # marks where a still-typed last message ends in the rendered template
 _FINISH_STATUS = {FinishReason.STOP: FinishStatus.STOP, FinishReason.LENGTH: FinishStatus.LENGTH}
 
@@ -89,7 +92,10 @@ class Replica:
         self._active: dict[str, _Active] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._preloads: dict[str, str] = {}  # session id -> its pre-load's request id, while it runs
+        self._prefixes: OrderedDict[str, list[int]] = OrderedDict()  # affinity key -> its prompt's first block (+1)
         self._stopping = asyncio.Event()
+        self.load = LoadEstimator()  # prefill and finish rates of live requests: the queue wait heartbeats carry
+        self._drain_until = 0.0  # monotonic time a stopping replica stops finishing its requests
         self.ready = asyncio.Event()  # set once the model is loaded and warmed
         self._engine_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blink-engine")
 
@@ -121,8 +127,37 @@ class Replica:
                 speculative=self.engine_config.speculative,
                 spec_proposed=engine.speculation.proposed if engine else 0,
                 spec_accepted=engine.speculation.accepted if engine else 0,
+                queue_wait_s=self._queue_wait() if engine else 0.0,
+                prefixes=self._held_prefixes() if engine else (),
             )
         )
+
+    def _remember_prefix(self, req: GenerateRequest, prompt: list[int]) -> None:
+        assert self.engine is not None
+        bs = self.engine.blocks.block_size
+        if req.affinity is None or len(prompt) <= bs:
+            return
+        self._prefixes[req.affinity] = prompt[: bs + 1]
+        self._prefixes.move_to_end(req.affinity)
+        while len(self._prefixes) > REMEMBERED_PREFIXES:
+            self._prefixes.popitem(last=False)
+
+    def _held_prefixes(self) -> tuple[str, ...]:
+        """The affinity keys (newest first, at most HEARTBEAT_PREFIXES) whose prompt's first block is still in
+        the prefix cache: a request with that key would find it there."""
+        assert self.engine is not None
+        held = []
+        for key, tokens in reversed(self._prefixes.items()):
+            if self.engine.blocks.lookup(tokens):
+                held.append(key)
+                if len(held) == HEARTBEAT_PREFIXES:
+                    break
+        return tuple(held)
+
+    def _queue_wait(self) -> float:
+        assert self.engine is not None
+        pending, waiting, free = self.engine.live_backlog()
+        return round(self.load.wait_s(Queue(pending, waiting, free)), 3)
 
     async def run(self) -> None:
         """Load, warm up, serve until `stop()`. Returns when stopped; raises if loading fails."""
@@ -139,14 +174,37 @@ class Replica:
             finally:
                 beat.cancel()
         finally:
-            for request_id in list(self._active):
-                await self._drop(request_id, FinishStatus.CANCELLED)
+            await self._release()
             if self.state is not ReplicaState.STOPPED:
                 await self._set_state(ReplicaState.STOPPED)
             self._engine_thread.shutdown(wait=False)
 
-    async def stop(self) -> None:
-        """Stop taking work; in-flight requests end as cancelled."""
+    async def _release(self) -> None:
+        """The requests still held when the replica stops: handed back (the bus re-delivers them once this
+        replica's STOPPED heartbeat is out; nothing is published, so their clients' streams stay open), or, on a
+        bus that cannot, ended as cancelled."""
+        if not self._active:
+            return
+        if self.engine is not None and self.bus.reclaims and self._stopping.is_set():
+            handed = 0
+            for request_id, active in list(self._active.items()):
+                if active.request.prefill_only:  # background work: not worth a restart elsewhere
+                    await self._drop(request_id, FinishStatus.CANCELLED)
+                else:
+                    self.engine.abort(request_id)
+                    del self._active[request_id]
+                    handed += 1
+            log.info("replica %s: handed back %d request(s) to the pool", self.replica_id, handed)
+            return
+        for request_id in list(self._active):
+            await self._drop(request_id, FinishStatus.CANCELLED)
+
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stop taking work (DRAINING) and finish the requests in flight for up to `drain_s` seconds. What is left
+        then is handed back when the bus re-delivers a stopped replica's requests (Redis: another replica claims
+        and restarts them, and the gateway continues each client's text where it was); otherwise it ends as
+        cancelled. Returns at once; `run()` returns when the replica has stopped."""
+        self._drain_until = time.monotonic() + drain_s
         if self.state is ReplicaState.READY:
             await self._set_state(ReplicaState.DRAINING)
         self._stopping.set()
@@ -213,10 +271,11 @@ class Replica:
     async def _loop(self) -> None:
         engine = self.engine
         assert engine is not None
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() or (self._active and time.monotonic() < self._drain_until):
             # take only what the engine can start soon: the rest stays on the bus, where the gateway's
-            # --max-pending-requests bound applies and another replica may take it
-            room = max(0, self.engine_config.max_num_seqs - engine.num_waiting)
+            # --max-pending-requests bound applies and another replica may take it; a draining replica takes
+            # nothing new (cancels still reach it)
+            room = 0 if self._stopping.is_set() else max(0, self.engine_config.max_num_seqs - engine.num_waiting)
             work = await self.bus.receive(
                 self.model_name, self.replica_id, wait=0 if engine.has_work() else 0.2, max_requests=room
             )
@@ -243,12 +302,13 @@ class Replica:
             await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
             return
         try:
-            prompt = self._prompt_ids(req)
+            prompt = full = self._prompt_ids(req)
             if req.prefill_only:
                 await self._replace_preload(req)
                 prompt = self._preload_prompt(prompt)
                 if not prompt:  # nothing left to compute: every full block is cached already
                     self._forget_preload(req)
+                    self._remember_prefix(req, full)
                     await self.bus.publish(Accepted(req.request_id, self.replica_id, 0))
                     await self.bus.publish(Finished(req.request_id, FinishStatus.STOP))
                     return
@@ -276,6 +336,7 @@ class Replica:
             )
             return
         self._active[req.request_id] = _Active(req, TextOutput(self.tokenizer, req.sampling.stop))
+        self._remember_prefix(req, full)
         if not await self.bus.publish(Accepted(req.request_id, self.replica_id, len(prompt))):
             await self._drop(req.request_id, FinishStatus.CANCELLED)
 
@@ -376,6 +437,8 @@ class Replica:
             return
         if active.first_token is None:
             active.first_token = time.monotonic()
+            if active.request.priority == 0:
+                self.load.prefilled(out.prompt_tokens - out.cached_tokens, out.prefill_s)
         text = active.output.push(out.token_id)
         if active.output.stopped and not out.finished:
             assert self.engine is not None
@@ -387,6 +450,8 @@ class Replica:
             await self._drop(out.request_id, FinishStatus.CANCELLED)
             return
         if done:
+            if active.request.priority == 0:
+                self.load.finished()
             status = FinishStatus.STOP if active.output.stopped else _FINISH_STATUS[out.finish_reason]  # type: ignore[index]
             del self._active[out.request_id]
             await self.bus.publish(

@@ -46,6 +46,8 @@ class FakeReplica:
     finish: FinishStatus = FinishStatus.STOP
     hold: bool = False
     delay: float = 0.0
+    queue_wait_s: float = 0.0
+    prefixes: tuple[str, ...] = ()  # affinity keys its heartbeats say it holds
     requests: list[GenerateRequest] = field(default_factory=list)
     held: list[str] = field(default_factory=list)
     replica_id: str = ""
@@ -56,7 +58,14 @@ class FakeReplica:
     async def run(self, bus: MemoryBus) -> None:
         while True:
             await bus.heartbeat(
-                ReplicaStatus(self.replica_id, self.model, self.state, max_model_len=self.max_model_len)
+                ReplicaStatus(
+                    self.replica_id,
+                    self.model,
+                    self.state,
+                    max_model_len=self.max_model_len,
+                    queue_wait_s=self.queue_wait_s,
+                    prefixes=self.prefixes,
+                )
             )
             for message in await bus.receive(self.model, self.replica_id, wait=0.05, max_requests=8):
                 if isinstance(message, GenerateRequest):

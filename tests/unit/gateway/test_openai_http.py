@@ -105,3 +105,22 @@ def test_unknown_paths_and_methods_have_their_own_codes(serve: Serve) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = httpx.get(server.base + "/v1/chat/completions")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_when_every_replica_would_miss_the_first_token_deadline_new_requests_get_429(serve: Serve) -> None:
+    busy = FakeReplica(MODEL, queue_wait_s=14.2, replica_id="busy")
+    server = serve(busy, FakeReplica(MODEL, queue_wait_s=12.0, replica_id="busier"), first_token_deadline_s=10)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.monotonic() + 5
+    while len(httpx.get(f"{server.base}/readyz").json()["replicas"]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    r = httpx.post(f"{server.base}/v1/chat/completions", json=body)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
+    assert r.headers["retry-after"] == "2"  # the least-loaded replica is 2 s over: 12.0 - 10, rounded up
+    assert "12.0 s" in r.json()["error"]["message"]
+    assert not busy.requests
+    busy.queue_wait_s = 3.0  # one replica catches up: served again
+    while httpx.post(f"{server.base}/v1/chat/completions", json=body).status_code == 429:
+        assert time.monotonic() < deadline + 5
+        time.sleep(0.05)
