@@ -41,7 +41,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.peers import report
 from benchmarks.peers.servers import PEERS, DidNotStart, Env, Server, install_problem, version
-from benchmarks.peers.workload import QUESTIONS, Batch, Prompts, Request, Result, pct, run_batch, send
+from benchmarks.peers.workload import QUESTIONS, Batch, Prompts, Request, Result, run_batch, send
+from blink.bench.report import percentile as pct
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -176,17 +176,6 @@ async def run_batch(
     return Batch(list(results), time.perf_counter() - t0)
 
 
-def pct(values: Sequence[float], q: float) -> float | None:
-    """The q-quantile (0..1) by linear interpolation between order statistics; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def chunks(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

@@ -5,6 +5,7 @@ blink worker      a replica alone, serving the gateways of a Redis bus (--redis)
 blink prepare     convert the model (and the embedding model) once into the cache (serve does this when needed)
 blink models      list the models this installation can serve
 blink cache-eval  measure the semantic cache on a labelled pair file
+blink bench       drive a running server with simulated interactive users; report latencies (ws or sse)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import uvicorn
 
 from blink import __version__
 from blink.config import (
+    BenchConfig,
     CacheConfig,
     EngineConfig,
     GatewayConfig,
@@ -91,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(evaluate, cls, skip=("semantic_cache", "cache_turns", "cache_max_entries", "local_replica"))
 
     sub.add_parser("models", help="list the models this installation can serve")
+
+    bench = sub.add_parser(
+        "bench",
+        help="load-test a running blink (ws) or any OpenAI-compatible server (sse); write a latency report",
+        description="Simulated users type (input_text.draft), open documents, submit, sometimes interrupt; they "
+        "arrive from a trace, at a Poisson rate, or as a closed-loop concurrency ramp. Prints TTFT, inter-token "
+        "latency, tokens/s and errors, and writes NAME.md, NAME.html (plots) and NAME.json into --out. With --url2, "
+        "the second server gets the same sessions after the first, and the report puts them side by side.",
+    )
+    add_flags(bench, BenchConfig)
     return parser
 
 
@@ -117,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from blink.semantic_cache.evaluate import run
 
         return run(args.pairs, from_flags(CacheConfig, args), from_flags(RedisConfig, args), args.cache_dir, args.json)
+    if args.command == "bench":
+        from blink.bench.runner import main as bench
+
+        return bench(from_flags(BenchConfig, args))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
         return worker(from_flags(ModelConfig, args), from_flags(EngineConfig, args), from_flags(RedisConfig, args))
@@ -188,8 +204,29 @@ def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
         finally:
             await bus.close()
 
-    asyncio.run(main())
+    if not _tracing("blink-worker"):
+        return 2
+    try:
+        asyncio.run(main())
+    finally:
+        from blink.telemetry import tracing
+
+        tracing.shutdown()
     return 0
+
+
+def _tracing(service: str) -> bool:
+    """OpenTelemetry tracing from the standard environment: OTEL_TRACES_EXPORTER=otlp|console turns it on (off by
+    default: unset or none); the SDK reads OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME and the rest itself.
+    False (after saying why) when the variable names an exporter blink does not have."""
+    from blink.telemetry import tracing
+
+    try:
+        tracing.setup(os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower(), service)
+    except ValueError as exc:
+        print(f"blink: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def serve(config: ServeConfig, *, log_level: str = "info") -> int:
@@ -235,7 +272,14 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
         await gateway.session_store.close()
         await bus.close()
 
-    http_server(create_app(gateway, lifespan), gateway, log_level=log_level).run()
+    if not _tracing("blink-gateway" if not local else "blink"):
+        return 2
+    try:
+        http_server(create_app(gateway, lifespan), gateway, log_level=log_level).run()
+    finally:
+        from blink.telemetry import tracing
+
+        tracing.shutdown()
     return 0
 
 

@@ -202,3 +202,59 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[st
 def from_flags(cls: type[T], args: argparse.Namespace) -> T:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     return cls(**values)
+
+
+BENCH_PROTOCOLS = ("ws", "sse")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`blink bench`: the load, the users' behaviour and where the report goes (see blink/bench/)."""
+
+    url: str = _help(
+        "the server to drive (blink, or any OpenAI-compatible server for --protocol sse)", "http://127.0.0.1:8000"
+    )
+    protocol: str = _help(
+        "ws: blink's realtime WebSocket; sse: OpenAI chat completions, streamed", "ws", choices=BENCH_PROTOCOLS
+    )
+    label: str = _help("the server's name in the report (empty: its host:port)", "")
+    url2: str = _help("a second server, driven after the first with the same sessions, for a side-by-side report", "")
+    protocol2: str = _help("the second server's protocol (default: --protocol)", "", choices=BENCH_PROTOCOLS)
+    label2: str = _help("the second server's name in the report (empty: its host:port)", "")
+    model: str = _help("model name sent with every request", "smollm2-135m-instruct")
+    api_key: str = _help("sent as Authorization: Bearer (empty: none)", "")
+    duration_s: float = _help("seconds during which sessions start (those started then run to their end)", 60.0)
+    rate: float = _help(
+        "open loop: sessions per second, Poisson arrivals (default 1 unless --trace or --concurrency)", 0.0
+    )
+    trace: str = _help(
+        "Mooncake-style JSON Lines trace {timestamp (ms), input_length, output_length, hash_ids}: its lengths and "
+        "shared prefixes shape the sessions, and its timestamps are the arrivals unless --rate or --concurrency",
+        "",
+    )
+    time_scale: float = _help("trace seconds played per second (0.25: four times slower than recorded)", 1.0)
+    trace_start_s: float = _help("start this many seconds into the trace", 0.0)
+    concurrency: str = _help(
+        "closed loop: N users, each starting a session when its last one ends, or a ramp 1,2,4,8 (equal stages "
+        "over --duration-s; 4:20 gives a stage its own seconds)",
+        "",
+    )
+    max_prompt_tokens: int = _help("longest user message, in words (about tokens) of pasted context + question", 256)
+    max_output_tokens: int = _help("longest answer asked for (max_tokens)", 64)
+    question_words: int = _help("words the user types (one input_text.draft each) before submitting", 8)
+    typing_ms: float = _help("milliseconds between typed words (SSE: the same wait, with no drafts sent)", 150.0)
+    interrupt_fraction: float = _help("share of sessions whose user cancels the answer midway", 0.1)
+    document_fraction: float = _help(
+        "share of sessions that open a stored document and have retrieval on (ws only; the bench stores "
+        "synthetic documents with POST /v1/documents first)",
+        0.25,
+    )
+    temperature: float = _help("sampling temperature of every request", 0.7)
+    ignore_eos: bool = _help("sse: ask for max_tokens tokens whatever the model says (ws has no such field)", True)
+    server_cache: bool = _help("let the server answer from its semantic cache (blink's `cache` field)", False)
+    warmup: int = _help("unmeasured sessions sent one at a time before the clock starts", 2)
+    request_timeout_s: float = _help("a session not finished after this long counts as an error", 120.0)
+    seed: int = _help("seed of the arrivals and the sessions (the same seed: the same sessions)", 0)
+    out: str = _help("folder of the report (NAME.md, NAME.html, NAME.json)", "bench-results")
+    name: str = _help("file name of the report, without extension", "bench")
+    progress: bool = _help("show a progress bar on stderr", True)

@@ -21,14 +21,14 @@ MODEL = "smollm2-135m-instruct"
 
 
 class Server:
-    def __init__(self, log_path: Path, *flags: str) -> None:
+    def __init__(self, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/realtime"
         self.log_path = log_path
         self._log = log_path.open("wb")
         cmd = [sys.executable, "-m", "blink.cli", "serve", "--port", str(self.port), "--warmup-steps", "1", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

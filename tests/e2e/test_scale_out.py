@@ -28,9 +28,11 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.slow
 
 
-def start_worker(redis: RedisServer, log: BinaryIO, *flags: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    redis: RedisServer, log: BinaryIO, *flags: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "blink.cli", "worker", "--redis", redis.url, "--warmup-steps", "1", *flags]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
 def test_a_gateway_and_worker_processes_serve_through_redis_and_a_dead_worker_is_an_error(

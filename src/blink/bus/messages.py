@@ -48,6 +48,7 @@ class GenerateRequest:
     prefill_only: bool = False  # pre-loading: fill the prefix cache with the prompt's K/V; no tokens, Finished
     open_last: bool = False  # chat: the last message is still being typed; the prompt ends inside it
     affinity: str | None = None  # names the prompt's prefix (a session, a system prompt): replicas report those held
+    submitted: float | None = None  # unix time the gateway submitted it (set when tracing: the bus.publish span)
     v: int = VERSION
 
 
@@ -100,6 +101,7 @@ class Finished:
     error_code: str | None = None
     error_message: str | None = None
     error_param: str | None = None
+    created: float = field(default_factory=time.time, compare=False)  # unix time the replica ended it
     v: int = VERSION
 
 

@@ -21,6 +21,7 @@ from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import api_key, error_response
+from blink.telemetry.metrics import CONTENT_TYPE
 
 # Starlette's own errors (routing), in blink's error shape; any other is a 400
 _HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
@@ -63,6 +64,9 @@ def create_app(
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    async def metrics(request: Request) -> Response:
+        return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
+
     async def invalidate_cache(request: Request) -> Response:
         """DELETE /v1/cache[?model=M]: drop the caller's tenant's cached answers (of one model if named)."""
         if gateway.cache is None:
@@ -94,6 +98,7 @@ def create_app(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics),
             Route("/v1/models", routes_api.models),
             Route("/v1/chat/completions", routes_api.chat_completions, methods=["POST"]),
             Route("/v1/completions", routes_api.completions, methods=["POST"]),

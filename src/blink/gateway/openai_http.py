@@ -164,7 +164,13 @@ class OpenAIRoutes:
         chat: bool,
     ) -> Response:
         use_cache = v.get_bool(body, "cache", True)  # blink's per-request opt-out of the semantic cache
-        gen = await self.gateway.generate(req, started=started, api_key=api_key(request.headers), use_cache=use_cache)
+        gen = await self.gateway.generate(
+            req,
+            started=started,
+            api_key=api_key(request.headers),
+            use_cache=use_cache,
+            traceparent=request.headers.get("traceparent"),  # W3C trace context: the response's trace joins it
+        )
         headers = {"X-Blink-Cache": gen.cache_status}
         if stream:
             base = {

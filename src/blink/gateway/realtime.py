@@ -373,7 +373,11 @@ class RealtimeSession:
         )
         self._cancel_requested = False
         use_cache = bool(settings["cache"])
-        self._task = asyncio.create_task(self._respond(request, time.monotonic(), event.get("event_id"), use_cache))
+        traceparent = event.get("traceparent")  # W3C trace context of the client's action: the trace joins it
+        traceparent = traceparent if isinstance(traceparent, str) else None
+        self._task = asyncio.create_task(
+            self._respond(request, time.monotonic(), event.get("event_id"), use_cache, traceparent)
+        )
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         if self._task is None or self._task.done():
@@ -383,7 +387,9 @@ class RealtimeSession:
             await self._generation.cancel("client")
 
     # the response -------------------------------------------------------------------------------------
-    async def _respond(self, request: GenerateRequest, started: float, event_id: Any, use_cache: bool) -> None:
+    async def _respond(
+        self, request: GenerateRequest, started: float, event_id: Any, use_cache: bool, traceparent: str | None
+    ) -> None:
         preload: dict[str, Any] = {"preloaded": False, "preload_predicted": False}
         try:
             if self.planner is not None:
@@ -405,7 +411,7 @@ class RealtimeSession:
                     done = self.planner.matches(history, user, completed=completed)
                     preload[key] = done is not None and self._preload_chunks.get(_target_key(done)) == final_chunks
             generation = await self.gateway.generate(
-                request, started=started, api_key=self.api_key, use_cache=use_cache
+                request, started=started, api_key=self.api_key, use_cache=use_cache, traceparent=traceparent
             )
         except BlinkError as exc:
             await self.send(error_event(exc, event_id if isinstance(event_id, str) else None))
@@ -416,6 +422,7 @@ class RealtimeSession:
             await self.send(error_event(error, event_id if isinstance(event_id, str) else None))
             return
         self._generation = generation
+        generation.preloaded = bool(preload["preloaded"])
         if self._cancel_requested:
             await generation.cancel("client")
         response_id, item_id = request.request_id, self.gateway.new_id("item")

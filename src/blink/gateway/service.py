@@ -47,6 +47,9 @@ from blink.gateway.resume import Responses
 from blink.gateway.sessions import MemorySessions, SessionStore
 from blink.preload.store import ContextStore
 from blink.semantic_cache.cache import Lookup, SemanticCache
+from blink.telemetry import tracing
+from blink.telemetry.metrics import Metrics
+from blink.telemetry.tracing import ResponseTrace
 
 log = logging.getLogger("blink.gateway")
 
@@ -57,6 +60,7 @@ LIVENESS_CHECK_S = 1.0  # while no event comes, how often a response checks that
 AFFINITY_SLACK_S = 1.0  # queue wait a replica holding the prefix may have over the least-loaded one and still get it
 REMEMBERED_AFFINITIES = 10_000
 FAILOVER_WAIT_S = 10.0  # after its replica died, how long a response waits for another to take the request over
+FAILOVER_START_WAIT_S = 60.0  # as long, when the replicas that could take over are still loading or warming
 CACHED_DELTA = re.compile(r"\s*\S+(?:\s+\S+){0,3}\s*")  # a cached answer streams a few words per delta
 
 
@@ -67,6 +71,26 @@ def affinity_key(request: GenerateRequest) -> str:
         return f"s:{request.session_id}"
     head = json.dumps(request.messages[:2], sort_keys=True) if request.messages else (request.prompt or "")[:512]
     return "p:" + hashlib.sha256(f"{request.model}\n{head}".encode()).hexdigest()[:16]
+
+
+def _request_attributes(request: GenerateRequest) -> dict[str, Any]:
+    """GenAI semantic-convention attributes of a request (the response's root span)."""
+    s = request.sampling
+    out: dict[str, Any] = {
+        "gen_ai.operation.name": "chat" if request.messages is not None else "text_completion",
+        "gen_ai.provider.name": "blink",
+        "gen_ai.request.model": request.model,
+        "gen_ai.request.temperature": s.temperature,
+        "gen_ai.request.top_p": s.top_p,
+        "blink.request.id": request.request_id,
+    }
+    if s.max_tokens is not None:
+        out["gen_ai.request.max_tokens"] = s.max_tokens
+    if s.seed is not None:
+        out["gen_ai.request.seed"] = s.seed
+    if request.session_id is not None:
+        out["session.id"] = request.session_id
+    return out
 
 
 class CachedStream:
@@ -110,6 +134,10 @@ class Generation:
         self._replay: Replay | None = None  # after a failover: the regenerated text the client already has
         self.started = started  # monotonic time the client's request arrived
         self.first_delta: float | None = None
+        self._last_delta = 0.0
+        self._itl = gateway.metrics.itl_observer(request.model)
+        self.preloaded = False  # a completed pre-load had prefilled a prefix of its prompt (realtime sets it)
+        self.trace: ResponseTrace | None = None  # telemetry/tracing.py; None: not traced
         self.prompt_tokens = 0
         self.finished: Finished | None = None
         self.cancel_reason: str | None = None  # "client", "disconnect", "shutdown"
@@ -142,8 +170,14 @@ class Generation:
             return None
         now = time.monotonic()
         self._gone_since = self._gone_since or now
-        others = [r for r in self.gateway.ready_replicas(self.request.model) if r.replica_id != self.replica_id]
-        if bus.reclaims and others and now - self._gone_since < FAILOVER_WAIT_S:
+        others = [r for r in statuses if r.model == self.request.model and r.replica_id != self.replica_id]
+        if any(r.state is ReplicaState.READY for r in others):
+            wait = FAILOVER_WAIT_S
+        elif any(r.state in (ReplicaState.LOADING, ReplicaState.WARMING) for r in others):
+            wait = FAILOVER_START_WAIT_S  # the only one left is starting (a replacement): it will take it over
+        else:
+            wait = 0.0
+        if bus.reclaims and now - self._gone_since < wait:
             return None  # another replica of the pool will claim the request and start it again
         message = f"the replica serving this response ({self.replica_id}) stopped before it finished; retry it"
         return Finished(self.request_id, FinishStatus.ERROR, error_code="engine_failure", error_message=message)
@@ -202,8 +236,12 @@ class Generation:
                         return
                 if not text:
                     continue
+                now = time.monotonic()
                 if self.first_delta is None:
-                    self.first_delta = time.monotonic()
+                    self.first_delta = now
+                else:
+                    self._itl.observe(now - self._last_delta)
+                self._last_delta = now
                 self.text_parts.append(text)
                 yield text
             elif isinstance(event, Accepted) and event.replica_id != self.replica_id:
@@ -253,6 +291,39 @@ class Generation:
     def _end(self, finished: Finished) -> None:
         self.finished = finished
         self.gateway._forget(self.request_id)
+        if self.trace is not None:
+            self._end_trace(finished)
+        if self.request.priority == 0:
+            self.gateway.metrics.response_done(
+                model=self.request.model,
+                status=finished.status.value,
+                cache=self.cache_status,
+                preloaded=self.preloaded,
+                ttft_s=None if self.first_delta is None else self.first_delta - self.started,
+                e2e_s=time.monotonic() - self.started,
+                prompt_tokens=finished.prompt_tokens or self.prompt_tokens,
+                completion_tokens=finished.completion_tokens,
+                cached_tokens=finished.cached_tokens,
+            )
+
+    def _end_trace(self, finished: Finished) -> None:
+        assert self.trace is not None
+        served = self.replica_id not in (None, "cache")
+        attributes: dict[str, Any] = {
+            "gen_ai.response.id": self.request_id,
+            "gen_ai.response.finish_reasons": [finished.status.value],
+            "gen_ai.usage.input_tokens": finished.prompt_tokens or self.prompt_tokens,
+            "gen_ai.usage.output_tokens": finished.completion_tokens,
+            "blink.cache": self.cache_status,
+            "blink.preloaded": self.preloaded,
+            "blink.cached_tokens": finished.cached_tokens,
+            "blink.replica": self.replica_id or "",
+        }
+        if self.first_delta is not None:
+            attributes["blink.ttft_ms"] = round((self.first_delta - self.started) * 1000, 3)
+        if finished.error_code:
+            attributes["error.type"] = finished.error_code
+        self.trace.end(attributes, finished.created if served else None)
 
     async def close(self) -> None:
         """Release the stream; if the response is still running, cancel it (the client went away)."""
@@ -291,6 +362,7 @@ class Gateway:
         self.sessions: dict[str, Any] = {}  # realtime sessions by id, while their connection is open
         self.session_store: SessionStore = session_store or MemorySessions(config.session_ttl_s)
         self.responses = Responses(self, config.resume_window_s)  # streamed responses, resumable for a while
+        self.metrics = Metrics(bus.replicas, self._unaccepted)
         self.models = models
         self.default_model = models[0]
         self._active: dict[str, Generation] = {}
@@ -369,16 +441,34 @@ class Gateway:
         started: float | None = None,
         api_key: str | None = None,
         use_cache: bool = True,
+        traceparent: str | None = None,
     ) -> Generation:
         """Answer a validated request from the semantic cache (the entries of `api_key`'s tenant only; None: the
-        anonymous tenant; `use_cache` False skips it), or else submit it and wait for a replica to accept it."""
+        anonymous tenant; `use_cache` False skips it), or else submit it and wait for a replica to accept it.
+        `traceparent`: the client's W3C trace context, the parent of the response's trace (when tracing is on)."""
         self.check_model(request.model)
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down")
         started = started or time.monotonic()
+        trace = (
+            tracing.start_response(started, _request_attributes(request), traceparent)
+            if request.priority == 0
+            else None
+        )
+        if trace is not None and self.cache is not None and use_cache:
+            trace.mark("lookup_start")
         lookup = await self.cache.lookup(api_key, request) if self.cache is not None and use_cache else None
+        if lookup is not None:
+            self.metrics.cache_lookups.labels("hit" if lookup.hit is not None else "miss").inc()
+            if trace is not None:
+                trace.mark("lookup_end")
+                similarity = lookup.hit.similarity if lookup.hit is not None else None
+                trace.lookup_attributes = {"blink.cache.hit": lookup.hit is not None} | (
+                    {"blink.cache.similarity": similarity} if similarity is not None else {}
+                )
         if lookup is not None and lookup.hit is not None:  # served even while no replica is ready
             generation = Generation(self, request, CachedStream(request.request_id, lookup), started, lookup)
+            generation.trace = trace
             self._active[request.request_id] = generation
             self._idle.clear()
             await generation.wait_accepted()
@@ -390,8 +480,11 @@ class Gateway:
             request = dataclasses.replace(request, deadline=time.time() + self.config.request_timeout_s)
         if request.affinity is None:
             request = dataclasses.replace(request, affinity=affinity_key(request))
+        if trace is not None:
+            request = dataclasses.replace(request, traceparent=trace.traceparent, submitted=trace.mark("submitted"))
         stream = await self.bus.submit(request, self.route(request))
         generation = Generation(self, request, stream, started, lookup)
+        generation.trace = trace
         self._active[request.request_id] = generation
         self._idle.clear()
         try:
@@ -400,6 +493,14 @@ class Gateway:
             await generation.close()
             raise
         return generation
+
+    def _unaccepted(self) -> dict[str, int]:
+        """Live requests submitted and not yet accepted by a replica, by model (they wait on the bus)."""
+        out: dict[str, int] = {}
+        for g in self._active.values():
+            if g.replica_id is None and g.request.priority == 0:
+                out[g.request.model] = out.get(g.request.model, 0) + 1
+        return out
 
     def _forget(self, request_id: str) -> None:
         self._active.pop(request_id, None)

@@ -40,6 +40,7 @@ from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
 from blink.models import loader, quant, registry
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
+from blink.telemetry import tracing
 from blink.worker.load import LoadEstimator, Queue
 from blink.worker.output import TextOutput
 
@@ -66,6 +67,7 @@ class _Active:
     output: TextOutput
     events: int = 0
     first_token: float | None = None
+    marks: dict[str, float] | None = None  # unix times for the trace (received, queued_s, first token, ...)
 
 
 class Replica:
@@ -298,6 +300,7 @@ class Replica:
 
     async def _start(self, req: GenerateRequest) -> None:
         assert self.engine is not None and self.tokenizer is not None
+        received = time.time()
         if req.request_id in self._cancelled:
             await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
             return
@@ -335,7 +338,9 @@ class Replica:
                 )
             )
             return
-        self._active[req.request_id] = _Active(req, TextOutput(self.tokenizer, req.sampling.stop))
+        traced = req.traceparent is not None and tracing.enabled()
+        marks = {"received": received} if traced else None
+        self._active[req.request_id] = _Active(req, TextOutput(self.tokenizer, req.sampling.stop), marks=marks)
         self._remember_prefix(req, full)
         if not await self.bus.publish(Accepted(req.request_id, self.replica_id, len(prompt))):
             await self._drop(req.request_id, FinishStatus.CANCELLED)
@@ -439,6 +444,8 @@ class Replica:
             active.first_token = time.monotonic()
             if active.request.priority == 0:
                 self.load.prefilled(out.prompt_tokens - out.cached_tokens, out.prefill_s)
+            if active.marks is not None:
+                active.marks.update(first_token=time.time(), queue_s=out.queue_s)
         text = active.output.push(out.token_id)
         if active.output.stopped and not out.finished:
             assert self.engine is not None
@@ -449,9 +456,14 @@ class Replica:
         if text and not await self._send_text(active, text, out.completion_tokens):
             await self._drop(out.request_id, FinishStatus.CANCELLED)
             return
+        if active.marks is not None and text:
+            active.marks.setdefault("first_sent", time.time())
+            active.marks["last_sent"] = time.time()
         if done:
             if active.request.priority == 0:
                 self.load.finished()
+            if active.marks is not None:
+                self._trace(active, out)
             status = FinishStatus.STOP if active.output.stopped else _FINISH_STATUS[out.finish_reason]  # type: ignore[index]
             del self._active[out.request_id]
             await self.bus.publish(
@@ -464,6 +476,41 @@ class Replica:
                     timings=self._timings(active, out),
                 )
             )
+
+    @staticmethod
+    def _trace(active: _Active, out: StepOutput) -> None:
+        """This replica's spans of a finished request (telemetry/tracing.py: they tile its time here)."""
+        m, req = active.marks, active.request
+        assert m is not None and "first_token" in m
+        scheduled = m["received"] + m["queue_s"]
+        first_sent = m.get("first_sent", m["first_token"])
+        spans: list[tuple[str, float, float, dict[str, Any]]] = [
+            ("replica.queue", m["received"], scheduled, {"blink.replica.waiting_s": m["queue_s"]}),
+            (
+                "engine.prefill",
+                scheduled,
+                m["first_token"],
+                {
+                    "gen_ai.usage.input_tokens": out.prompt_tokens,
+                    "blink.cached_tokens": out.cached_tokens,
+                    "blink.computed_tokens": out.prompt_tokens - out.cached_tokens,
+                },
+            ),
+            ("first_token", m["first_token"], first_sent, {}),
+            (
+                "engine.decode",
+                first_sent,
+                m.get("last_sent", first_sent),
+                {
+                    "gen_ai.usage.output_tokens": out.completion_tokens,
+                    "blink.speculative.proposed": out.spec_proposed,
+                    "blink.speculative.accepted": out.spec_accepted,
+                },
+            ),
+        ]
+        if req.submitted is not None:
+            spans.insert(0, ("bus.publish", req.submitted, m["received"], {}))
+        tracing.replica_spans(req.traceparent, spans)
 
     async def _send_text(self, active: _Active, text: str, completion_tokens: int) -> bool:
         event = TokenEvent(active.request.request_id, active.events, text, completion_tokens)
