@@ -201,3 +201,23 @@ def test_requests_routed_to_a_replica_that_died_are_claimed_by_another(
         assert await serve(live, "live", until=1, seconds=5) == ["later"]
 
     run(buses, main)
+
+
+def test_a_routed_request_survives_a_chain_of_failovers(buses: Buses) -> None:
+    """Sent to A, which dies; B takes it over and dies in turn; C still finds it (what B took from A's direct
+    stream moved to B's own, so C's claim of B finds it)."""
+
+    async def main() -> None:
+        gateway, a, b, c = await buses(), await buses(), await buses(), await buses()
+        await a.heartbeat(beat("a"))
+        await a.receive("m", "a", wait=0, max_requests=8)
+        stream = await gateway.submit(req("x"), "a")
+        assert [m.request_id for m in await a.receive("m", "a", wait=1, max_requests=8)] == ["x"]
+        await a.close()
+        assert await serve(b, "b", until=1, seconds=10) == ["x"]
+        await b.close()
+        assert await serve(c, "c", until=1, seconds=10) == ["x"]
+        assert await c.publish(Finished("x", FinishStatus.STOP))
+        assert [type(e) for e in await asyncio.wait_for(drain(stream.__aiter__()), 5)] == [Finished]
+
+    run(buses, main)

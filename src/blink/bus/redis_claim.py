@@ -7,9 +7,10 @@ that a rolling upgrade never robs a live replica. Only a replica whose own heart
 
 Per dead consumer one script moves up to the claimer's room of its entries to the claimer and deletes the consumer
 once it holds none (consumers are per-process ids and would pile up). A dead replica's direct stream (requests the
-gateways routed to it by prefix affinity) is claimed first by another script: what the dead consumer held there,
-then what it never read; the stream is deleted once empty, and only then the consumer (so it is found again until
-its direct stream is gone; a submit to a deleted direct stream goes to the pool). The scripts check the owner and
+gateways routed to it by prefix affinity) is emptied first by another script: what the dead consumer held there,
+then what it never read, move to the claimer's own direct stream (so a later failover of the claimer finds them
+in its stream); the stream is deleted once empty, and only then the consumer (so it is found again until its
+direct stream is gone; a submit to a deleted direct stream goes to the pool). The scripts check the owner and
 claim in one step, so of two replicas racing for an entry exactly one gets it: the other's script finds it no
 longer pending for the dead consumer and returns nothing.
 
@@ -19,6 +20,7 @@ into the response while its request's state is open, alongside the replica that 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, cast
 
@@ -26,6 +28,8 @@ import redis.asyncio as aioredis
 
 from blink.bus.messages import ReplicaState, ReplicaStatus
 from blink.bus.redis_wire import FIELD, GROUP, Entries, Keys, parse
+
+log = logging.getLogger("blink.bus")
 
 # KEYS: pool, the dead consumer's direct stream. ARGV: group, dead consumer, claiming consumer, count. Returns the
 # claimed entries as XCLAIM does (one whose stream entry is gone is dropped from the pending list and not returned,
@@ -43,25 +47,32 @@ end
 return claimed
 """
 
-# KEYS: the dead consumer's direct stream. ARGV: group, dead consumer, claiming consumer, count. Claims what the dead
-# consumer held there, then reads what it never read, up to count in all; deletes the stream once it is empty.
+# KEYS: the dead consumer's direct stream, the claimer's. ARGV: group, dead consumer, claiming consumer, count.
+# Moves what the dead consumer held there, then what it never read, up to count in all, to the end of the claimer's
+# own direct stream (new entries the claimer reads as any; none stays pending in a stream not its own, so a chain
+# of failovers always finds them); deletes the dead one's stream once empty. Returns how many moved.
 _CLAIM_DIRECT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-local claimed = {}
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local found = {}
 local n = tonumber(ARGV[4])
 if n > 0 then
   local ids = {}
   for i, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', n, ARGV[2])) do ids[i] = p[1] end
-  if #ids > 0 then claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids)) end
-  if n > #claimed then
-    local fresh = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', n - #claimed, 'STREAMS', KEYS[1], '>')
+  if #ids > 0 then found = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids)) end
+  if n > #found then
+    local fresh = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', n - #found, 'STREAMS', KEYS[1], '>')
     if fresh then
-      for _, entry in ipairs(fresh[1][2]) do claimed[#claimed + 1] = entry end
+      for _, entry in ipairs(fresh[1][2]) do found[#found + 1] = entry end
     end
   end
 end
+for _, entry in ipairs(found) do
+  redis.call('XADD', KEYS[2], '*', unpack(entry[2]))
+  redis.call('XACK', KEYS[1], ARGV[1], entry[1])
+  redis.call('XDEL', KEYS[1], entry[1])
+end
 if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
-return claimed
+return #found
 """
 
 
@@ -95,14 +106,18 @@ class Claimer:
             if not self._dead(beat):
                 continue
             direct = self._keys.direct(model, name)
-            for script, stream, keys in ((self._direct_script, direct, [direct]), (self._script, pool, [pool, direct])):
-                reply = cast(list[Any], await script(keys=keys, args=[GROUP, name, me, room]))
-                found: Entries = [
-                    (str(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in reply
-                ]
-                room -= len(found)
-                if found:
-                    out.setdefault(name, []).append((stream, found))
+            keys = [direct, self._keys.direct(model, me)]
+            moved = int(await self._direct_script(keys=keys, args=[GROUP, name, me, room]))
+            if moved:
+                room -= moved
+                log.info("bus: replica %s took over %d routed request(s) of dead replica %s", me, moved, name)
+            reply = cast(list[Any], await self._script(keys=[pool, direct], args=[GROUP, name, me, room]))
+            found: Entries = [
+                (str(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in reply
+            ]
+            room -= len(found)
+            if found:
+                out.setdefault(name, []).append((pool, found))
         return out
 
     def _dead(self, beat: str | None) -> bool:

@@ -59,8 +59,7 @@ STORE_TIMEOUT_S = 1.0
 LIVENESS_CHECK_S = 1.0  # while no event comes, how often a response checks that its replica still lives
 AFFINITY_SLACK_S = 1.0  # queue wait a replica holding the prefix may have over the least-loaded one and still get it
 REMEMBERED_AFFINITIES = 10_000
-FAILOVER_WAIT_S = 10.0  # after its replica died, how long a response waits for another to take the request over
-FAILOVER_START_WAIT_S = 60.0  # as long, when the replicas that could take over are still loading or warming
+FAILOVER_WAIT_S = 30.0  # after its replica died, how long a response waits for another to take the request over
 CACHED_DELTA = re.compile(r"\s*\S+(?:\s+\S+){0,3}\s*")  # a cached answer streams a few words per delta
 
 
@@ -170,15 +169,11 @@ class Generation:
             return None
         now = time.monotonic()
         self._gone_since = self._gone_since or now
+        # another replica of the pool, ready or starting (a replacement), will claim the request and start it again
+        able = (ReplicaState.READY, ReplicaState.LOADING, ReplicaState.WARMING)
         others = [r for r in statuses if r.model == self.request.model and r.replica_id != self.replica_id]
-        if any(r.state is ReplicaState.READY for r in others):
-            wait = FAILOVER_WAIT_S
-        elif any(r.state in (ReplicaState.LOADING, ReplicaState.WARMING) for r in others):
-            wait = FAILOVER_START_WAIT_S  # the only one left is starting (a replacement): it will take it over
-        else:
-            wait = 0.0
-        if bus.reclaims and now - self._gone_since < wait:
-            return None  # another replica of the pool will claim the request and start it again
+        if bus.reclaims and any(r.state in able for r in others) and now - self._gone_since < FAILOVER_WAIT_S:
+            return None
         message = f"the replica serving this response ({self.replica_id}) stopped before it finished; retry it"
         return Finished(self.request_id, FinishStatus.ERROR, error_code="engine_failure", error_message=message)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 import uuid
@@ -164,18 +165,20 @@ class Replica:
     async def run(self) -> None:
         """Load, warm up, serve until `stop()`. Returns when stopped; raises if loading fails."""
         await self._heartbeat()
+        # heartbeats from the start: a gateway whose response lost its replica waits for one that is still
+        # loading or warming (a replacement) only while it hears from it
+        beat = asyncio.create_task(self._beat())
         try:
             await self._on_engine_thread(self._load)
             await self._set_state(ReplicaState.WARMING)
             await self._on_engine_thread(self._warm_up)
             await self._set_state(ReplicaState.READY)
             self.ready.set()
-            beat = asyncio.create_task(self._beat())
-            try:
-                await self._loop()
-            finally:
-                beat.cancel()
+            await self._loop()
         finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # before STOPPED: no older heartbeat lands after it
+                await beat
             await self._release()
             if self.state is not ReplicaState.STOPPED:
                 await self._set_state(ReplicaState.STOPPED)
