@@ -222,7 +222,8 @@ def _tracing(service: str) -> bool:
     from blink.telemetry import tracing
 
     try:
-        tracing.setup(os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower(), service)
+        exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+        tracing.setup(exporter, os.environ.get("OTEL_SERVICE_NAME") or service)
     except ValueError as exc:
         print(f"blink: {exc}", file=sys.stderr)
         return False

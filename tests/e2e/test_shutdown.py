@@ -35,6 +35,7 @@ def test_sigterm_ends_in_flight_streams_as_incomplete(tmp_path: Path, model_dir:
                 }
                 async with http.stream("POST", f"{server.base}/v1/chat/completions", json=body) as sse:
                     lines = sse.aiter_lines()
+                    assert (await anext(lines)).startswith("id: ")  # each event names its resume point
                     assert (await anext(lines)).startswith("data:")
                     server.proc.send_signal(signal.SIGTERM)
                     done, _ = await until(ws, "response.done")

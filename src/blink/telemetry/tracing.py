@@ -41,8 +41,8 @@ _tracer: Tracer | None = None
 
 
 def setup(exporter: str, service_name: str) -> None:
-    """Trace this process: export with `exporter` (otlp: OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT; console:
-    stdout); "" or "none": off."""
+    """Trace this process as `service_name` (cli.py passes OTEL_SERVICE_NAME when set): export with `exporter`
+    (otlp: OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT; console: stdout); "" or "none": off."""
     if exporter in ("", "none"):
         return
     if exporter not in EXPORTERS:
@@ -56,7 +56,7 @@ def setup(exporter: str, service_name: str) -> None:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         out = ConsoleSpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))  # OTEL_SERVICE_NAME wins
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(out) if exporter == "otlp" else SimpleSpanProcessor(out))
     use(provider)
 
