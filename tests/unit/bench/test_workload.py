@@ -55,13 +55,13 @@ def test_load_trace_sorts_and_starts_at_zero(tmp_path: Path) -> None:
         w.load_trace(write_trace(tmp_path / "t.jsonl", [rows[0], {"timestamp": 1}]))
 
 
-def test_the_shared_trace_loads() -> None:
-    path = Path("/work/shared/data/traces/conversation_trace.jsonl")
-    if not path.exists():
-        pytest.skip("the shared trace is not on this machine")
+def test_the_real_trace_loads() -> None:
+    """The Mooncake trace's format, from the head of it kept in the repository (tests/e2e/data/SOURCE.md)."""
+    path = Path(__file__).parents[2] / "e2e" / "data" / "mooncake_conversation_head.jsonl"
     trace = w.load_trace(path)
-    assert len(trace) > 10_000 and trace[0].at_s == 0
-    assert 100 < len(w.trace_arrivals(trace, 1.0, 0.0, 60.0)) < 200
+    assert len(trace) == 60 and trace[0].at_s == 0 and trace[-1].at_s == 15.0
+    assert len(w.trace_arrivals(trace, 1.0, 0.0, 16.0)) == 60
+    assert len(w.trace_arrivals(trace, 0.5, 0.0, 16.0)) == sum(r.at_s < 8.0 for r in trace)
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,12 @@ import contextlib
 import itertools
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from websockets.asyncio.client import connect
 
@@ -26,7 +25,6 @@ from blink.cli import http_server
 from blink.config import EngineConfig, GatewayConfig, ModelConfig, default_cache_dir
 from blink.gateway.app import create_app
 from blink.gateway.service import Gateway
-from blink.telemetry import tracing
 from blink.worker.replica import Replica
 from tests.e2e.test_realtime import recv, until
 from tests.redis_server import RedisServer
@@ -37,18 +35,6 @@ MODEL = "smollm2-135m-instruct"
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
 TILES = ["gateway", "bus.publish", "replica.queue", "engine.prefill", "first_token", "engine.decode", "stream.end"]
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use(provider)
-    try:
-        yield exporter
-    finally:
-        tracing.use(None)
 
 
 def serve_and_ask(gateway_bus: Bus, replica_bus: Bus) -> dict[str, Any]:
