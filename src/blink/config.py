@@ -22,6 +22,7 @@ def _help(text: str, default: Any = dataclasses.MISSING, *, choices: tuple[str, 
 
 
 WEIGHT_FORMATS = ("w8a8", "int8", "fp32", "bf16")
+SPECULATIVE_POLICIES = ("adaptive", "always")
 
 
 def default_cache_dir() -> Path:
@@ -71,6 +72,13 @@ class EngineConfig:
         "most tokens proposed per sequence and step; the engine proposes fewer (or none) when the measured "
         "acceptance and step costs say they don't pay",
         5,
+    )
+    speculative_policy: str = _help(
+        "adaptive: as many guesses as the measured acceptance and step costs say pay (none when they don't); "
+        "always: --speculative-tokens guesses whenever the proposer has them (vLLM's behaviour; for tests and "
+        "comparisons)",
+        "adaptive",
+        choices=SPECULATIVE_POLICIES,
     )
 
 

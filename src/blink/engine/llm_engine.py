@@ -81,7 +81,9 @@ class LLMEngine:
         # speculative decoding: off without a proposer; the policy needs step costs (measure_step_cost)
         self.proposer = proposer
         self.step_cost = StepCost()
-        self.speculation = AdaptiveSpeculation(config.speculative_tokens if proposer else 0, self.step_cost)
+        self.speculation = AdaptiveSpeculation(
+            config.speculative_tokens if proposer else 0, self.step_cost, always=config.speculative_policy == "always"
+        )
 
     def add_request(
         self,

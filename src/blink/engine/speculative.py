@@ -399,10 +399,21 @@ class AdaptiveSpeculation:
     current: the estimates above can be wrong (costs measured on short contexts, acceptance drifting), the
     delivered rate is what counts. Conversely, after 2 x `probe_every` steps of a batch size without a guess, one
     sequence gets 2 guesses: otherwise an acceptance estimate that starts too low (a new server's 1/2, when a
-    draft model agrees 98% of the time) would never be corrected."""
+    draft model agrees 98% of the time) would never be corrected.
 
-    def __init__(self, max_tokens: int, step_cost: StepCost, prior_weight: float = 2.0, probe_every: int = 16) -> None:
+    `always` (--speculative-policy always) skips all of this: every sequence gets max_tokens guesses."""
+
+    def __init__(
+        self,
+        max_tokens: int,
+        step_cost: StepCost,
+        prior_weight: float = 2.0,
+        probe_every: int = 16,
+        *,
+        always: bool = False,
+    ) -> None:
         self.max_tokens = max_tokens
+        self.always = always  # --speculative-policy always: every sequence max_tokens guesses, whatever they cost
         self.step_cost = step_cost
         self.prior_weight = prior_weight
         self.probe_every = probe_every
@@ -466,6 +477,8 @@ class AdaptiveSpeculation:
     ) -> list[int]:
         """Guesses per sequence (at most limits[i]) that maximise the step's expected tokens per second;
         `other_rows`: prompt tokens sharing the step (costed as rows)."""
+        if self.always:
+            return [min(limit, self.max_tokens) for limit in limits]
         ks = [0] * len(seqs)
         if not seqs or self.max_tokens < 1 or not self.step_cost.known or not self.delivering(len(seqs), span):
             return ks

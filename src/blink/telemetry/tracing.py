@@ -13,7 +13,7 @@ The spans tile the response's time, so their durations add up to its end-to-end 
       replica.queue    read -> first scheduled by the engine              } the gateway wrote in the request
       engine.prefill   scheduled -> first token (prompt, cached and computed tokens)
       first_token      first token -> its text published on the bus
-      engine.decode    first text published -> last published (output tokens, speculative counts)
+      engine.decode    first text published -> the replica ended it (output tokens, speculative counts)
       stream.end       the replica's last event -> the gateway ended the response
 
 The replica's spans are children of the gateway's span through the W3C `traceparent` the request carries on the

@@ -461,12 +461,12 @@ class Replica:
             return
         if active.marks is not None and text:
             active.marks.setdefault("first_sent", time.time())
-            active.marks["last_sent"] = time.time()
         if done:
             if active.request.priority == 0:
                 self.load.finished()
+            ended = time.time()  # the Finished's time: the gateway's stream.end span starts here
             if active.marks is not None:
-                self._trace(active, out)
+                self._trace(active, out, ended)
             status = FinishStatus.STOP if active.output.stopped else _FINISH_STATUS[out.finish_reason]  # type: ignore[index]
             del self._active[out.request_id]
             await self.bus.publish(
@@ -477,12 +477,14 @@ class Replica:
                     completion_tokens=out.completion_tokens,
                     cached_tokens=out.cached_tokens,
                     timings=self._timings(active, out),
+                    created=ended,
                 )
             )
 
     @staticmethod
-    def _trace(active: _Active, out: StepOutput) -> None:
-        """This replica's spans of a finished request (telemetry/tracing.py: they tile its time here)."""
+    def _trace(active: _Active, out: StepOutput, ended: float) -> None:
+        """This replica's spans of a finished request (telemetry/tracing.py: they tile its time here). Decode ends
+        at `ended`, the time its Finished carries, so a last step that adds no text (a stop token) is decode's."""
         m, req = active.marks, active.request
         assert m is not None and "first_token" in m
         scheduled = m["received"] + m["queue_s"]
@@ -503,7 +505,7 @@ class Replica:
             (
                 "engine.decode",
                 first_sent,
-                m.get("last_sent", first_sent),
+                ended,
                 {
                     "gen_ai.usage.output_tokens": out.completion_tokens,
                     "blink.speculative.proposed": out.spec_proposed,

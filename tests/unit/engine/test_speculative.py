@@ -401,6 +401,20 @@ def test_a_batch_size_that_never_guesses_still_probes_now_and_then() -> None:
     assert spec.plan([seq], [4], lambda ks: 0.0) == [4]
 
 
+def test_the_always_policy_guesses_its_most_whatever_the_costs_and_acceptance_say() -> None:
+    costs = {(1, 1): 1.0} | {(1, r): 2.0 for r in range(2, 7)}  # the adaptive policy would guess nothing here
+    spec = AdaptiveSpeculation(4, StepCost(), always=True)  # not even measured costs are needed
+    for (b, r), t in costs.items():
+        spec.step_cost.observe(b, r, t)
+    seqs = [Sequence(str(i), [1], SamplingParams()) for i in range(3)]
+    for _ in range(10):
+        spec.record(seqs[0], 4, 0)  # and its guesses keep failing
+    spec.observe_step(3, 1, guessed=True, tokens=1, seconds=1.0)
+    spec.observe_step(3, 1, guessed=False, tokens=3, seconds=1.0)
+    assert spec.plan(seqs, [4, 2, 0], lambda ks: 0.0) == [4, 2, 0]  # at most each sequence's limit
+    assert policy(costs).plan(seqs[:1], [4], lambda ks: 0.0) == [0]  # the adaptive policy, for contrast
+
+
 def test_measuring_step_costs_fits_a_small_kv_pool() -> None:
     # 16 sequences of ~600 tokens don't fit 1 MiB of this toy's KV: those sizes are skipped, not an error
     # (measured: `blink serve --kv-cache-mb 256` failed its warm-up on the default model)
