@@ -158,11 +158,15 @@ async def turns(server: Server, docs: list[tuple[str, str, list[str]]], word_ms:
     return out
 
 
-async def itl_effect(server: Server, docs: list[tuple[str, str, list[str]]], word_ms: float) -> dict[str, float]:
+async def itl_effect(
+    server: Server, docs: list[tuple[str, str, list[str]]], word_ms: float, rounds: int
+) -> dict[str, float]:
     """p99 inter-token latency of one long live stream with four sessions idle vs typing (drafts per word)."""
     rng = random.Random(11)
     gaps: dict[str, list[float]] = {"idle": [], "typing": []}
-    for _round, mode in itertools.product(range(2), ("idle", "typing")):
+    # the two modes alternate, idle first in even rounds and typing first in odd ones
+    modes = [m for r in range(rounds) for m in (("idle", "typing") if r % 2 == 0 else ("typing", "idle"))]
+    for mode in modes:
         others = [await open_session(server.ws_url, docs[i % len(docs)][0], None) for i in range(4)]
         live = await open_session(server.ws_url, docs[0][0], None)
         try:
@@ -215,6 +219,7 @@ def main() -> None:
     parser.add_argument("--doc-words", type=int, default=1200)
     parser.add_argument("--word-ms", type=float, default=200)
     parser.add_argument("--top-k", type=int, default=2, help="retrieved chunks per prompt (0: retrieval off)")
+    parser.add_argument("--itl-rounds", type=int, default=4, help="live streams per mode in the ITL measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("flags", nargs="*", help="extra `blink serve` flags (after --)")
     args = parser.parse_args()
@@ -231,7 +236,7 @@ def main() -> None:
         before = background(server.base)
         results = asyncio.run(turns(server, docs, args.word_ms))
         after = background(server.base)
-        itl = asyncio.run(itl_effect(server, docs, args.word_ms))
+        itl = asyncio.run(itl_effect(server, docs, args.word_ms, args.itl_rounds))
     finally:
         server.stop()
     on, off = summarize(results["on"]), summarize(results["off"])

@@ -89,8 +89,9 @@ class RealtimeSession:
         self.api_key, self._subprotocol = ws_api_key(ws.headers, list(ws.scope.get("subprotocols") or []))
         self.items: list[dict[str, Any]] = []
         self.open_documents: tuple[str, ...] = ()
-        self.planner = PrefillPlanner(self._start_preload) if gateway.config.preload else None
-        self._preload_chunks: dict[Any, tuple[tuple[str, int], ...]] = {}  # the chunks each pre-load used
+        self.planner = (
+            PrefillPlanner(self._start_preload, context=self._preload_context) if gateway.config.preload else None
+        )
         self._task: asyncio.Task[None] | None = None
         self._generation: Generation | None = None
         self._cancel_requested = False
@@ -314,30 +315,36 @@ class RealtimeSession:
         ids = retrieval["document_ids"] or list(self.open_documents) or None
         return await self.gateway.store.search(query, retrieval["top_k"], ids)
 
-    def _compose(self, chunks: list[ScoredChunk], history: Messages, user: str | None) -> Messages:
-        """system instructions + retrieved chunks, then the conversation, then the user's message."""
+    def _compose(self, documents: str, history: Messages, user: str | None) -> Messages:
+        """system instructions + retrieved chunks (`documents`: their context_block, "" for none), then the
+        conversation, then the user's message."""
         system = self.settings["instructions"] or ""
-        if chunks:
-            system = (system + "\n\n" if system else "") + "Documents:\n\n" + context_block(chunks)
+        if documents:
+            system = (system + "\n\n" if system else "") + "Documents:\n\n" + documents
         head = ({"role": "system", "content": system},) if system else ()
         tail = ({"role": "user", "content": user},) if user is not None else ()
         return (*head, *history, *tail)
 
-    async def _start_preload(self, target: Target) -> Generation:
+    def _defer_while_live(self) -> None:
         if self.gateway.num_live:
             # a pre-load's CPU work (retrieval's embedding, tokenizing, its own prompt chunk in each step) runs on
             # the cores live streams decode on: measured, four typing sessions raised a live stream's p99
             # inter-token latency 1.6x even with the engine's background budget; so it waits for them
             raise PreloadDeferred("live responses are streaming")
-        chunks = await self._retrieve(target.text)
-        self._preload_chunks[_target_key(target)] = _chunk_keys(chunks)
-        while len(self._preload_chunks) > 8:  # the last completed pre-load is among the newest few started
-            del self._preload_chunks[next(iter(self._preload_chunks))]
+
+    async def _preload_context(self, text: str) -> str:
+        """The planner's context of a draft: the chunks retrieval picks for it, rendered ("" without retrieval)."""
+        self._defer_while_live()
+        return context_block(await self._retrieve(text))
+
+    async def _start_preload(self, target: Target) -> Generation:
+        self._defer_while_live()
+        assert isinstance(target.context, str)
         request = GenerateRequest(
             self.gateway.new_id("preload"),
             self.settings["model"],
             Sampling(max_tokens=1, temperature=0),
-            messages=self._compose(chunks, target.messages, target.text),
+            messages=self._compose(target.context, target.messages, target.text),
             deadline=time.time() + self.gateway.config.preload_ttl_s,
             session_id=self.id,
             priority=PRELOAD_PRIORITY,
@@ -404,12 +411,12 @@ class RealtimeSession:
             preload["retrieval_ms"] = round((time.monotonic() - stopped) * 1000, 3)
             if user is not None:
                 history = tuple(before)
-            request = dataclasses.replace(request, messages=self._compose(chunks, history, user))
+            documents = context_block(chunks)
+            request = dataclasses.replace(request, messages=self._compose(documents, history, user))
             if self.planner is not None and user is not None:
-                final_chunks = _chunk_keys(chunks)
                 for key, completed in (("preloaded", True), ("preload_predicted", False)):
                     done = self.planner.matches(history, user, completed=completed)
-                    preload[key] = done is not None and self._preload_chunks.get(_target_key(done)) == final_chunks
+                    preload[key] = done is not None and done.context == documents
             generation = await self.gateway.generate(
                 request, started=started, api_key=self.api_key, use_cache=use_cache, traceparent=traceparent
             )
@@ -569,14 +576,6 @@ class RealtimeSession:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _target_key(target: Target) -> tuple[Any, ...]:
-    return (tuple((m["role"], m["content"]) for m in target.messages), target.text)
-
-
-def _chunk_keys(chunks: list[ScoredChunk]) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted((c.chunk.document_id, c.chunk.index) for c in chunks))
 
 
 def _status(generation: Generation) -> tuple[ResponseStatus, dict[str, Any] | None]:

@@ -10,9 +10,15 @@ holding that stable text, left open (`open_last`: the prompt ends inside the mes
 the submitted prompt's). The replica's prefix cache does the rest: a later pre-load, or the submit, recomputes
 only the blocks after the first changed token.
 
+The prompt may depend on more than the draft's text: with retrieval on, the chunks retrieved for it come first.
+`context(text)` (optional) resolves that part for a text, and a Target carries it; the gateway's is the rendered
+chunks, so two targets with equal context build their prompts the same way.
+
 One pre-load per session is in flight at a time. A draft that extends the target in flight lets it run (typing
-goes forward: it computes the new target's prefix, and the next pre-load starts where it ends); a draft that
-changes it (an edit, a deletion) cancels it at once (the blocks it finished stay in the prefix cache).
+goes forward: it computes the new target's prefix, and the next pre-load starts where it ends), unless its
+context differs (the retrieved chunks changed with the new words: the prompt in flight is now the wrong one; a
+check resolves the newest draft's context while the pre-load runs); a draft that changes it (an edit, a deletion),
+or whose context differs, cancels it at once (the blocks it finished stay in the prefix cache).
 Bursts of drafts are coalesced (`debounce_s`), and `start` may defer a pre-load (PreloadDeferred: e.g. while
 live streams decode, the gateway skips the CPU work of retrieval); it is retried `retry_s` later unless a newer
 draft replaced it. Each pre-load carries a deadline `ttl_s` away, after which the replica drops it; the KV it
@@ -26,8 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from blink.errors import BlinkError
@@ -52,13 +58,20 @@ def stable_part(draft: str) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """The prompt a pre-load computes: `messages` then an open user message of `text`."""
+    """The prompt a pre-load computes: `messages` then an open user message of `text`, built with `context` (what
+    the planner's `context` resolved for `text`; None without one)."""
 
     messages: Messages
     text: str
+    context: Hashable = None
 
     def as_messages(self) -> Messages:
         return (*self.messages, {"role": "user", "content": self.text})
+
+
+def _same(target: Target, other: Target | None) -> bool:
+    """The same draft (their contexts may not be resolved yet)."""
+    return other is not None and target.messages == other.messages and target.text == other.text
 
 
 def _extends(target: Target, other: Target) -> bool:
@@ -100,11 +113,15 @@ class PrefillPlanner:
         self,
         start: Callable[[Target], Awaitable[PreloadHandle]],
         *,
+        context: Callable[[str], Awaitable[Hashable]] | None = None,
         min_chars: int = 1,
         debounce_s: float = 0.02,
         retry_s: float = 0.2,
     ) -> None:
         self._start = start
+        self._context = context
+        self._resolved: tuple[str, Hashable] | None = None  # the last text whose context was resolved, and it
+        self._check: asyncio.Task[None] | None = None  # resolving the newest draft's context while one is in flight
         self.min_chars = min_chars
         self.debounce_s = debounce_s
         self.retry_s = retry_s
@@ -122,12 +139,15 @@ class PrefillPlanner:
             return
         target = Target(messages, text)
         current = self._current[0] if self._current else self.stats.last_completed
-        if target == current or target == self._pending:
+        if _same(target, current) or _same(target, self._pending):
             return
         self._pending = target
         in_flight = self._current[0] if self._current else None
         if in_flight is not None and _extends(target, in_flight):
-            pass  # typing went on: the pre-load in flight computes this target's prefix; the next starts after it
+            # typing went on: the pre-load in flight computes this target's prefix, the next starts after it;
+            # unless the new words change the context (retrieval): a check looks while it runs
+            if self._context is not None and (self._check is None or self._check.done()):
+                self._check = asyncio.get_running_loop().create_task(self._recheck())
         elif self._current is not None and self._current[1] is not None and not self._cancelling:
             self._cancelling = True  # one cancel per pre-load, however many drafts follow
             self.stats.superseded += 1
@@ -146,9 +166,40 @@ class PrefillPlanner:
             return done
         return None
 
+    async def _resolve(self, target: Target) -> Target:
+        if self._context is None:
+            return target
+        if self._resolved is None or self._resolved[0] != target.text:
+            self._resolved = (target.text, await self._context(target.text))
+        return replace(target, context=self._resolved[1])
+
+    async def _recheck(self) -> None:
+        """While a pre-load runs: resolve the newest draft's context; if it differs from the pre-load's, cancel
+        that (the planner task then starts the newest). Coalesced: one check at a time, for the latest draft."""
+        while (pending := self._pending) is not None:
+            current = self._current
+            if current is None or current[1] is None or self._cancelling:
+                return
+            try:
+                resolved = await self._resolve(pending)
+            except (PreloadDeferred, BlinkError):
+                return  # not now: the planner task resolves it again when it starts the pre-load
+            if self._pending is not pending:
+                continue  # a newer draft came while retrieving: check that one
+            if self._current is current and not self._cancelling and resolved.context != current[0].context:
+                self._cancelling = True
+                self.stats.superseded += 1
+                await current[1].cancel("superseded")
+            return
+
     async def stop(self) -> None:
         """Submit time (or the session ends): cancel the pre-load in flight, drop pending drafts."""
         self._pending = None
+        if self._check is not None and not self._check.done():
+            self._check.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BlinkError):
+                await self._check
+        self._check = None
         if self._current is not None and self._current[1] is not None:
             with contextlib.suppress(BlinkError):  # the bus refused it (shutting down): nothing left to stop
                 await self._current[1].cancel("superseded")
@@ -169,6 +220,8 @@ class PrefillPlanner:
                 continue
             self._current, self._cancelling = (target, None), False
             try:
+                target = await self._resolve(target)
+                self._current = (target, None)
                 handle = await self._start(target)
             except PreloadDeferred:
                 self.stats.deferred += 1

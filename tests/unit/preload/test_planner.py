@@ -123,3 +123,36 @@ def test_a_deferred_preload_is_retried() -> None:
         await planner.stop()
 
     asyncio.run(main())
+
+
+def test_typing_that_changes_the_retrieved_context_replaces_the_preload_in_flight() -> None:
+    async def main() -> None:
+        lookups: list[str] = []
+
+        async def context(text: str) -> str:  # retrieval's stand-in: the chunk a text would retrieve
+            lookups.append(text)
+            await asyncio.sleep(0.001)
+            return "bridge chunk" if "bridge" in text else "town chunk"
+
+        starts = Starts()
+        planner = PrefillPlanner(starts, context=context, debounce_s=0.01)
+        planner.draft((), "When was the town ")
+        await settle()
+        first = starts.handles[0]
+        assert (first.target.text, first.target.context) == ("When was the town", "town chunk")
+        planner.draft((), "When was the town hall ")  # extends, same context: the one in flight goes on
+        await settle()
+        assert first.cancelled == 0 and len(starts.handles) == 1
+        planner.draft((), "When was the town hall bridge ")  # extends, but the context changed: replaced at once
+        await settle()
+        assert first.cancelled == 1
+        second = starts.handles[-1]
+        assert (second.target.text, second.target.context) == ("When was the town hall bridge", "bridge chunk")
+        second.complete()
+        await settle()
+        done = planner.matches((), "When was the town hall bridge built?")
+        assert done is not None and done.context == "bridge chunk"  # the gateway compares it with the final one's
+        assert lookups.count("When was the town hall bridge") == 1  # resolved once, by the check, reused to start
+        await planner.stop()
+
+    asyncio.run(main())
