@@ -1,0 +1,61 @@
+"""The runner's decode attention is batch-invariant: a decode row gets bit for bit the same output alone, next to
+other sequences (of other lengths: keys padded further) and as the first row of a verification of guesses. Greedy
+speculative decoding's identical output rests on it. With 2 threads, as served: on some CPUs MKL's per-call choices
+broke it (blink/__init__.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blink.engine.runner import _DecodeRows
+
+KVH, GROUP, DIM = 3, 3, 64
+HEADS = KVH * GROUP
+SLOTS = 4096
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def attend(kc: torch.Tensor, vc: torch.Tensor, seqs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """seqs: (position of the first row, its rows' queries [R, H, D], slots of its keys) -> output rows [N, H, D]."""
+    cache = SimpleNamespace(k=[kc], zero_slot=SLOTS)
+    starts, rows, contexts, queries, at = [], [], [], [], 0
+    for start, q, slots in seqs:
+        starts.append(start)
+        rows.append(slice(at, at + len(q)))
+        contexts.append(slots[: start + len(q)])
+        queries.append(q)
+        at += len(q)
+    q = torch.cat(queries)
+    out = torch.empty_like(q)
+    _DecodeRows(cache, starts, rows, contexts, HEADS).attend(kc, vc, q, out)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_decode_row_is_the_same_alone_batched_and_verifying_guesses(two_threads: None, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    kc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
+    vc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
+    kc[SLOTS] = vc[SLOTS] = 0  # the zero slot
+    order = torch.randperm(SLOTS, generator=gen)  # paged: a sequence's slots anywhere in the cache
+    start = 100 + 50 * seed
+    mine = order[:1024]
+    row = torch.randn(1, HEADS, DIM, generator=gen)
+    alone = attend(kc, vc, [(start, row, mine)])
+    others = [(300 + 150 * i, torch.randn(1, HEADS, DIM, generator=gen), order[1024 * (i + 1) :]) for i in range(3)]
+    batched = attend(kc, vc, [(start, row, mine), *others])  # one of them over 512 keys: all padded to 1024
+    guesses = torch.randn(4, HEADS, DIM, generator=gen)
+    verifying = attend(kc, vc, [(start, torch.cat([row, guesses]), mine), others[0]])
+    assert torch.equal(alone[0], batched[0])
+    assert torch.equal(alone[0], verifying[0])
