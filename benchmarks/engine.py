@@ -1,13 +1,14 @@
 """The engine alone, side by side in one run on this machine: decode speed and the accuracy of each weight format.
 
 decode:    ms per token at batch 1 (greedy, 64 tokens after a chat prompt): blink's engine with fp32, bf16, int8
-           (weight-only) and w8a8 weights, and `transformers` `generate` on the same model (same GGUF, fp32).
+           (weight-only) and w8a8 weights, and `transformers` `generate` on the same model (same GGUF, fp32),
+           taking turns request by request (--rounds each), so that the machine's slow moments hit all alike.
 prefill:   ms for a cold 100- and 500-token prompt (one step, no prefix cache) in each format.
 agreement: for 20 prompts, fp32 greedy continuations (48 tokens); each format then reads prompt + continuation in
            one forward (teacher forcing) and we count the positions where its argmax equals fp32's.
 perplexity of each format on a held text (the README's first paragraphs are not used: a fixed text below).
 
-  python benchmarks/engine.py [--tokens 64] [--out benchmarks/results]
+  python benchmarks/engine.py [--tokens 64] [--rounds 8] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -63,50 +64,75 @@ def chat(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
 
 
-def blink_decode_ms(fmt: str, tokens: int, threads: int) -> tuple[float, dict[int, float]]:
-    """Decode ms/token at batch 1 (median over 4 requests after one warm-up) and cold prefill ms by prompt length."""
-    model, tok = load(fmt)
-    engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(threads=threads, max_model_len=1024))
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    per_token = []
-    for i, prompt in enumerate(PROMPTS[:5]):
-        ids = chat(tok, prompt)
-        engine.add_request(f"r{i}", ids, params)
-        engine.step()  # prefill and first token: not decode
+class BlinkDecoder:
+    """blink's engine with one weight format: decode ms/token of one request at batch 1."""
+
+    def __init__(self, fmt: str, tokens: int, threads: int) -> None:
+        self.model, self.tok = load(fmt)
+        self.engine = LLMEngine(self.model, self.tok.stop_token_ids, EngineConfig(threads=threads, max_model_len=1024))
+        self.params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        self.tokens, self.threads, self.calls = tokens, threads, 0
+
+    def __call__(self, prompt: str) -> float:
+        torch.set_num_threads(self.threads)
+        self.calls += 1
+        self.engine.add_request(f"r{self.calls}", chat(self.tok, prompt), self.params)
+        self.engine.step()  # prefill and first token: not decode
         start = time.perf_counter()
-        while engine.has_work():
-            engine.step()
-        per_token.append((time.perf_counter() - start) / (tokens - 1) * 1000)
-    cold = LLMEngine(model, tok.stop_token_ids, EngineConfig(threads=threads, max_model_len=1024, prefix_caching=False))
-    text = tok.encode(HELD_TEXT * 5)
-    prefill = {}
-    for n in PREFILL_LENGTHS:
-        times = []
-        for r in range(3):  # three different prompts of n tokens, one step each (n <= the step's token budget)
-            start = time.perf_counter()
-            cold.generate(text[r : r + n], SamplingParams(max_tokens=1, temperature=0), request_id=f"p{n}-{r}")
-            times.append((time.perf_counter() - start) * 1000)
-        prefill[n] = statistics.median(times)
-    return statistics.median(per_token[1:]), prefill  # the first request warms up
+        while self.engine.has_work():
+            self.engine.step()
+        return (time.perf_counter() - start) / (self.tokens - 1) * 1000
+
+    def prefill_ms(self) -> dict[int, float]:
+        """Cold prefill ms by prompt length (median of three prompts, one step each, no prefix cache)."""
+        cfg = EngineConfig(threads=self.threads, max_model_len=1024, prefix_caching=False)
+        cold = LLMEngine(self.model, self.tok.stop_token_ids, cfg)
+        text = self.tok.encode(HELD_TEXT * 5)
+        prefill = {}
+        for n in PREFILL_LENGTHS:
+            times = []
+            for r in range(3):  # three different prompts of n tokens, one step each (n <= the step's token budget)
+                start = time.perf_counter()
+                cold.generate(text[r : r + n], SamplingParams(max_tokens=1, temperature=0), request_id=f"p{n}-{r}")
+                times.append((time.perf_counter() - start) * 1000)
+            prefill[n] = statistics.median(times)
+        return prefill
 
 
-def transformers_decode_ms(tokens: int, threads: int) -> float:
-    torch.set_num_threads(threads)
-    model = transformers_model()
-    _, tok = load("fp32")
-    per_token = []
-    for prompt in PROMPTS[:5]:
-        ids = torch.tensor([chat(tok, prompt)])
+class TransformersDecoder:
+    """`transformers` `generate` on the same model (fp32): decode ms/token of one request."""
+
+    def __init__(self, tokens: int, threads: int) -> None:
+        self.model = transformers_model()
+        self.tok = load("fp32")[1]
+        self.tokens, self.threads = tokens, threads
+
+    def __call__(self, prompt: str) -> float:
+        torch.set_num_threads(self.threads)
+        ids = torch.tensor([chat(self.tok, prompt)])
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": 0}
         with torch.inference_mode():
             start = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
             one = time.perf_counter() - start
             start = time.perf_counter()
-            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+            self.model.generate(ids, max_new_tokens=self.tokens, min_new_tokens=self.tokens, **kwargs)
             full = time.perf_counter() - start
-        per_token.append((full - one) / (tokens - 1) * 1000)  # minus prefill and first token
-    return statistics.median(per_token[1:])
+        return (full - one) / (self.tokens - 1) * 1000  # minus prefill and first token
+
+
+def decode_ms(decoders: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Each decoder's ms/token, round by round: in each round every decoder answers the same prompt, in an order
+    rotated from round to round, so a slow moment of this shared machine falls on all of them alike."""
+    names = list(decoders)
+    for name in names:  # warm-up, not measured
+        decoders[name](PROMPTS[0])
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            out[name].append(decoders[name](PROMPTS[1 + r % (len(PROMPTS) - 1)]))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in out.items()), flush=True)
+    return out
 
 
 def accuracy(tokens: int) -> dict[str, dict[str, float]]:
@@ -138,25 +164,33 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     parser.add_argument("--formats", default=",".join(FORMATS), help="weight formats to time, comma-separated")
+    parser.add_argument("--rounds", type=int, default=8, help="measured requests per decoder, interleaved")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     from blink.config import resolve_threads
 
     threads = resolve_threads(args.threads)
-    decode: dict[str, float] = {}
-    prefill: dict[str, dict[int, float]] = {}
-    for fmt in args.formats.split(","):
-        decode[f"blink {fmt}"], prefill[f"blink {fmt}"] = blink_decode_ms(fmt, args.tokens, threads)
-        print(f"blink {fmt}: {decode[f'blink {fmt}']:.1f} ms/token, prefill {prefill[f'blink {fmt}']}", flush=True)
-    decode["transformers fp32"] = transformers_decode_ms(args.tokens, threads)
-    print(f"transformers: {decode['transformers fp32']:.1f} ms/token", flush=True)
+    decoders: dict[str, Any] = {
+        f"blink {fmt}": BlinkDecoder(fmt, args.tokens, threads) for fmt in args.formats.split(",")
+    }
+    decoders["transformers fp32"] = TransformersDecoder(args.tokens, threads)
+    rounds = decode_ms(decoders, args.rounds)
+    decode = {name: statistics.median(values) for name, values in rounds.items()}
+    # each round's own ratio against transformers, then their median: robust to the machine's slow moments
+    speedup = {
+        name: statistics.median(t / b for t, b in zip(rounds["transformers fp32"], values, strict=True))
+        for name, values in rounds.items()
+    }
+    prefill = {name: d.prefill_ms() for name, d in decoders.items() if isinstance(d, BlinkDecoder)}
+    del decoders
     acc = accuracy(48)
-    base = decode["transformers fp32"]
     lines = [
         "# Engine: decode speed and weight-format accuracy",
         "",
         machine(),
-        f"Command: `python benchmarks/engine.py --tokens {args.tokens} --threads {args.threads}` ({threads} threads)",
+        f"Command: `python benchmarks/engine.py --tokens {args.tokens} --threads {args.threads} --rounds "
+        f"{args.rounds}` ({threads} threads). Decoders take turns, one request each per round (order rotated); the "
+        "speed-up is the median of the rounds' own ratios.",
         "",
         "| engine | decode ms/token (batch 1, median) | speed-up vs transformers | cold prefill ms, "
         + ", ".join(f"{n} tokens" for n in PREFILL_LENGTHS)
@@ -165,7 +199,7 @@ def main() -> None:
     ]
     for name, ms in decode.items():
         cold = ", ".join(f"{prefill[name][n]:.0f}" for n in PREFILL_LENGTHS) if name in prefill else "-"
-        lines.append(f"| {name} | {ms:.1f} | {base / ms:.2f}x | {cold} |")
+        lines.append(f"| {name} | {ms:.1f} | {speedup[name]:.2f}x | {cold} |")
     lines += [
         "",
         f"Greedy agreement with fp32 (teacher-forced argmax over {acc['fp32']['tokens']:.0f} continuation tokens of "
@@ -175,7 +209,7 @@ def main() -> None:
         "|---|---|---|",
     ]
     lines += [f"| {fmt} | {a['agreement'] * 100:.1f}% | {a['perplexity']:.2f} |" for fmt, a in acc.items()]
-    raw = {"decode_ms": decode, "prefill_ms": prefill, "accuracy": acc}
+    raw = {"decode_ms": decode, "decode_rounds_ms": rounds, "speedup": speedup, "prefill_ms": prefill, "accuracy": acc}
     write_report(args.out, "engine", "\n".join(lines) + "\n", raw)
 
 

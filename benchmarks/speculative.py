@@ -48,6 +48,7 @@ CODE_TASKS = [
     "Add a docstring to this function and return the whole function.",
     "Rewrite this function with type hints.",
 ]
+LARGE = "qwen2.5-coder-1.5b-instruct"  # the draft pair's target: prompt lookup with a larger model
 QWEN_TASKS = [
     "Write a Python function that checks whether a string is a palindrome.",
     "Write a Python function that returns the n-th Fibonacci number iteratively.",
@@ -246,11 +247,14 @@ def draft(max_tokens: int, k: int = 4) -> dict[str, Any]:
     }
 
 
-def report(data: dict[str, Any]) -> str:
-    lines = [f"# Speculative decoding\n\n{machine()}\n", "Command: `.venv/bin/python benchmarks/speculative.py`\n"]
-    rows = data["lookup"]["rows"]
-    lines += [
-        "## Prompt lookup at batch 1, input-grounded tasks (greedy, decode tokens/s)\n",
+def measured(part: dict[str, Any]) -> list[str]:
+    """When and where a part was measured (parts before this line was kept say nothing)."""
+    return [f"Measured {part['measured']}\n"] if "measured" in part else []
+
+
+def lookup_table(part: dict[str, Any]) -> list[str]:
+    rows = part["rows"]
+    lines = [
         "| task | prompts | median plain | median ngram | median ratio | identical text | accepted / proposed |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -266,11 +270,31 @@ def report(data: dict[str, Any]) -> str:
     total_plain = sum(r["tokens"] / r["plain_tok_s"] for r in rows if r["plain_tok_s"])
     total_spec = sum(r["tokens"] / r["spec_tok_s"] for r in rows if r["spec_tok_s"])
     lines.append(f"\nAll prompts together: {total_plain / total_spec:.2f}x (total decode time plain / ngram).\n")
+    return lines
+
+
+def report(data: dict[str, Any]) -> str:
+    lines = [
+        "# Speculative decoding\n",
+        "Command: `.venv/bin/python benchmarks/speculative.py [--draft]`; `--only PART` reruns one part, keeping the "
+        "others (each part says when and where it was measured).\n",
+        "## Prompt lookup at batch 1, input-grounded tasks (greedy, decode tokens/s)\n",
+        *measured(data["lookup"]),
+        *lookup_table(data["lookup"]),
+    ]
+    if "lookup_large" in data:
+        lines += [
+            f"### The same with the {LARGE} target (opt-in: `make install-qwen`; `--only lookup-large`)\n",
+            *measured(data["lookup_large"]),
+            *lookup_table(data["lookup_large"]),
+        ]
     conc = data["concurrency"]
     ratio = statistics.median(conc["spec_tok_s"]) / statistics.median(conc["plain_tok_s"])
     pairs = [s / p for s, p in zip(conc["spec_tok_s"], conc["plain_tok_s"], strict=True)]
     lines += [
         "## 16 requests at once (8 input-grounded, 8 chat)\n",
+        *measured(conc),
+        *measured(conc),
         f"Aggregate tokens/s, median of {len(conc['plain_tok_s'])} rounds: plain "
         f"{statistics.median(conc['plain_tok_s']):.1f}, ngram {statistics.median(conc['spec_tok_s']):.1f}: "
         f"**{ratio:.2f}x** (round by round: {', '.join(f'{x:.2f}' for x in pairs)}); identical outputs: "
@@ -303,6 +327,7 @@ def report(data: dict[str, Any]) -> str:
         theory = AdaptiveSpeculation.expected_speedup(a, d["k"], c)
         lines += [
             "## Draft model: Qwen2.5-Coder-0.5B for 1.5B, code prompts (greedy)\n",
+            *measured(d),
             f"Cost ratio c = {c:.2f} (a draft step {d['draft_step_s'] * 1000:.0f} ms, a target step "
             f"{d['target_step_s'] * 1000:.0f} ms, batch 1, w8a8 both).\n",
             "| mode | speedup vs plain | identical | accepted / proposed | verifications |",
@@ -331,27 +356,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--draft", action="store_true", help="also the Qwen pair (make install-qwen)")
     parser.add_argument(
-        "--only", choices=("lookup", "concurrency", "draft"), help="rerun one part into the existing results"
+        "--only",
+        choices=("lookup", "lookup-large", "concurrency", "draft"),
+        help=f"rerun one part into the existing results (lookup-large: prompt lookup with the {LARGE} target)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tok = load("smollm2-135m-instruct")
+    parts = {
+        "lookup": lambda: lookup(model, tok, args.articles, args.tokens),
+        "lookup-large": lambda: lookup(*load(LARGE), args.articles, args.tokens),
+        "concurrency": lambda: concurrency(model, tok, args.articles, 96, args.rounds),
+        "draft": lambda: draft(64),
+    }
     if args.only:
         data = json.loads((args.out / "speculative.json").read_text())
-        data.pop("machine", None)
-        if args.only == "lookup":
-            data["lookup"] = lookup(model, tok, args.articles, args.tokens)
-        elif args.only == "concurrency":
-            data["concurrency"] = concurrency(model, tok, args.articles, 96, args.rounds)
-        else:
-            data["draft"] = draft(64)
-        write_report(args.out, "speculative", report(data), data)
-        return
-    data: dict[str, Any] = {"lookup": lookup(model, tok, args.articles, args.tokens)}
-    data["concurrency"] = concurrency(model, tok, args.articles, 96, args.rounds)
-    if args.draft:
-        data["draft"] = draft(64)
+        before = data.pop("machine", None)  # results from before parts kept their own: the run's
+        for part in data.values():
+            if isinstance(part, dict) and before:
+                part.setdefault("measured", before)
+        chosen = [args.only]
+    else:
+        data, chosen = {}, ["lookup", "concurrency", *(["draft"] if args.draft else [])]
+    for part in chosen:  # each part keeps when and where it was measured: --only reruns one, keeping the rest
+        data[part.replace("-", "_")] = {**parts[part](), "measured": machine()}
     write_report(args.out, "speculative", report(data), data)
 
 
