@@ -478,3 +478,41 @@ def test_a_response_an_outage_cut_ends_with_an_error_once_redis_answers_again() 
 
     with RedisServer() as server:
         asyncio.run(main(server))
+
+
+def test_connections_a_restarted_redis_closed_are_replaced_not_reported_as_an_outage() -> None:
+    """After a restart every pooled connection is dead: the first command on each must go out on a new one, not
+    fail (a stream after the restart ended with 'redis was unreachable' in an e2e run). Submits and publishes are
+    idempotent, so sending one again on a new connection cannot queue a request or add an event twice."""
+
+    async def main(server: RedisServer) -> None:
+        gateway, replica = RedisBus(server.url, timeout_s=2), RedisBus(server.url, timeout_s=2)
+        try:
+            await replica.heartbeat(ReplicaStatus("r1", "m", ReplicaState.READY))
+            warm = [f"w{i}" for i in range(6)]  # concurrent commands: several connections in each pool
+            await asyncio.gather(*(gateway.submit(req(rid)) for rid in warm))
+            await asyncio.gather(*(replica.publish(Accepted(rid, "r1", 3)) for rid in warm))
+            server.stop()
+            server.start()
+            streams = {}
+            for rid in ("a", "b", "c", "d", "e", "f"):
+                streams[rid] = await gateway.submit(req(rid))  # NotReady here: a dead connection reported
+            got: list[str] = []
+            deadline = time.monotonic() + 10
+            while len(got) < len(streams):
+                assert time.monotonic() < deadline, f"the replica received only {got}"
+                got += [m.request_id for m in await replica.receive("m", "r1", wait=0.5, max_requests=8)]
+            assert sorted(got) == sorted(streams)  # each once
+            for rid in streams:
+                assert await replica.publish(TokenEvent(rid, 0, "t", 1)), rid
+                assert await replica.publish(Finished(rid, FinishStatus.STOP, 3, 1)), rid
+            for rid, stream in streams.items():
+                events = await asyncio.wait_for(drain(stream.__aiter__()), 5)
+                assert [type(e) for e in events] == [TokenEvent, Finished], (rid, events)
+                assert isinstance(events[-1], Finished) and events[-1].status is FinishStatus.STOP
+        finally:
+            await gateway.close()
+            await replica.close()
+
+    with RedisServer() as server:
+        asyncio.run(main(server))

@@ -13,10 +13,12 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from typing import cast
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.typing import EncodableT, FieldT
@@ -50,6 +52,8 @@ from blink.bus.redis_wire import (
 from blink.bus.redis_work import WorkReader
 from blink.errors import NotReady, Overloaded
 
+T = TypeVar("T")
+
 log = logging.getLogger("blink.bus")
 
 READ_BLOCK_MS = 2000  # a response reader's block: how soon it notices its stream was closed
@@ -58,10 +62,12 @@ REFRESH_S = 0.5  # how stale replicas() may be for replicas heard through Redis
 
 # KEYS: pool, resp, state, target (a replica's direct stream, or the pool again). ARGV: group, max_pending,
 # request, ttl_ms. The group is made with the stream (id 0: requests sent before any replica came are delivered).
+# Idempotent: a request whose state key exists was queued already (sent again after a dropped connection).
 # The request goes to the target if that stream exists (its replica made it and no claimer has emptied and
 # deleted it since the replica stopped), else to the pool. Returns the entry id, or nil when the pool's backlog is
 # full.
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'queued' end
 local pending = nil
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -82,13 +88,22 @@ if KEYS[4] ~= KEYS[1] and redis.call('EXISTS', KEYS[4]) == 1 then stream = KEYS[
 return redis.call('XADD', stream, '*', 'm', ARGV[3])
 """
 
-# KEYS: resp, state. ARGV: mode ("event" or "overflow"), stream_events, ttl_ms, event, is_finished.
+# KEYS: resp, state. ARGV: mode ("event" or "overflow"), stream_events, ttl_ms, event, is_finished, token.
 # Returns 1 appended, 0 refused (the response is not open), -1 full: the caller then appends the slow_consumer
-# Finished in "overflow" mode, which only the first of concurrent publishers manages.
+# Finished in "overflow" mode, which only the first of concurrent publishers manages. Idempotent: each publish has
+# its own token, kept in its entry; the same publish sent again (after a dropped connection) finds it last (unless
+# its reader consumed and deleted it in between: only possible if the first send ran, which a connection closed
+# before the send rules out).
 _PUBLISH = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  for i = 1, #last[2], 2 do
+    if last[2][i] == 'p' and last[2][i + 1] == ARGV[6] then return 1 end
+  end
+end
 if redis.call('GET', KEYS[2]) ~= 'open' then return 0 end
 if ARGV[1] == 'event' and redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
-redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
+redis.call('XADD', KEYS[1], '*', 'm', ARGV[4], 'p', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if ARGV[1] == 'overflow' then
   redis.call('SET', KEYS[2], 'overflow', 'PX', ARGV[3])
@@ -149,9 +164,10 @@ class RedisBus:
         self.keys = Keys(prefix)
         self.ttl_ms = math.ceil(response_ttl_s * 1000)
         self.health = Health(self.where)
-        # no retry: submit and publish are not idempotent (a retry after Redis ran the command but the reply was
-        # lost would queue a request twice or repeat a token); redis-py's pool replaces a connection a restarted
-        # Redis closed when it hands it out, so a restart needs no retry either
+        # no blanket retry: a command retried after Redis ran it but the reply was lost could act twice; submit,
+        # publish and cancel are idempotent and go through `_sent_again` instead, which sends once more on a new
+        # connection when a restarted Redis had closed the one they got from the pool (redis-py does not always
+        # notice before handing it out)
         self.client = aioredis.Redis.from_url(
             url,
             decode_responses=True,
@@ -208,8 +224,9 @@ class RedisBus:
         pool = self.keys.pool(request.model)
         target = pool if replica_id is None else self.keys.direct(request.model, replica_id)
         keys = [pool, self.keys.resp(rid), self.keys.state(rid), target]
+        args: list[EncodableT] = [GROUP, self.max_pending, encode(request), self.ttl_ms]
         try:
-            entry = await self._submit(keys=keys, args=[GROUP, self.max_pending, encode(request), self.ttl_ms])
+            entry = await self._sent_again(lambda: self._submit(keys=keys, args=args))
         except ERRORS as exc:
             raise self.unavailable(exc) from exc
         if entry is None:
@@ -219,8 +236,10 @@ class RedisBus:
 
     async def cancel(self, request_id: str, model: str) -> None:
         cancel: dict[FieldT, EncodableT] = {FIELD: encode(Cancel(request_id, model))}
-        try:
-            await self.client.xadd(self.keys.cancels(model), cancel, maxlen=CANCEL_KEEP, approximate=True)
+        try:  # a cancel landing twice is harmless
+            await self._sent_again(
+                lambda: self.client.xadd(self.keys.cancels(model), cancel, maxlen=CANCEL_KEEP, approximate=True)
+            )
         except ERRORS as exc:
             raise self.unavailable(exc) from exc
 
@@ -292,12 +311,23 @@ class RedisBus:
         rid = event.request_id
         keys = [self.keys.resp(rid), self.keys.state(rid)]
         finished = int(isinstance(event, Finished))
-        args: list[EncodableT] = ["event", self.stream_events, self.ttl_ms, encode(event), finished]
-        outcome = int(await self._publish(keys=keys, args=args))
+        args: list[EncodableT] = ["event", self.stream_events, self.ttl_ms, encode(event), finished, uuid.uuid4().hex]
+        outcome = int(await self._sent_again(lambda: self._publish(keys=keys, args=args)))
         if outcome < 0:  # the reader fell behind: it gets this error after what it has, and we stop
-            args = ["overflow", self.stream_events, self.ttl_ms, encode(slow_consumer(rid)), 1]
-            await self._publish(keys=keys, args=args)
+            over: list[EncodableT] = ["overflow", self.stream_events, self.ttl_ms, encode(slow_consumer(rid)), 1]
+            over.append(uuid.uuid4().hex)
+            await self._sent_again(lambda: self._publish(keys=keys, args=over))
         return outcome == 1
+
+    async def _sent_again(self, command: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent command; if its connection was dead (a restarted Redis closed it while it sat in the
+        pool), close the pool's other idle connections, likely dead too, and send it once more on a new one. A
+        timeout is not retried: a Redis that does not answer is an outage (the caller's)."""
+        try:
+            return await command()
+        except redis.exceptions.ConnectionError:
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+            return await command()
 
     async def _send_owed(self) -> None:
         """Send the Finished events an outage kept back (Redis answered again); stop at the first failure."""
