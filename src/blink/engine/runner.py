@@ -63,8 +63,29 @@ def key_span(keys: int) -> int:
 
 class _DecodeRows:
     """The step's decode rows: one per decoding sequence, or 1 + k when it verifies k guesses. Every row
-    attends to exactly the positions up to its own, in one SDPA call for all of them, and gets bit for bit the
-    result it would get alone (tested): so a verified guess sees the same numbers plain decoding would.
+    attends to exactly the positions up to its own and gets bit for bit the result it would get alone (tested):
+    so a verified guess sees the same numbers plain decoding would. Sequences with the same number of rows share
+    one SDPA call (`_DecodeGroup`): in one call for all, every sequence would pay for the most rows any has (one
+    stream verifying 5 guesses made 15 others' attention 6 rows each)."""
+
+    def __init__(
+        self, cache: PagedKVCache, starts: list[int], rows: list[slice], contexts: list[torch.Tensor], heads: int
+    ) -> None:
+        by_rows: dict[int, list[int]] = {}
+        for i, s in enumerate(rows):
+            by_rows.setdefault(s.stop - s.start, []).append(i)
+        self.groups = [
+            _DecodeGroup(cache, [starts[i] for i in m], [rows[i] for i in m], [contexts[i] for i in m], heads)
+            for m in by_rows.values()
+        ]
+
+    def attend(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
+        for group in self.groups:
+            group.attend(kc, vc, q, out)
+
+
+class _DecodeGroup:
+    """Decode rows of sequences with the same number of rows R, in one SDPA call.
 
     A sequence's keys are gathered once, padded with the cache's zero slot to [B, L, KVH, D] (L a multiple of
     DECODE_KEY_QUANTUM); its R rows ride in the head dimension as q [B, KVH * R * G, 1, D] (G query heads per KV
