@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,12 +76,21 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
-    # a short resume window: the tests that drop a stream check that its generation then stops
-    srv = Server(tmp_path_factory.mktemp("server") / "serve.log", "--max-num-seqs", "16", "--resume-window-s", "3")
+@contextlib.contextmanager
+def serving(log_path: Path, *flags: str) -> Iterator[Server]:
+    """A `blink serve` with `flags`, ready when this yields it, stopped after."""
+    srv = Server(log_path, *flags)
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
+    # a short resume window: the tests that drop a stream check that its generation then stops
+    with serving(
+        tmp_path_factory.mktemp("server") / "serve.log", "--max-num-seqs", "16", "--resume-window-s", "3"
+    ) as srv:
+        yield srv

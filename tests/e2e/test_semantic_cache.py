@@ -16,7 +16,7 @@ import openai
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.e2e.conftest import MODEL, Server
+from tests.e2e.conftest import MODEL, Server, serving
 from tests.e2e.test_realtime import ask, recv, until
 from tests.redis_server import RedisServer
 
@@ -29,12 +29,8 @@ SETTINGS: dict[str, Any] = {"temperature": 0, "max_tokens": 120, "stop": ["."]}
 
 @pytest.fixture(scope="module")
 def cache_server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("cache") / "serve.log")
-    try:
-        srv.wait_ready()
+    with serving(tmp_path_factory.mktemp("cache") / "serve.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def client(server: Server, key: str = "tenant-a") -> openai.OpenAI:

@@ -16,7 +16,7 @@ from blink.config import EngineConfig
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.models import loader, quant
-from tests.e2e.conftest import MODEL, Server
+from tests.e2e.conftest import MODEL, Server, serving
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,8 @@ def plain_answer(model_dir) -> str:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("speculative") / "serve.log", "--speculative-policy", "always")
-    try:
-        srv.wait_ready()
+    with serving(tmp_path_factory.mktemp("speculative") / "serve.log", "--speculative-policy", "always") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

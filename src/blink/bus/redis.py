@@ -314,8 +314,14 @@ class RedisBus:
         args: list[EncodableT] = ["event", self.stream_events, self.ttl_ms, encode(event), finished, uuid.uuid4().hex]
         outcome = int(await self._sent_again(lambda: self._publish(keys=keys, args=args)))
         if outcome < 0:  # the reader fell behind: it gets this error after what it has, and we stop
-            over: list[EncodableT] = ["overflow", self.stream_events, self.ttl_ms, encode(slow_consumer(rid)), 1]
-            over.append(uuid.uuid4().hex)
+            over: list[EncodableT] = [
+                "overflow",
+                self.stream_events,
+                self.ttl_ms,
+                encode(slow_consumer(rid)),
+                1,
+                uuid.uuid4().hex,
+            ]
             await self._sent_again(lambda: self._publish(keys=keys, args=over))
         return outcome == 1
 
