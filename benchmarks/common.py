@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from blink.models import native
+
 # chat prompts every benchmark draws from (short user questions, as a chat box sends them)
 PROMPTS = [
     "What is the capital of France?",
@@ -44,9 +46,12 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def machine() -> str:
+def machine(model: str = "SmolLM2-135M-Instruct") -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{when}; {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; SmolLM2-135M-Instruct."
+    return (
+        f"{when}; {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; int8 kernel: "
+        f"{native.describe()}; {model}."
+    )
 
 
 def write_report(out: Path, name: str, markdown: str, data: dict[str, Any]) -> None:

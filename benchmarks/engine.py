@@ -1,7 +1,8 @@
 """The engine alone, side by side in one run on this machine: decode speed and the accuracy of each weight format.
 
 decode:    ms per token at batch 1 (greedy, 64 tokens after a chat prompt): blink's engine with fp32, bf16, int8
-           (weight-only) and w8a8 weights, and `transformers` `generate` on the same model (same GGUF, fp32),
+           (weight-only) and w8a8 weights (w8a8-torch: on torch's int8 ops instead of blink's C kernel, the same
+           numbers), and `transformers` `generate` on the same model (same GGUF, fp32),
            taking turns request by request (--rounds each), so that the machine's slow moments hit all alike.
 prefill:   ms for a cold 100- and 500-token prompt (one step, no prefix cache) in each format.
 agreement: for 20 prompts, fp32 greedy continuations (48 tokens); each format then reads prompt + continuation in
@@ -35,6 +36,8 @@ from blink.models.llama import CausalAttention, LlamaModel
 from blink.models.tokenizer import Tokenizer
 
 FORMATS = ("fp32", "bf16", "int8", "w8a8")
+# timed only: w8a8 on torch's int8 ops instead of blink's C kernel (--no-native-kernels), the same numbers
+TIMED = (*FORMATS, "w8a8-torch")
 PREFILL_LENGTHS = (100, 500)
 HELD_TEXT = (
     "The river rises in the hills to the north and runs for about two hundred miles before it reaches the sea. "
@@ -56,7 +59,9 @@ def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
 def load(fmt: str) -> tuple[LlamaModel, Tokenizer]:
     folder = loader.prepare(registry.get("smollm2-135m-instruct"), default_cache_dir(), progress=False)
     model, tok = loader.load(folder)
-    quant.convert(model, fmt, tok.encode(quant.CALIBRATION_TEXT)) if fmt != "fp32" else None
+    if fmt != "fp32":
+        weights = fmt.removesuffix("-torch")
+        quant.convert(model, weights, tok.encode(quant.CALIBRATION_TEXT), native_kernels=not fmt.endswith("-torch"))
     return model, tok
 
 
@@ -163,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
-    parser.add_argument("--formats", default=",".join(FORMATS), help="weight formats to time, comma-separated")
+    parser.add_argument("--formats", default=",".join(TIMED), help="weight formats to time, comma-separated")
     parser.add_argument("--rounds", type=int, default=8, help="measured requests per decoder, interleaved")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()

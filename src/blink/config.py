@@ -62,6 +62,11 @@ class EngineConfig:
         "w8a8",
         choices=WEIGHT_FORMATS,
     )
+    native_kernels: bool = _help(
+        "run w8a8 layers in blink's C kernel (built at install; AVX-512 VNNI or AVX2): the same numbers as the "
+        "torch ops, faster; --no-native-kernels: torch ops",
+        True,
+    )
     warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2)
     speculative: str = _help(
         "speculative decoding: ngram (prompt lookup), draft:<model> (a smaller model with the same vocabulary, "

@@ -5,11 +5,12 @@ quarter of fp32's weight bytes, and on CPU decode is bound by those bytes. Embed
 one row); a tied lm_head gets its own int8 copy. Measured side by side in benchmarks/results/engine.md:
 
   int8   weight-only: activations stay in bf16 and torch's int8 GEMV kernel (`_weight_int8pack_mm`) dequantizes
-         on the fly. Closest to fp32 (greedy agreement 96%); fastest decode at batch 1; but the kernel does one
-         row at a time, so a prompt prefills about 2x slower than fp32.
-  w8a8   int8 weights and int8 activations (per token, on the fly), exact int32 accumulation (`torch._int_mm`):
-         prefill 1.1-1.4x faster than fp32, the fastest batched decode, greedy agreement 94%. The default: on this
-         hardware it gives the lowest time to first token.
+         on the fly. Closest to fp32 (greedy agreement 96%); but the kernel does one row at a time, so a prompt
+         prefills about 2x slower than fp32.
+  w8a8   int8 weights and int8 activations (per token, on the fly), exact int32 accumulation: in blink's C kernel
+         (models/native.py) where it is built, else `torch._int_mm`, with the same results. The default: the
+         fastest decode and prefill (with the kernel: 1.3x int8's decode, 1.9x fp32's prefill), greedy agreement
+         93%.
 
 Activation outliers (a few channels far larger than the rest) make per-token int8 coarse, so w8a8 is smoothed as
 in SmoothQuant: a short built-in calibration text goes through the fp32 model once at load; each linear layer
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from blink.config import WEIGHT_FORMATS
+from blink.models import native
 from blink.models.llama import CausalAttention, LlamaModel
 
 
@@ -58,18 +60,28 @@ class Int8WeightOnly(nn.Module):
 class Int8Linear(nn.Module):
     """w8a8: y = x W^T with W int8 per output channel and x quantized to int8 per row (token) on the fly.
 
-    The product accumulates exactly in int32 (`torch._int_mm`), and every scale is per row or per column, so a
+    The product accumulates exactly in int32 (the C kernel, or `torch._int_mm` with `level=-1` or without the
+    kernel: bit for bit the same), and every scale is per row or per column, so a
     token's output does not depend on which other tokens share the batch: a prompt chunk, a decode step and a
     verification pass of speculative decoding give the same numbers for the same token. (fbgemm's dynamic
     linear measured faster at batch 8, but it scales activations per tensor, so a token's result changed with
     its batch and a prefix-cache hit could change greedy output.)"""
 
     weight_t: torch.Tensor
+    weight_packed: torch.Tensor
+    weight_sum: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
     smooth: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, input_absmax: torch.Tensor | None = None, alpha: float = 0.5) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        input_absmax: torch.Tensor | None = None,
+        alpha: float = 0.5,
+        *,
+        level: int | None = None,
+    ) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
         smooth = None
@@ -80,20 +92,37 @@ class Int8Linear(nn.Module):
             smooth = 1.0 / factor
         scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [N]
         quantized = torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)  # [N, K]
-        self.register_buffer("weight_t", quantized.t())  # [K, N] column-major: the layout _int_mm reads fastest
+        # the C kernel's instruction level (None: the best this CPU has), -1: torch ops
+        self.level = native.best_level() if level is None else level
+        if self.level >= 0:  # the C kernel's blocked layout (and the sums its unsigned activations add)
+            packed, wsum = native.pack(quantized)
+            self.register_buffer("weight_packed", packed)
+            self.register_buffer("weight_sum", wsum)
+            self.register_buffer("weight_t", None)
+        else:
+            self.register_buffer("weight_t", quantized.t())  # [K, N] column-major: the layout _int_mm reads fastest
         self.register_buffer("weight_scale", scale / 127.0)
         self.register_buffer("smooth", smooth)  # folds the activations' 1/127 in
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.level < 0:
+            return self._torch(x, self.weight_t)
+        if native.fast_for(x.shape[0], self.level):
+            w, wsum, scale, n = self.weight_packed, self.weight_sum, self.weight_scale, self.out_features
+            return native.linear(x, w, wsum, scale, self.smooth, self.bias, n, self.level)
+        return self._torch(x, native.unpack(self.weight_packed, self.out_features, self.in_features).t())
+
+    def _torch(self, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+        """The same product in torch ops (weights [K, N], column-major)."""
         if self.smooth is not None:
             x = x * self.smooth
         # abs().amax(): linalg.vector_norm(inf) gives the same values but measured 5-10x slower from 8 rows up
         amax = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-6)  # [M, 1]
         xq = torch.round(x * (127.0 / amax)).to(torch.int8)
         scale = amax * self.weight_scale  # [M, N]: the row's and the column's scale (weight_scale has the 1/127)
-        out: torch.Tensor = torch._int_mm(xq, self.weight_t) * scale  # exact int32 sums, one multiply to float
+        out: torch.Tensor = torch._int_mm(xq, weight_t) * scale  # exact int32 sums, one multiply to float
         return out if self.bias is None else out.add_(self.bias)
 
     def extra_repr(self) -> str:
@@ -134,9 +163,12 @@ def _input_absmax(model: LlamaModel, token_ids: list[int]) -> dict[str, torch.Te
     return seen
 
 
-def convert(model: LlamaModel, weights: str, calibration_ids: list[int] | None = None) -> LlamaModel:
+def convert(
+    model: LlamaModel, weights: str, calibration_ids: list[int] | None = None, *, native_kernels: bool = True
+) -> LlamaModel:
     """Put `model`'s weights in format `weights` (one of WEIGHT_FORMATS), in place; returns the model. For w8a8,
-    `calibration_ids` (the tokens of CALIBRATION_TEXT) enable smoothing; without them w8a8 is plain per-channel."""
+    `calibration_ids` (the tokens of CALIBRATION_TEXT) enable smoothing; without them w8a8 is plain per-channel;
+    with `native_kernels` (and the C kernel built) its layers run in the kernel: the same numbers, faster."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     if weights == "bf16":
@@ -151,6 +183,9 @@ def convert(model: LlamaModel, weights: str, calibration_ids: list[int] | None =
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     full = f"{parent_name}.{name}" if parent_name else name
-                    quantized = Int8WeightOnly(child) if weights == "int8" else Int8Linear(child, absmax.get(full))
+                    if weights == "int8":
+                        quantized: nn.Module = Int8WeightOnly(child)
+                    else:
+                        quantized = Int8Linear(child, absmax.get(full), level=None if native_kernels else -1)
                     setattr(parent, name, quantized)
     return model

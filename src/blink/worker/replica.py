@@ -38,7 +38,7 @@ from blink.engine.llm_engine import LLMEngine, StepOutput
 from blink.engine.sequence import FinishReason, SamplingParams
 from blink.engine.speculative import DraftModelProposer, NgramProposer, Proposer
 from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
-from blink.models import loader, quant, registry
+from blink.models import loader, native, quant, registry
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
 from blink.telemetry import tracing
@@ -218,7 +218,11 @@ class Replica:
         spec = registry.get(self.model_name)
         folder = loader.prepare(spec, self.model_config.cache_dir, progress=self.progress)
         model, self.tokenizer = loader.load(folder)
-        quant.convert(model, self.engine_config.weights, self.tokenizer.encode(quant.CALIBRATION_TEXT))
+        calibration = self.tokenizer.encode(quant.CALIBRATION_TEXT)
+        quant.convert(model, self.engine_config.weights, calibration, native_kernels=self.engine_config.native_kernels)
+        if self.engine_config.weights == "w8a8":
+            kernel = native.describe() if self.engine_config.native_kernels else "torch ops (--no-native-kernels)"
+            log.info("replica %s: w8a8 layers run on %s", self.replica_id, kernel)
         proposer = self._proposer(model)
         self.engine = LLMEngine(model, self.tokenizer.stop_token_ids, self.engine_config, proposer=proposer)
 
@@ -238,7 +242,8 @@ class Replica:
                 f"draft model {draft_name!r} has another vocabulary than {self.model_name!r}: speculative decoding "
                 "needs the same tokenizer"
             )
-        quant.convert(draft, self.engine_config.weights, draft_tokenizer.encode(quant.CALIBRATION_TEXT))
+        calibration = draft_tokenizer.encode(quant.CALIBRATION_TEXT)
+        quant.convert(draft, self.engine_config.weights, calibration, native_kernels=self.engine_config.native_kernels)
         return DraftModelProposer(draft, self.engine_config, vocab_size=target.config.vocab_size)
 
     def _warm_up(self) -> None:

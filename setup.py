@@ -1,0 +1,17 @@
+"""The C kernel (src/blink/models/_native.c); everything else is in pyproject.toml. Optional: without a compiler
+blink installs and runs on the torch ops it replaces (bit for bit the same results, slower)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "blink.models._native",
+            ["src/blink/models/_native.c"],
+            # no FMA contraction: the kernel must round exactly as the torch ops it replaces
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-std=c11"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        )
+    ]
+)

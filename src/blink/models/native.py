@@ -1,0 +1,100 @@
+"""blink's C kernel (`_native.c`, built by `pip install`, optional): the w8a8 linear layer in one call.
+
+Why: at batch 1 a decode step of the 135M model spent more time in torch's int8 matrix kernels and in the ~10
+small torch ops around each of its 211 linear layers (quantize the activations, multiply the scales) than its
+weight bytes need: `_int_mm` and `_weight_int8pack_mm` read int8 weights at 15-35 GB/s here, the kernel at
+50-140 GB/s (AVX-512 VNNI where the CPU has it, else AVX2; benchmarks/results/engine.md has the step times).
+
+Contract: `linear` computes exactly what `quant.Int8Linear`'s torch ops compute (tested bit for bit at every
+level): the products are summed as exact integers, and every float operation is the same one in the same order
+(compiled without FMA contraction). So outputs, batch invariance and speculative decoding's identity with plain
+decoding are the same with or without the kernel; only the speed differs.
+
+Without the extension (no C compiler at install, a CPU other than x86-64 with no build) `available()` is False
+and the model runs on the torch ops.
+"""
+
+from __future__ import annotations
+
+import torch  # first: the kernel's OpenMP then binds to the libgomp torch loaded (one thread pool, not two)
+
+try:
+    from blink.models import _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None  # type: ignore[assignment]
+
+BLOCK = 16  # output channels per packed weight block (the C kernel's CH)
+LEVELS = ("portable", "avx2", "avx512-vnni")
+AVX2_MAX_ROWS = 4  # see fast_for
+
+
+def available() -> bool:
+    return _native is not None
+
+
+def best_level() -> int:
+    """The fastest instruction level this CPU runs (an index into LEVELS); -1 without the extension."""
+    return -1 if _native is None else int(_native.best_level())
+
+
+def describe() -> str:
+    level = best_level()
+    return "not built (torch ops)" if level < 0 else f"blink C kernel ({LEVELS[level]})"
+
+
+def fast_for(rows: int, level: int) -> bool:
+    """Whether the kernel beats torch's `_int_mm` for `rows` activation rows. With AVX-512 VNNI it does at every
+    size measured (1-500 rows); AVX2 has no int8 multiply-add that cannot saturate, and its kernel measured 2x
+    slower than torch from a few rows up, so there it takes decode-sized calls only."""
+    return level >= 2 or rows <= AVX2_MAX_ROWS
+
+
+def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights [N, K] -> (packed [N/16, K/4, 16, 4], N and K padded with zeros; 128 * row sums [N padded])."""
+    n, k = weight.shape
+    np_, kp = -(-n // BLOCK) * BLOCK, -(-k // 4) * 4
+    padded = torch.zeros(np_, kp, dtype=torch.int8)
+    padded[:n, :k] = weight
+    packed = padded.view(np_ // BLOCK, BLOCK, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+    wsum = padded.to(torch.int32).sum(dim=1, dtype=torch.int32) * 128
+    return packed, wsum
+
+
+def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of `pack`: int8 weights [n, k]."""
+    blocks, kb = packed.shape[0], packed.shape[1]
+    return packed.permute(0, 2, 1, 3).reshape(blocks * BLOCK, kb * 4)[:n, :k]
+
+
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    wsum: torch.Tensor,
+    weight_scale: torch.Tensor,
+    smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+    level: int,
+) -> torch.Tensor:
+    """x fp32 [M, K] -> [M, out_features] fp32, as `Int8Linear` computes it; `level` at most `best_level()`.
+    The scales, smoothing factors and bias are fp32 and contiguous."""
+    assert _native is not None
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    _native.linear(
+        x.data_ptr(),
+        m,
+        k,
+        0 if smooth is None else smooth.data_ptr(),
+        packed.data_ptr(),
+        wsum.data_ptr(),
+        weight_scale.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        out_features,
+        packed.shape[1] * 4,
+        torch.get_num_threads(),
+        level,
+    )
+    return y
