@@ -182,6 +182,10 @@ class LLMEngine:
                 self.speculation.record(seq, len(proposal.tokens), accepted)
                 n += accepted
             seq.num_computed += n
+            if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse, now,
+                # before a token that ends the request frees its blocks (the emitted tokens' K/V come next step)
+                known = min(seq.num_computed, seq.num_tokens)
+                self.blocks.commit(seq.request_id, seq.token_ids, known, speculative=seq.prefill_only)
             finished = False
             for token in emitted:
                 out = self._postprocess(seq, token)
@@ -191,7 +195,7 @@ class LLMEngine:
                     break
             if finished:
                 continue
-            if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse
+            if seq.num_computed // bs > before // bs:  # and the blocks of accepted guesses, now in token_ids
                 self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, speculative=seq.prefill_only)
             if proposal and proposal.tokens:
                 self.blocks.trim(seq.request_id, seq.num_computed)  # the rejected guesses' blocks

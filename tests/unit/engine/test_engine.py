@@ -65,6 +65,21 @@ def test_a_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(model_and_tok
     assert outs[-1].cached_tokens == shared // 16 * 16 > 0  # every full block of the shared prefix was reused
 
 
+def test_a_request_that_ends_with_its_first_token_leaves_its_prompt_for_reuse(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    _, tok = model_and_tokenizer
+    doc = "The museum opens at nine and closes at five, except on Mondays. " * 6
+    first = tok.encode(tok.apply_chat_template([{"role": "user", "content": doc + "When does it open?"}]))
+    second = tok.encode(tok.apply_chat_template([{"role": "user", "content": doc + "When does it close?"}]))
+    engine = small_engine(model_and_tokenizer)
+    engine.generate(first, SamplingParams(max_tokens=1, temperature=0), request_id="first")  # done in one step
+    engine.add_request("second", second, GREEDY)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert outs[-1].cached_tokens == shared // 16 * 16 > 0
+
+
 def test_chunked_prefill_and_preemption_change_no_greedy_token(
     model_and_tokenizer,  # type: ignore[no-untyped-def]
     prompts: list[list[int]],
