@@ -159,9 +159,13 @@ class Precomputed:
     def __init__(self, inner: Embedder, texts: list[str]) -> None:
         self.name, self.dim = inner.name, inner.dim
         self._vectors = {text: inner.embed([text])[0] for text in dict.fromkeys(texts)}
+        self._fits = {text: inner.fits(text) for text in self._vectors}
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return np.stack([self._vectors[t] for t in texts])
+
+    def fits(self, text: str) -> bool:
+        return self._fits[text]
 
 
 def bench_precision() -> dict[str, Any]:

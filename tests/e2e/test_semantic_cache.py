@@ -73,6 +73,15 @@ def test_negations_and_numbers_are_not_answered_from_a_close_question(cache_serv
     assert ask_http(cache_server, "How much is 1000 USD in euros?", key="probe")[0] == "miss"
 
 
+def test_a_question_after_a_long_document_is_not_cached(cache_server: Server) -> None:
+    # the embedding model reads 256 tokens: a question after a longer document would be cut off, and another
+    # question about the same document would look the same to it
+    document = "The library opens at nine, lends books for three weeks and charges no fees. " * 20
+    assert ask_http(cache_server, document + "When does it open?", key="long")[0] == "off"
+    assert ask_http(cache_server, document + "When does it open?", key="long")[0] == "off"
+    assert ask_http(cache_server, "When does the library open?", key="long")[0] == "miss"
+
+
 def test_streamed_hits_use_the_normal_sse_events(cache_server: Server) -> None:
     question = [SYSTEM, {"role": "user", "content": "Name a primary colour."}]
     ask_http(cache_server, "Name a primary colour.", key="sse")

@@ -109,10 +109,13 @@ class Embedder:
     """Sentence embeddings from all-MiniLM-L6-v2. `embed` is slow (tens of ms a text on CPU) and synchronous:
     async callers run it in a thread. Torch's thread count is the caller's to set."""
 
-    def __init__(self, model: Bert, tokenizer: Tokenizer, dim: int) -> None:
+    def __init__(self, model: Bert, tokenizer: Tokenizer, dim: int, max_tokens: int) -> None:
         self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.dim = dim
+        self.tokenizer = tokenizer  # truncates to max_tokens
+        self.dim, self.max_tokens = dim, max_tokens
+        self._counter = Tokenizer.from_str(tokenizer.to_str())
+        self._counter.no_truncation()
+        self._counter.no_padding()
 
     @classmethod
     def load(cls, path: Path | None = None) -> Embedder:
@@ -136,7 +139,11 @@ class Embedder:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         tokenizer.enable_truncation(max_length=max_tokens)
         tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch, not the file's fixed 128
-        return cls(model, tokenizer, config.hidden_size)
+        return cls(model, tokenizer, config.hidden_size, max_tokens)
+
+    def fits(self, text: str) -> bool:
+        """Whether `text` is read whole: longer texts are embedded from their first max_tokens tokens."""
+        return len(self._counter.encode(text).ids) <= self.max_tokens
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """float32 [len(texts), dim], each row of unit length. Batches of up to 32 texts, padded to their longest."""

@@ -92,6 +92,7 @@ class CacheStats:
     rejected: int = 0  # candidates refused by verification
     stores: int = 0
     errors: int = 0  # backend failures (each a miss or a skipped store)
+    too_long: int = 0  # queries longer than the embedder reads: neither looked up nor stored
 
 
 class SemanticCache:
@@ -154,13 +155,17 @@ class SemanticCache:
         self._backoff = min(self._backoff * 2, BACKOFF_S[1])
 
     async def lookup(self, api_key: str | None, request: GenerateRequest) -> Lookup | None:
-        """The request's cache key with its hit, if any. None when the request is not cacheable, the embedder
-        is not loaded yet, or the backend is down (a miss that will not be stored either)."""
+        """The request's cache key with its hit, if any. None when the request is not cacheable, its query is
+        longer than the embedder reads, the embedder is not loaded yet, or the backend is down (a miss that will
+        not be stored either)."""
         key = self.key(api_key, request)
         embedder = self._embedder()
         if key is None or embedder is None or not self._available():
             return None
         scope, query = key
+        if not embedder.fits(query):  # the embedding would miss its end (a question after a long document)
+            self.stats.too_long += 1
+            return None
         started = time.perf_counter()
         vector = (await asyncio.to_thread(embedder.embed, [query]))[0]  # [dim]
         embedded = time.perf_counter()
@@ -231,6 +236,7 @@ class SemanticCache:
             "rejected_by_verification": s.rejected,
             "stores": s.stores,
             "errors": s.errors,
+            "too_long": s.too_long,
             "available": self._available(),
         }
 

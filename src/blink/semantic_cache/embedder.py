@@ -44,6 +44,10 @@ class Embedder(Protocol):
         """float32 [len(texts), dim], unit rows. Synchronous and CPU-bound: async callers use a thread."""
         ...
 
+    def fits(self, text: str) -> bool:
+        """Whether the model reads all of `text`: it reads the first MAX_TOKENS tokens of a longer one only."""
+        ...
+
 
 class OnnxEmbedder:
     """ONNX Runtime session over the exported graph; thread-safe (ORT sessions are)."""
@@ -60,6 +64,9 @@ class OnnxEmbedder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        self._counter = Tokenizer.from_file(str(tokenizer_json))  # the same, without truncation: for `fits`
+        self._counter.no_truncation()  # (the file itself truncates to 128)
+        self._counter.no_padding()
         self._tokenizer.enable_truncation(max_length=MAX_TOKENS)
         self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self.name = name
@@ -74,6 +81,9 @@ class OnnxEmbedder:
             (vectors,) = self._session.run(None, {"ids": ids, "mask": mask})
             out[start : start + len(encodings)] = vectors
         return out
+
+    def fits(self, text: str) -> bool:
+        return len(self._counter.encode(text).ids) <= MAX_TOKENS
 
 
 class TorchEmbedder:
@@ -91,6 +101,9 @@ class TorchEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self._model.embed(texts)
+
+    def fits(self, text: str) -> bool:
+        return self._model.fits(text)
 
 
 def _write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
@@ -185,3 +198,6 @@ class LazyEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return (self._embedder or self.load()).embed(texts)
+
+    def fits(self, text: str) -> bool:
+        return (self._embedder or self.load()).fits(text)

@@ -56,6 +56,12 @@ def test_texts_beyond_one_batch_and_the_token_limit_are_embedded(embedder: Embed
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+def test_fits_tells_whether_the_whole_text_is_read(embedder: Embedder) -> None:
+    # 254 words + [CLS] and [SEP]: exactly the 256 tokens the model reads; one word more is cut off
+    assert embedder.fits("word " * 254) and not embedder.fits("word " * 255)
+    assert embedder.fits(EATING) and embedder.fits("")
+
+
 @pytest.mark.parametrize("change", ["drop", "add"])
 def test_loading_fails_on_a_missing_or_unexpected_weight(tmp_path: Path, change: str) -> None:
     model = tmp_path / "model"

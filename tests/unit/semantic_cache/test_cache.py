@@ -21,6 +21,8 @@ from blink.semantic_cache.index import Candidate, Entry, Scope
 from blink.semantic_cache.memory import MemoryIndex
 from tests.unit.preload.fakes import DIM, HashEmbedder
 
+WINDOW = 40  # words the fake embedder reads
+
 
 class FakeEmbedder:
     name = "hash"
@@ -31,6 +33,9 @@ class FakeEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self._embed(texts)
+
+    def fits(self, text: str) -> bool:
+        return len(text.split()) <= WINDOW
 
 
 def chat(*messages: tuple[str, str], model: str = "m", **sampling: Any) -> GenerateRequest:
@@ -126,6 +131,21 @@ def test_what_is_not_cacheable() -> None:
         assert await outcome(everything, None, chat(Q)) == "miss"
 
     asyncio.run(body())
+
+
+def test_a_query_longer_than_the_embedder_reads_is_neither_looked_up_nor_stored() -> None:
+    # a question after a long document: a truncating embedder would see the document only, and two different
+    # questions about it would look the same
+    cache = make()
+    document = " ".join(f"word{i}" for i in range(WINDOW))
+
+    async def run() -> None:
+        assert await outcome(cache, None, chat(("user", document + " who wrote it"))) == "off"
+        await remember(cache, None, chat(("user", "who wrote it")))  # a short one still is
+        assert await outcome(cache, None, chat(("user", "who wrote it"))) == "hit"
+
+    asyncio.run(run())
+    assert cache.snapshot()["too_long"] == 1 and cache.stats.lookups == 2
 
 
 def test_completions_and_chats_do_not_share_entries() -> None:
