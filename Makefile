@@ -11,7 +11,7 @@ PYTHON  ?= python3
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py src/blink/models/_native.c Makefile
+$(STAMP): pyproject.toml setup.py $(wildcard src/blink/models/*.c) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -7,7 +7,7 @@ setup(
     ext_modules=[
         Extension(
             "blink.models._native",
-            ["src/blink/models/_native.c"],
+            ["src/blink/models/_native.c", "src/blink/models/_attention.c"],
             # no FMA contraction: the kernel must round exactly as the torch ops it replaces
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-std=c11"],
             extra_link_args=["-fopenmp"],

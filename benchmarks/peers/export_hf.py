@@ -80,11 +80,11 @@ def main() -> None:
     blink_export = args.blink_export
     if blink_export is None:
         blink = Path(sys.executable).parent / "blink"
-        blink_export = Path(
-            subprocess.run([str(blink), "prepare", "--model", args.model], check=True, capture_output=True, text=True)
-            .stdout.strip()
-            .splitlines()[-1]
-        )
+        printed = subprocess.run(
+            [str(blink), "prepare", "--model", args.model], check=True, capture_output=True, text=True
+        ).stdout.split()
+        # it prints the prepared model's folder, then the embedding model's
+        blink_export = Path(next(p for p in printed if "/models/" in p))
     worst = compare(args.out, blink_export)
     print(f"largest |difference| from blink's export {blink_export}: {worst:.3g}")
     if worst > 1e-6:

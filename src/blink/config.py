@@ -63,8 +63,8 @@ class EngineConfig:
         choices=WEIGHT_FORMATS,
     )
     native_kernels: bool = _help(
-        "run w8a8 layers in blink's C kernel (built at install; AVX-512 VNNI or AVX2): the same numbers as the "
-        "torch ops, faster; --no-native-kernels: torch ops",
+        "run w8a8 layers and decode attention in blink's C kernels (built at install; AVX-512 VNNI or AVX2), "
+        "faster than torch's ops with the same weights' numbers; --no-native-kernels: torch ops only",
         True,
     )
     warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2)

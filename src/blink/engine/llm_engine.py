@@ -75,7 +75,9 @@ class LLMEngine:
             background_chunk_tokens=config.background_chunk_tokens,
             background_step_tokens=config.background_step_tokens,
         )
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size)
+        self.runner = ModelRunner(
+            model, num_blocks=num_blocks, block_size=config.block_size, native_kernels=config.native_kernels
+        )
         self._seqs: dict[str, Sequence] = {}
         self.background_prefill_tokens = 0  # prompt tokens computed for prefill-only sequences (pre-loading)
         # speculative decoding: off without a proposer; the policy needs step costs (measure_step_cost)

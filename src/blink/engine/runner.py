@@ -3,9 +3,10 @@
 KV layout: per layer one tensor [num_blocks * block_size, KVH, D] for keys and one for values; row
 `block * block_size + offset` holds one token position (`slot`). A step's tokens of all sequences go through the
 model flattened: prompt chunks, decode tokens and speculative guesses together, so weights are read once per step.
-Attention writes each new token's K/V at its slot, then gathers each sequence's slots: every decode row (a
-decoding sequence's last token, and the guesses after it when it verifies a proposal) in one SDPA call whose
-arithmetic per row does not depend on the other rows (`_DecodeRows`), each prompt chunk in groups aligned to KV
+Attention writes each new token's K/V at its slot, then reads each sequence's slots: every decode row (a
+decoding sequence's last token, and the guesses after it when it verifies a proposal) in one call whose
+arithmetic per row does not depend on the other rows (the C kernel reading the cache in place,
+`_NativeDecodeRows`, or SDPA over gathered keys, `_DecodeRows`), each prompt chunk in groups aligned to KV
 blocks. Both int8 weight formats are batch-invariant too, so a token's logits never depend on its step's company:
 speculative decoding and plain decoding give the same greedy tokens.
 """
@@ -21,6 +22,7 @@ from blink.engine.sampler import sample
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import Sequence
 from blink.engine.speculative import Proposal, verify
+from blink.models import native
 from blink.models.llama import LlamaModel
 
 
@@ -129,11 +131,39 @@ class _DecodeGroup:
         out[self.out_rows] = o[self.valid]
 
 
+class _NativeDecodeRows:
+    """The step's decode rows through blink's C kernel (models/native.py): every row reads its own keys and
+    values in place in the cache, through its sequence's slots: no gather, no padding, one call per layer for
+    all rows. Each (row, head) is computed alone in a fixed order, so a row's result is bit for bit the same
+    whatever shares its step (tested), as with `_DecodeRows`; its numbers differ from SDPA's in the last bits."""
+
+    def __init__(self, starts: list[int], rows: list[slice], contexts: list[torch.Tensor]) -> None:
+        index: list[int] = []
+        lengths: list[int] = []
+        offsets: list[int] = []
+        at = 0
+        for start, s, context in zip(starts, rows, contexts, strict=True):
+            for j in range(s.stop - s.start):  # row j is position start + j and sees keys [0, start + j]
+                index.append(s.start + j)
+                lengths.append(start + j + 1)
+                offsets.append(at)
+            at += len(context)
+        self.rows, self.lengths, self.offsets = torch.tensor(index), torch.tensor(lengths), torch.tensor(offsets)
+        self.slots = torch.cat(contexts)
+
+    def attend(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
+        native.attend_decode(q, kc, vc, out, self.rows, self.lengths, self.offsets, self.slots)
+
+
 class PagedAttention:
     """The step's attention over the paged cache (see the module docstring)."""
 
     def __init__(
-        self, cache: PagedKVCache, slot_mapping: torch.Tensor, chunks: list[_Chunk], decode: _DecodeRows | None
+        self,
+        cache: PagedKVCache,
+        slot_mapping: torch.Tensor,
+        chunks: list[_Chunk],
+        decode: _DecodeRows | _NativeDecodeRows | None,
     ) -> None:
         self.cache, self.slot_mapping, self.chunks, self.decode = cache, slot_mapping, chunks, decode
         # prompt rows attend one KV block at a time, as if the whole block were in the step: the block's rows as
@@ -181,9 +211,11 @@ class PagedAttention:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int, native_kernels: bool = True) -> None:
         self.model = model
         self.dtype = model.embed_tokens.weight.dtype
+        # decode attention in the C kernel: fp32 caches (every format but bf16), when it is built
+        self.native = native_kernels and native.available() and self.dtype == torch.float32
         self.kv = PagedKVCache(model, num_blocks, block_size, self.dtype)
         self.block_size = block_size
         self._offsets = torch.arange(block_size)
@@ -262,8 +294,10 @@ class ModelRunner:
                 where.append(slice(first, len(sample_rows)))
             else:
                 where.append(None)
-        decode = None
-        if decode_rows:
+        decode: _DecodeRows | _NativeDecodeRows | None = None
+        if decode_rows and self.native:
+            decode = _NativeDecodeRows(decode_starts, decode_rows, decode_context)
+        elif decode_rows:
             heads = self.model.config.num_attention_heads
             decode = _DecodeRows(self.kv, decode_starts, decode_rows, decode_context, heads)
         backend = PagedAttention(self.kv, torch.tensor(slot_mapping), chunks, decode)

@@ -182,7 +182,9 @@ class DraftModelProposer:
         dtype = model.embed_tokens.weight.dtype
         num_blocks = config.kv_cache_mb * 2**20 // PagedKVCache.bytes_per_block(model, config.block_size, dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=False)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size)
+        self.runner = ModelRunner(
+            model, num_blocks=num_blocks, block_size=config.block_size, native_kernels=config.native_kernels
+        )
         self.vocab_size = vocab_size
         self.catch_up_tokens = catch_up_tokens
         self.step_cost = StepCost()

@@ -341,8 +341,11 @@ static PyObject *get_best_level(PyObject *self, PyObject *args) {
     return PyLong_FromLong(best_level());
 }
 
+PyObject *blink_attend_decode(PyObject *self, PyObject *args); /* _attention.c */
+
 static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS, "w8a8 linear on raw pointers (see blink.kernels)"},
+    {"attend_decode", blink_attend_decode, METH_VARARGS, "decode attention over the paged cache (see _attention.c)"},
     {"best_level", get_best_level, METH_NOARGS, "this CPU's best level: 0 portable, 1 AVX2, 2 AVX-512 VNNI"},
     {NULL, NULL, 0, NULL},
 };

@@ -14,3 +14,23 @@ def linear(
     level: int,
 ) -> None: ...
 def best_level() -> int: ...
+def attend_decode(
+    q: int,
+    q_row: int,
+    q_head: int,
+    k: int,
+    v: int,
+    out: int,
+    o_row: int,
+    o_head: int,
+    rows: int,
+    lens: int,
+    offs: int,
+    slots: int,
+    r: int,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    scale: float,
+    threads: int,
+) -> None: ...

@@ -1,17 +1,21 @@
-"""blink's C kernel (`_native.c`, built by `pip install`, optional): the w8a8 linear layer in one call.
+"""blink's C kernels (`_native.c`, `_attention.c`; built by `pip install`, optional): the w8a8 linear layer and
+decode attention, one call each.
 
 Why: at batch 1 a decode step of the 135M model spent more time in torch's int8 matrix kernels and in the ~10
 small torch ops around each of its 211 linear layers (quantize the activations, multiply the scales) than its
 weight bytes need: `_int_mm` and `_weight_int8pack_mm` read int8 weights at 15-35 GB/s here, the kernel at
-50-140 GB/s (AVX-512 VNNI where the CPU has it, else AVX2; benchmarks/results/engine.md has the step times).
+50-140 GB/s (AVX-512 VNNI where the CPU has it, else AVX2). Decode attention gathered every sequence's keys,
+padded to 512, for SDPA; the kernel reads them in place. benchmarks/results/engine.md has the step times.
 
-Contract: `linear` computes exactly what `quant.Int8Linear`'s torch ops compute (tested bit for bit at every
+Contracts: `linear` computes exactly what `quant.Int8Linear`'s torch ops compute (tested bit for bit at every
 level): the products are summed as exact integers, and every float operation is the same one in the same order
-(compiled without FMA contraction). So outputs, batch invariance and speculative decoding's identity with plain
-decoding are the same with or without the kernel; only the speed differs.
+(compiled without FMA contraction), so the weights' numbers are the same with or without the kernel.
+`attend_decode` computes each (row, head) alone in a fixed order: a row's result never depends on the other rows
+(tested), which speculative decoding's identity with plain decoding rests on; it differs from SDPA's in the last
+bits (an engine uses one or the other throughout).
 
-Without the extension (no C compiler at install, a CPU other than x86-64 with no build) `available()` is False
-and the model runs on the torch ops.
+Without the extension (no C compiler at install, a CPU other than x86-64 with no build), or with
+`--no-native-kernels`, the engine runs on the torch ops.
 """
 
 from __future__ import annotations
@@ -98,3 +102,43 @@ def linear(
         level,
     )
     return y
+
+
+def attend_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Decode attention in place: for each i, step row `rows[i]` of q [N, H, D] attends to `lengths[i]` keys
+    and values of the cache [slots, KVH, D] at slots[offsets[i]:], and its output goes to the same row of out
+    [N, H, D]. Each (row, head) is computed alone and in a fixed order (see _attention.c): bit for bit the same
+    whatever the other rows are. fp32; the cache contiguous; q and out may be strided views (last dim dense);
+    the index tensors int64 and contiguous."""
+    assert _native is not None
+    heads, dim = q.shape[1], q.shape[2]
+    assert q.stride(2) == out.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    _native.attend_decode(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+        rows.data_ptr(),
+        lengths.data_ptr(),
+        offsets.data_ptr(),
+        slots.data_ptr(),
+        len(rows),
+        heads,
+        k_cache.shape[1],
+        dim,
+        dim**-0.5,
+        torch.get_num_threads(),
+    )

@@ -1,7 +1,8 @@
 """The runner's decode attention is batch-invariant: a decode row gets bit for bit the same output alone, next to
 other sequences (of other lengths: keys padded further) and as the first row of a verification of guesses. Greedy
-speculative decoding's identical output rests on it. With 2 threads, as served: on some CPUs MKL's per-call choices
-broke it (blink/__init__.py)."""
+speculative decoding's identical output rests on it. Both implementations: torch's SDPA over gathered keys
+(`_DecodeRows`) and the C kernel reading the cache in place (`_NativeDecodeRows`). With 2 threads, as served: on
+some CPUs MKL's per-call choices broke the SDPA one (blink/__init__.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from blink.engine.runner import _DecodeRows
+from blink.engine.runner import _DecodeRows, _NativeDecodeRows
+from blink.models import native
 
 KVH, GROUP, DIM = 3, 3, 64
 HEADS = KVH * GROUP
@@ -26,7 +29,12 @@ def two_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def attend(kc: torch.Tensor, vc: torch.Tensor, seqs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+KINDS = ["sdpa", "native"] if native.available() else ["sdpa"]
+
+
+def attend(
+    kc: torch.Tensor, vc: torch.Tensor, seqs: list[tuple[int, torch.Tensor, torch.Tensor]], kind: str = "sdpa"
+) -> torch.Tensor:
     """seqs: (position of the first row, its rows' queries [R, H, D], slots of its keys) -> output rows [N, H, D]."""
     cache = SimpleNamespace(k=[kc], zero_slot=SLOTS)
     starts, rows, contexts, queries, at = [], [], [], [], 0
@@ -38,12 +46,16 @@ def attend(kc: torch.Tensor, vc: torch.Tensor, seqs: list[tuple[int, torch.Tenso
         at += len(q)
     q = torch.cat(queries)
     out = torch.empty_like(q)
-    _DecodeRows(cache, starts, rows, contexts, HEADS).attend(kc, vc, q, out)  # type: ignore[arg-type]
+    if kind == "native":
+        _NativeDecodeRows(starts, rows, contexts).attend(kc, vc, q, out)
+    else:
+        _DecodeRows(cache, starts, rows, contexts, HEADS).attend(kc, vc, q, out)  # type: ignore[arg-type]
     return out
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", range(6))
-def test_a_decode_row_is_the_same_alone_batched_and_verifying_guesses(two_threads: None, seed: int) -> None:
+def test_a_decode_row_is_the_same_alone_batched_and_verifying_guesses(two_threads: None, seed: int, kind: str) -> None:
     gen = torch.Generator().manual_seed(seed)
     kc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
     vc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
@@ -52,13 +64,32 @@ def test_a_decode_row_is_the_same_alone_batched_and_verifying_guesses(two_thread
     start = 100 + 50 * seed
     mine = order[:1024]
     row = torch.randn(1, HEADS, DIM, generator=gen)
-    alone = attend(kc, vc, [(start, row, mine)])
+    alone = attend(kc, vc, [(start, row, mine)], kind)
     others = [(300 + 150 * i, torch.randn(1, HEADS, DIM, generator=gen), order[1024 * (i + 1) :]) for i in range(3)]
-    batched = attend(kc, vc, [(start, row, mine), *others])  # one of them over 512 keys: all padded to 1024
+    batched = attend(kc, vc, [(start, row, mine), *others], kind)  # one over 512 keys: SDPA pads all to 1024
     guesses = torch.randn(4, HEADS, DIM, generator=gen)
-    verifying = attend(kc, vc, [(start, torch.cat([row, guesses]), mine), others[0]])
+    verifying = attend(kc, vc, [(start, torch.cat([row, guesses]), mine), others[0]], kind)
     assert torch.equal(alone[0], batched[0])
     assert torch.equal(alone[0], verifying[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_attention_is_causal_attention_over_the_rows_own_keys(two_threads: None, kind: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    kc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
+    vc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
+    kc[SLOTS] = vc[SLOTS] = 0
+    order = torch.randperm(SLOTS, generator=gen)
+    seqs = [(40, torch.randn(3, HEADS, DIM, generator=gen), order[:100]), (7, torch.randn(1, HEADS, DIM), order[100:])]
+    got = attend(kc, vc, seqs, kind)
+    at = 0
+    for start, q, slots in seqs:
+        for j in range(len(q)):  # row j sees positions [0, start + j]
+            keys = kc[slots[: start + j + 1]].transpose(0, 1)  # [KVH, L, D]
+            values = vc[slots[: start + j + 1]].transpose(0, 1)
+            want = F.scaled_dot_product_attention(q[j].unsqueeze(1), keys, values, enable_gqa=True)  # [H, 1, D]
+            torch.testing.assert_close(got[at + j], want[:, 0], rtol=1e-5, atol=1e-5)
+        at += len(q)
 
 
 def test_sequences_share_an_attention_call_only_with_ones_of_as_many_rows() -> None:
