@@ -294,7 +294,6 @@ def report(data: dict[str, Any]) -> str:
     lines += [
         "## 16 requests at once (8 input-grounded, 8 chat)\n",
         *measured(conc),
-        *measured(conc),
         f"Aggregate tokens/s, median of {len(conc['plain_tok_s'])} rounds: plain "
         f"{statistics.median(conc['plain_tok_s']):.1f}, ngram {statistics.median(conc['spec_tok_s']):.1f}: "
         f"**{ratio:.2f}x** (round by round: {', '.join(f'{x:.2f}' for x in pairs)}); identical outputs: "

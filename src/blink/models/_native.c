@@ -29,6 +29,7 @@
 
 #define CH 16  /* output channels per packed block */
 #define MB 4   /* activation rows sharing one pass over a weight block */
+#define FEW_ROWS 16 /* up to this many rows, one block at a time (block_vnni); more: tiles of 4 blocks */
 
 typedef struct {
     const uint8_t *xu;     /* [M, Kp] activations as int8 + 128 (unsigned), for VNNI */
@@ -71,62 +72,103 @@ static void block_portable(const job_t *j, int64_t b) {
 }
 
 #ifdef BLINK_X86
-/* decode (one row): four independent chains hide vpdpbusd's latency (integer sums: their order is free) */
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void row_vnni(const job_t *j, int64_t b) {
+/* one block of 16 channels for `rows` (1-8) rows from row r: the block's weights are read as one stream, and
+   each k-step feeds every row; enough independent accumulators to hide vpdpbusd's latency (a row's sum split in
+   `chains` by k-step when rows are few: integer sums, so their order is free). `rows` is a constant where
+   inlined. Further rows re-read the block from L1. */
+#define PASS 6
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
+static inline void rows_vnni(const job_t *j, int64_t b, int64_t r, const int rows) {
+    const int chains = rows >= 4 ? 1 : rows >= 2 ? 2 : 4;
     const int8_t *w = j->w + b * j->kp * CH;
     const int64_t kb_n = j->kp / 4;
-    const uint8_t *x = j->xu;
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    const uint8_t *x = j->xu + r * j->kp;
+    __m512i acc[4][PASS];
+    for (int u = 0; u < chains; u++)
+        for (int i = 0; i < rows; i++) acc[u][i] = _mm512_setzero_si512();
     int64_t kb = 0;
-    for (; kb + 4 <= kb_n; kb += 4) {
-        const int8_t *wk = w + kb * CH * 4;
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(*(const int32_t *)(x + kb * 4)), _mm512_loadu_si512(wk));
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(*(const int32_t *)(x + kb * 4 + 4)), _mm512_loadu_si512(wk + 64));
-        a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(*(const int32_t *)(x + kb * 4 + 8)), _mm512_loadu_si512(wk + 128));
-        a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(*(const int32_t *)(x + kb * 4 + 12)), _mm512_loadu_si512(wk + 192));
+    for (; kb + chains <= kb_n; kb += chains)
+        for (int u = 0; u < chains; u++) {
+            const __m512i wv = _mm512_loadu_si512(w + (kb + u) * CH * 4);
+            for (int i = 0; i < rows; i++)
+                acc[u][i] = _mm512_dpbusd_epi32(acc[u][i], _mm512_set1_epi32(*(const int32_t *)(x + i * j->kp + (kb + u) * 4)), wv);
+        }
+    for (; kb < kb_n; kb++) {
+        const __m512i wv = _mm512_loadu_si512(w + kb * CH * 4);
+        for (int i = 0; i < rows; i++)
+            acc[0][i] = _mm512_dpbusd_epi32(acc[0][i], _mm512_set1_epi32(*(const int32_t *)(x + i * j->kp + kb * 4)), wv);
     }
-    for (; kb < kb_n; kb++)
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(*(const int32_t *)(x + kb * 4)), _mm512_loadu_si512(w + kb * CH * 4));
-    const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+    const __m512i corr = _mm512_loadu_si512((const void *)(j->wsum + b * CH));
     int32_t out[CH];
-    _mm512_storeu_si512((void *)out, _mm512_sub_epi32(acc, _mm512_loadu_si512((const void *)(j->wsum + b * CH))));
-    store_block(j, 0, b * CH, out);
+    for (int i = 0; i < rows; i++) {
+        __m512i sum = acc[0][i];
+        for (int u = 1; u < chains; u++) sum = _mm512_add_epi32(sum, acc[u][i]);
+        _mm512_storeu_si512((void *)out, _mm512_sub_epi32(sum, corr));
+        store_block(j, r + i, b * CH, out);
+    }
 }
 
-/* several rows: a tile of GB blocks (64 channels) by MB rows, 16 accumulators, so each broadcast activation
-   feeds GB multiplies and each weight load MB; tiles at the edges go one block at a time */
+/* few rows (decode, speculative verification, small batches): one block, all rows, up to PASS at a time */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void block_vnni(const job_t *j, int64_t b) {
+    for (int64_t r = 0; r < j->m; r += PASS) {
+        switch (j->m - r < PASS ? j->m - r : PASS) {
+            case 6: rows_vnni(j, b, r, 6); break;
+            case 5: rows_vnni(j, b, r, 5); break;
+            case 4: rows_vnni(j, b, r, 4); break;
+            case 3: rows_vnni(j, b, r, 3); break;
+            case 2: rows_vnni(j, b, r, 2); break;
+            default: rows_vnni(j, b, r, 1); break;
+        }
+    }
+}
+
+/* several rows: a tile of GB blocks (64 channels) by `rows` rows, up to 16 independent accumulators, so each
+   broadcast activation feeds GB multiplies and each weight load `rows`; `rows` is a constant where inlined */
 #define GB 4
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
+static inline void tile_vnni(const job_t *j, int64_t b0, int64_t r, const int rows) {
+    const int64_t kb_n = j->kp / 4, stride = j->kp * CH;
+    const uint8_t *x = j->xu + r * j->kp;
+    const int8_t *w = j->w + b0 * stride;
+    __m512i acc[GB][MB];
+    for (int c = 0; c < GB; c++)
+        for (int i = 0; i < rows; i++) acc[c][i] = _mm512_setzero_si512();
+    for (int64_t kb = 0; kb < kb_n; kb++) {
+        __m512i wv[GB];
+        for (int c = 0; c < GB; c++) wv[c] = _mm512_loadu_si512(w + c * stride + kb * CH * 4);
+        for (int i = 0; i < rows; i++) {
+            const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(x + i * j->kp + kb * 4));
+            for (int c = 0; c < GB; c++) acc[c][i] = _mm512_dpbusd_epi32(acc[c][i], xb, wv[c]);
+        }
+    }
+    int32_t out[CH];
+    for (int c = 0; c < GB; c++) {
+        const __m512i corr = _mm512_loadu_si512((const void *)(j->wsum + (b0 + c) * CH));
+        for (int i = 0; i < rows; i++) {
+            _mm512_storeu_si512((void *)out, _mm512_sub_epi32(acc[c][i], corr));
+            store_block(j, r + i, (b0 + c) * CH, out);
+        }
+    }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void group_vnni(const job_t *j, int64_t g) {
-    const int64_t kb_n = j->kp / 4, stride = j->kp * CH;
-    const int64_t b0 = g * GB, nb = (j->n + CH - 1) / CH - b0 < GB ? (j->n + CH - 1) / CH - b0 : GB;
-    int32_t out[CH];
+    const int64_t kb_n = j->kp / 4, stride = j->kp * CH, blocks = (j->n + CH - 1) / CH;
+    const int64_t b0 = g * GB, nb = blocks - b0 < GB ? blocks - b0 : GB;
     for (int64_t r = 0; r < j->m; r += MB) {
         const int64_t rows = j->m - r < MB ? j->m - r : MB;
-        const uint8_t *x = j->xu + r * j->kp;
-        if (rows == MB && nb == GB) {
-            __m512i acc[GB][MB];
-            for (int c = 0; c < GB; c++)
-                for (int i = 0; i < MB; i++) acc[c][i] = _mm512_setzero_si512();
-            const int8_t *w = j->w + b0 * stride;
-            for (int64_t kb = 0; kb < kb_n; kb++) {
-                __m512i wv[GB];
-                for (int c = 0; c < GB; c++) wv[c] = _mm512_loadu_si512(w + c * stride + kb * CH * 4);
-                for (int i = 0; i < MB; i++) {
-                    const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(x + i * j->kp + kb * 4));
-                    for (int c = 0; c < GB; c++) acc[c][i] = _mm512_dpbusd_epi32(acc[c][i], xb, wv[c]);
-                }
-            }
-            for (int c = 0; c < GB; c++) {
-                const __m512i corr = _mm512_loadu_si512((const void *)(j->wsum + (b0 + c) * CH));
-                for (int i = 0; i < MB; i++) {
-                    _mm512_storeu_si512((void *)out, _mm512_sub_epi32(acc[c][i], corr));
-                    store_block(j, r + i, (b0 + c) * CH, out);
-                }
+        if (nb == GB) {
+            switch (rows) {
+                case 4: tile_vnni(j, b0, r, 4); break;
+                case 3: tile_vnni(j, b0, r, 3); break;
+                case 2: tile_vnni(j, b0, r, 2); break;
+                default: tile_vnni(j, b0, r, 1); break;
             }
             continue;
         }
+        const uint8_t *x = j->xu + r * j->kp;  /* the last blocks of a layer whose block count is not a multiple */
+        int32_t out[CH];
         for (int64_t c = 0; c < nb; c++) {
             const int8_t *w = j->w + (b0 + c) * stride;
             __m512i acc[MB];
@@ -190,7 +232,7 @@ static unit_fn pick(int level, int64_t m, int64_t blocks, int64_t *units) {
     *units = blocks;
 #ifdef BLINK_X86
     if (level >= 2) {
-        if (m == 1) return row_vnni;
+        if (m <= FEW_ROWS) return block_vnni;
         *units = (blocks + GB - 1) / GB;
         return group_vnni;
     }
