@@ -1,8 +1,9 @@
 """The engine alone, side by side in one run on this machine: decode speed and the accuracy of each weight format.
 
 decode:    ms per token at batch 1 (greedy, 64 tokens after a chat prompt): blink's engine with fp32, bf16, int8
-           (weight-only) and w8a8 weights (w8a8-torch: on torch's int8 ops instead of blink's C kernel, the same
-           numbers), and `transformers` `generate` on the same model (same GGUF, fp32),
+           (weight-only) and w8a8 weights (w8a8-torch: its linear layers on torch's int8 ops instead of blink's C
+           kernel, the same numbers; decode attention in C for all), and `transformers` `generate` on the same
+           model (same GGUF, fp32),
            taking turns request by request (--rounds each), so that the machine's slow moments hit all alike.
 prefill:   ms for a cold 100- and 500-token prompt (one step, no prefix cache) in each format.
 agreement: for 20 prompts, fp32 greedy continuations (48 tokens); each format then reads prompt + continuation in
@@ -36,7 +37,7 @@ from blink.models.llama import CausalAttention, LlamaModel
 from blink.models.tokenizer import Tokenizer
 
 FORMATS = ("fp32", "bf16", "int8", "w8a8")
-# timed only: w8a8 on torch's int8 ops instead of blink's C kernel (--no-native-kernels), the same numbers
+# timed only: w8a8 linear layers on torch's int8 ops instead of blink's C kernel, the same numbers
 TIMED = (*FORMATS, "w8a8-torch")
 PREFILL_LENGTHS = (100, 500)
 HELD_TEXT = (

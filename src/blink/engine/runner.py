@@ -49,6 +49,7 @@ class _Chunk:
     rows: slice  # this chunk's rows in the flattened step
     start: int  # positions already cached before it
     context: torch.Tensor  # slots of positions [0, end of the block of its last row) of its sequence
+    span: slice | None = None  # the same slots when they are one run (consecutive blocks): read as a view
 
 
 # torch's CPU flash attention walks the keys in blocks of min(512, length), and a row's arithmetic depends on that
@@ -196,8 +197,11 @@ class PagedAttention:
         out = torch.empty_like(q)  # [N, H, D]
         bs = self.cache.block_size
         for chunk, groups in zip(self.chunks, self.groups, strict=True):
-            keys = kc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D], gathered once
-            values = vc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
+            if chunk.span is not None:  # no copy: the same [L, KVH, D] layout as a gather, so the same numbers
+                keys, values = kc[chunk.span].transpose(0, 1).unsqueeze(0), vc[chunk.span].transpose(0, 1).unsqueeze(0)
+            else:  # [1, KVH, L, D], gathered once per layer
+                keys = kc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
+                values = vc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
             for rows, offset, block_end, mask in groups:
                 n = rows.stop - rows.start
                 queries = q.new_zeros(1, q.shape[1], bs, q.shape[2])  # [1, H, block, D]
@@ -287,7 +291,10 @@ class ModelRunner:
                 decode_context.append(self._context(table, start + n))
             else:  # its keys: up to the end of its last block (see PagedAttention)
                 keys_end = -(-(start + n) // self.block_size) * self.block_size
-                chunks.append(_Chunk(slice(row, row + n), start, self._context(table, keys_end)))
+                used = table[: keys_end // self.block_size]
+                one_run = all(b == used[0] + i for i, b in enumerate(used))
+                span = slice(used[0] * self.block_size, used[0] * self.block_size + keys_end) if one_run else None
+                chunks.append(_Chunk(slice(row, row + n), start, self._context(table, keys_end), span))
             if start + n >= seq.num_tokens and not seq.prefill_only:
                 first = len(sample_rows)
                 sample_rows.extend(range(row + n - 1 - len(extra), row + n))

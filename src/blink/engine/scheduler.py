@@ -123,7 +123,9 @@ class Scheduler:
                 allowed = prefill_budget if seq.priority == 0 else min(prefill_budget, background_budget)
                 if allowed < 1 or (seq.priority > 0 and background_seqs < 1):
                     continue
-                n, cost = self._chunk(min(remaining, budget), allowed, seq.num_computed, decoding)
+                n, cost = self._chunk(
+                    min(remaining, budget), allowed, seq.num_computed, decoding, self.blocks.block_size
+                )
             if n < 1 or n > budget:
                 continue
             if not self._allocate_preempting(seq, seq.num_computed + n, batch):
@@ -144,7 +146,7 @@ class Scheduler:
             tokens = seq.token_ids
             prefix = self.blocks.lookup(tokens)
             cached = len(prefix) * self.blocks.block_size
-            n, cost = self._chunk(min(len(tokens) - cached, budget), allowed, cached, decoding)
+            n, cost = self._chunk(min(len(tokens) - cached, budget), allowed, cached, decoding, self.blocks.block_size)
             if not self.blocks.allocate(seq.request_id, cached + n, prefix):
                 break
             self.waiting.pop(0)
@@ -172,13 +174,17 @@ class Scheduler:
             self._preempt(victim)
 
     @staticmethod
-    def _chunk(limit: int, prefill_budget: int, start: int, decoding: bool) -> tuple[int, int]:
+    def _chunk(limit: int, prefill_budget: int, start: int, decoding: bool, block_size: int) -> tuple[int, int]:
         """(tokens, cost) of the next prompt chunk: at most `limit` tokens; while streams decode, weighted by
-        the context it attends to (see chunk_for)."""
+        the context it attends to (see chunk_for), and within one KV block: the runner attends a chunk block by
+        block, each block one attention call over the whole context, whatever its number of tokens."""
         if not decoding:
             n = min(limit, prefill_budget)
             return n, n
         n, cost = chunk_for(prefill_budget, start)
+        if n > block_size - start % block_size:
+            n = block_size - start % block_size
+            cost = max(n, round(n * (1 + start / PREFILL_ATTENTION_TOKENS)))
         if n > limit:
             return limit, max(limit, round(limit * cost / n))
         return n, cost
