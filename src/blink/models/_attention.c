@@ -80,6 +80,89 @@ static void attend_one(const attn_t *a, int64_t r, int64_t h, float *s) {
     for (int64_t i = 0; i < d; i++) o[i] = acc[i] * inv;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define ATTN_X86 1
+
+/* exp(x) for x <= 0 (scores minus their max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p a degree-6
+   polynomial (Horner, no FMA). Relative error ~2e-7. */
+__attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145751953125f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(1.428606765330187e-06f)));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f / 120));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f / 24));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f / 6));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* one (decode row, KV head) for its G query heads at once (each key and value loaded once for all of them),
+   head_dim 64: AVX-512, 4 registers a vector. Per head and key the same operations in the same order whatever
+   the rest of the call is. */
+#define G_MAX 8
+__attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a, int64_t r, int64_t kvh, float *s) {
+    const int64_t n = a->lens[r], g_n = a->heads / a->kv_heads, stride = a->kv_heads * 64;
+    const int64_t *slot = a->slots + a->offs[r];
+    const __m512 scale = _mm512_set1_ps(a->scale);
+    __m512 q[G_MAX][4];
+    for (int64_t g = 0; g < g_n; g++)
+        for (int c = 0; c < 4; c++) q[g][c] = _mm512_loadu_ps(a->q + a->rows[r] * a->q_row + (kvh * g_n + g) * a->q_head + 16 * c);
+    float mx[G_MAX];
+    for (int64_t g = 0; g < g_n; g++) mx[g] = -INFINITY;
+    for (int64_t t = 0; t < n; t++) {  /* scores s[g * n + t] */
+        const float *k = a->k + slot[t] * stride + kvh * 64;
+        const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
+                     k3 = _mm512_loadu_ps(k + 48);
+        for (int64_t g = 0; g < g_n; g++) {
+            const __m512 d = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(q[g][0], k0), _mm512_mul_ps(q[g][1], k1)),
+                                           _mm512_add_ps(_mm512_mul_ps(q[g][2], k2), _mm512_mul_ps(q[g][3], k3)));
+            const float v = _mm512_reduce_add_ps(d) * a->scale;
+            s[g * n + t] = v;
+            mx[g] = v > mx[g] ? v : mx[g];
+        }
+    }
+    (void)scale;
+    float inv[G_MAX];
+    for (int64_t g = 0; g < g_n; g++) {  /* p = exp(s - max), 16 at a time, summed lane-wise then reduced */
+        float *sg = s + g * n;
+        const __m512 m = _mm512_set1_ps(mx[g]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 mask = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sg + t), m)));
+            _mm512_mask_storeu_ps(sg + t, mask, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    __m512 o[G_MAX][4];
+    for (int64_t g = 0; g < g_n; g++)
+        for (int c = 0; c < 4; c++) o[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+        const float *v = a->v + slot[t] * stride + kvh * 64;
+        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                     v3 = _mm512_loadu_ps(v + 48);
+        for (int64_t g = 0; g < g_n; g++) {
+            const __m512 p = _mm512_set1_ps(s[g * n + t]);
+            o[g][0] = _mm512_add_ps(o[g][0], _mm512_mul_ps(p, v0));
+            o[g][1] = _mm512_add_ps(o[g][1], _mm512_mul_ps(p, v1));
+            o[g][2] = _mm512_add_ps(o[g][2], _mm512_mul_ps(p, v2));
+            o[g][3] = _mm512_add_ps(o[g][3], _mm512_mul_ps(p, v3));
+        }
+    }
+    for (int64_t g = 0; g < g_n; g++) {
+        float *out = a->out + a->rows[r] * a->o_row + (kvh * g_n + g) * a->o_head;
+        const __m512 w = _mm512_set1_ps(inv[g]);
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[g][c], w));
+    }
+}
+#endif
+
 /* attend_decode(q, q_row, q_head, k, v, out, o_row, o_head, rows, lens, offs, slots, R, heads, kv_heads, dim,
    scale, threads): pointers as integers, strides in elements */
 PyObject *blink_attend_decode(PyObject *self, PyObject *args) {
@@ -105,9 +188,15 @@ PyObject *blink_attend_decode(PyObject *self, PyObject *args) {
         keys += a.lens[i];
     }
     const int nt = (int)(threads > 0 ? threads : 1);
-    float *scratch = (float *)malloc((size_t)nt * (size_t)longest * sizeof(float));
+    int grouped = 0;  /* the AVX-512 path: head_dim 64, at most G_MAX query heads per KV head */
+#ifdef ATTN_X86
+    __builtin_cpu_init();
+    grouped = dim == 64 && heads / kv_heads <= G_MAX && __builtin_cpu_supports("avx512f");
+#endif
+    const int64_t per_unit = grouped ? heads / kv_heads : 1;  /* scores kept per unit: one row per head */
+    float *scratch = (float *)malloc((size_t)nt * (size_t)per_unit * (size_t)longest * sizeof(float));
     if (!scratch) return PyErr_NoMemory();
-    const int64_t units = r * heads;
+    const int64_t units = grouped ? r * kv_heads : r * heads;
     Py_BEGIN_ALLOW_THREADS
     /* threads only when there is enough to share: a parallel region costs a few microseconds */
 #pragma omp parallel num_threads(nt) if (nt > 1 && keys * heads * dim >= 32768)
@@ -116,8 +205,17 @@ PyObject *blink_attend_decode(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
+        float *mine = scratch + (size_t)t * per_unit * longest;
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < units; u++) attend_one(&a, u / heads, u % heads, scratch + (size_t)t * longest);
+        for (int64_t u = 0; u < units; u++) {
+#ifdef ATTN_X86
+            if (grouped) {
+                attend_kv_avx512(&a, u / kv_heads, u % kv_heads, mine);
+                continue;
+            }
+#endif
+            attend_one(&a, u / heads, u % heads, mine);
+        }
     }
     Py_END_ALLOW_THREADS
     free(scratch);
