@@ -59,9 +59,13 @@ PREFILL_ATTENTION_TOKENS = 512
 
 def chunk_for(budget: int, start: int) -> tuple[int, int]:
     """The prompt tokens a chunk starting at position `start` may take from a prefill `budget`, and their cost."""
-    weight = 1 + start / PREFILL_ATTENTION_TOKENS
-    n = max(1, round(budget / weight))
-    return n, max(n, round(n * weight))
+    n = max(1, round(budget / (1 + start / PREFILL_ATTENTION_TOKENS)))
+    return n, chunk_cost(n, start)
+
+
+def chunk_cost(n: int, start: int) -> int:
+    """What `n` prompt tokens from position `start` count against a prefill budget (see the module docstring)."""
+    return max(n, round(n * (1 + start / PREFILL_ATTENTION_TOKENS)))
 
 
 def _order(seq: Sequence) -> tuple[int, float]:
@@ -184,7 +188,7 @@ class Scheduler:
         n, cost = chunk_for(prefill_budget, start)
         if n > block_size - start % block_size:
             n = block_size - start % block_size
-            cost = max(n, round(n * (1 + start / PREFILL_ATTENTION_TOKENS)))
+            cost = chunk_cost(n, start)
         if n > limit:
             return limit, max(limit, round(limit * cost / n))
         return n, cost

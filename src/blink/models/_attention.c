@@ -108,7 +108,6 @@ __attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
 __attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a, int64_t r, int64_t kvh, float *s) {
     const int64_t n = a->lens[r], g_n = a->heads / a->kv_heads, stride = a->kv_heads * 64;
     const int64_t *slot = a->slots + a->offs[r];
-    const __m512 scale = _mm512_set1_ps(a->scale);
     __m512 q[G_MAX][4];
     for (int64_t g = 0; g < g_n; g++)
         for (int c = 0; c < 4; c++) q[g][c] = _mm512_loadu_ps(a->q + a->rows[r] * a->q_row + (kvh * g_n + g) * a->q_head + 16 * c);
@@ -126,7 +125,6 @@ __attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a,
             mx[g] = v > mx[g] ? v : mx[g];
         }
     }
-    (void)scale;
     float inv[G_MAX];
     for (int64_t g = 0; g < g_n; g++) {  /* p = exp(s - max), 16 at a time, summed lane-wise then reduced */
         float *sg = s + g * n;

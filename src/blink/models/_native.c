@@ -154,35 +154,17 @@ static inline void tile_vnni(const job_t *j, int64_t b0, int64_t r, const int ro
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void group_vnni(const job_t *j, int64_t g) {
-    const int64_t kb_n = j->kp / 4, stride = j->kp * CH, blocks = (j->n + CH - 1) / CH;
-    const int64_t b0 = g * GB, nb = blocks - b0 < GB ? blocks - b0 : GB;
+    const int64_t blocks = (j->n + CH - 1) / CH, b0 = g * GB;
+    if (blocks - b0 < GB) {  /* the last blocks of a layer whose block count is not a multiple of GB */
+        for (int64_t b = b0; b < blocks; b++) block_vnni(j, b);
+        return;
+    }
     for (int64_t r = 0; r < j->m; r += MB) {
-        const int64_t rows = j->m - r < MB ? j->m - r : MB;
-        if (nb == GB) {
-            switch (rows) {
-                case 4: tile_vnni(j, b0, r, 4); break;
-                case 3: tile_vnni(j, b0, r, 3); break;
-                case 2: tile_vnni(j, b0, r, 2); break;
-                default: tile_vnni(j, b0, r, 1); break;
-            }
-            continue;
-        }
-        const uint8_t *x = j->xu + r * j->kp;  /* the last blocks of a layer whose block count is not a multiple */
-        int32_t out[CH];
-        for (int64_t c = 0; c < nb; c++) {
-            const int8_t *w = j->w + (b0 + c) * stride;
-            __m512i acc[MB];
-            for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_si512();
-            for (int64_t kb = 0; kb < kb_n; kb++) {
-                const __m512i wv = _mm512_loadu_si512(w + kb * CH * 4);
-                for (int i = 0; i < rows; i++)
-                    acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(*(const int32_t *)(x + i * j->kp + kb * 4)), wv);
-            }
-            const __m512i corr = _mm512_loadu_si512((const void *)(j->wsum + (b0 + c) * CH));
-            for (int i = 0; i < rows; i++) {
-                _mm512_storeu_si512((void *)out, _mm512_sub_epi32(acc[i], corr));
-                store_block(j, r + i, (b0 + c) * CH, out);
-            }
+        switch (j->m - r < MB ? j->m - r : MB) {
+            case 4: tile_vnni(j, b0, r, 4); break;
+            case 3: tile_vnni(j, b0, r, 3); break;
+            case 2: tile_vnni(j, b0, r, 2); break;
+            default: tile_vnni(j, b0, r, 1); break;
         }
     }
 }
@@ -311,31 +293,29 @@ static void quantize_avx512(const float *row, const float *smooth, int64_t k, in
 }
 #endif
 
+typedef void (*quantize_t)(const float *, const float *, int64_t, int64_t, float *, int8_t *, uint8_t *, float *);
+
+static quantize_t quantize_fn(int level) {
+#ifdef BLINK_X86
+    if (level >= 2) return quantize_avx512;
+#endif
+    (void)level;
+    return quantize_portable;
+}
+
 static void quantize_rows(const float *x, const float *smooth, int64_t m, int64_t k, int64_t kp, float *amax,
                           int8_t *xs, uint8_t *xu, float *tmp, int level, int threads) {
+    const quantize_t quantize = quantize_fn(level);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && m >= 16)
     for (int64_t r = 0; r < m; r++) {
-#ifdef BLINK_X86
         int t = 0;
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
-        if (level >= 2)
-            quantize_avx512(x + r * k, smooth, k, kp, amax + r, xs + r * kp, xu + r * kp, tmp + t * k);
-        else
-            quantize_portable(x + r * k, smooth, k, kp, amax + r, xs + r * kp, xu + r * kp, tmp + t * k);
-#else
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        quantize_portable(x + r * k, smooth, k, kp, amax + r, xs + r * kp, xu + r * kp, tmp + t * k);
-#endif
+        quantize(x + r * k, smooth, k, kp, amax + r, xs + r * kp, xu + r * kp, tmp + t * k);
     }
 }
 
-/* linear(x, m, k, smooth, w_packed, wsum, wscale, bias, y, n, kp, threads, level): pointers as integers (0: none);
-   level: 0 portable C, 1 AVX2, 2 AVX-512 VNNI (at most best_level()) */
 static PyObject *linear(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long px, psmooth, pw, pwsum, pscale, pbias, py;

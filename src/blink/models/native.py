@@ -50,7 +50,12 @@ def fast_for(rows: int, level: int) -> bool:
     """Whether the kernel beats torch's `_int_mm` for `rows` activation rows. With AVX-512 VNNI it does at every
     size measured (1-500 rows); AVX2 has no int8 multiply-add that cannot saturate, and its kernel measured 2x
     slower than torch from a few rows up, so there it takes decode-sized calls only."""
-    return level >= 2 or rows <= AVX2_MAX_ROWS
+    return serves_every_size(level) or rows <= AVX2_MAX_ROWS
+
+
+def serves_every_size(level: int) -> bool:
+    """Whether `fast_for` is true at every number of rows (else torch's ops need the weights' own layout too)."""
+    return level >= 2
 
 
 def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +67,6 @@ def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     packed = padded.view(np_ // BLOCK, BLOCK, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
     wsum = padded.to(torch.int32).sum(dim=1, dtype=torch.int32) * 128
     return packed, wsum
-
-
-def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The inverse of `pack`: int8 weights [n, k]."""
-    blocks, kb = packed.shape[0], packed.shape[1]
-    return packed.permute(0, 2, 1, 3).reshape(blocks * BLOCK, kb * 4)[:n, :k]
 
 
 def linear(

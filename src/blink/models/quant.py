@@ -98,21 +98,20 @@ class Int8Linear(nn.Module):
             packed, wsum = native.pack(quantized)
             self.register_buffer("weight_packed", packed)
             self.register_buffer("weight_sum", wsum)
-            self.register_buffer("weight_t", None)
-        else:
-            self.register_buffer("weight_t", quantized.t())  # [K, N] column-major: the layout _int_mm reads fastest
+        # [K, N] column-major, the layout _int_mm reads fastest: for the sizes the kernel does not take (all of
+        # them without it; from a few rows up with AVX2 only, at the price of a second copy of the weights)
+        needed = self.level < 0 or not native.serves_every_size(self.level)
+        self.register_buffer("weight_t", quantized.t() if needed else None)
         self.register_buffer("weight_scale", scale / 127.0)
         self.register_buffer("smooth", smooth)  # folds the activations' 1/127 in
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.level < 0:
-            return self._torch(x, self.weight_t)
-        if native.fast_for(x.shape[0], self.level):
+        if self.level >= 0 and native.fast_for(x.shape[0], self.level):
             w, wsum, scale, n = self.weight_packed, self.weight_sum, self.weight_scale, self.out_features
             return native.linear(x, w, wsum, scale, self.smooth, self.bias, n, self.level)
-        return self._torch(x, native.unpack(self.weight_packed, self.out_features, self.in_features).t())
+        return self._torch(x, self.weight_t)
 
     def _torch(self, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
         """The same product in torch ops (weights [K, N], column-major)."""

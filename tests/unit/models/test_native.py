@@ -54,11 +54,12 @@ def test_kernel_rows_do_not_depend_on_their_company(level: int) -> None:
         assert torch.equal(q(x[3:9]), full[3:9])
 
 
-def test_pack_and_unpack_are_inverse() -> None:
+def test_pack_lays_out_blocks_of_16_channels_by_4_inputs() -> None:
     w = torch.randint(-127, 128, (37, 70), dtype=torch.int8)
     packed, wsum = native.pack(w)
     assert packed.shape == (3, 18, 16, 4)  # 37 channels -> 3 blocks of 16, 70 -> 72 inputs
-    assert torch.equal(native.unpack(packed, 37, 70), w)
+    assert packed[2, 5, 3, 1] == w[2 * 16 + 3, 5 * 4 + 1]  # block, k-step, channel, input
+    assert torch.equal(packed.permute(0, 2, 1, 3).reshape(48, 72)[:37, :70], w)
     assert torch.equal(wsum[:37], w.to(torch.int32).sum(1) * 128) and not wsum[37:].any()
 
 
