@@ -93,11 +93,11 @@ async def latency_of(
     for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
         await index.add(key[0], vector, Entry(uuid.uuid4().hex, text, f"answer {i}", 8, now, now + 3600))
     for q in qs[-20:]:  # warm-up
-        await cache.lookup(None, request(q))
+        await cache.lookup("bench", request(q))
     total, embed, hits = [], [], 0
     for q in qs[:LOOKUPS]:
         started = time.perf_counter()
-        lookup = await cache.lookup(None, request(q))
+        lookup = await cache.lookup("bench", request(q))
         total.append((time.perf_counter() - started) * 1000)
         assert lookup is not None
         embed.append(lookup.embed_ms)

@@ -6,6 +6,7 @@ blink prepare     convert the model (and the embedding model) once into the cach
 blink models      list the models this installation can serve
 blink cache-eval  measure the semantic cache on a labelled pair file
 blink bench       drive a running server with simulated interactive users; report latencies (ws or sse)
+blink keys        add, list and revoke API keys (each names a tenant and its limits) in a keys file
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
+import json
 import logging
 import os
 import sys
@@ -31,6 +35,7 @@ from blink.config import (
     ModelConfig,
     RedisConfig,
     ServeConfig,
+    TenantLimits,
     add_flags,
     from_flags,
     parse_speculative,
@@ -38,6 +43,7 @@ from blink.config import (
 
 if TYPE_CHECKING:
     from blink.bus.base import Bus
+    from blink.gateway.keys import Authenticator
     from blink.gateway.service import Gateway
     from blink.semantic_cache.cache import SemanticCache
     from blink.semantic_cache.embedder import LazyEmbedder
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the models this installation can serve")
 
+    _keys_parser(sub)
+
     bench = sub.add_parser(
         "bench",
         help="load-test a running blink (ws) or any OpenAI-compatible server (sse); write a latency report",
@@ -104,6 +112,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(bench, BenchConfig)
     return parser
+
+
+def _keys_parser(sub: Any) -> None:
+    keys = sub.add_parser(
+        "keys",
+        help="add, list and revoke API keys (each names a tenant and its limits)",
+        description="Manage the API keys file that `blink serve --api-keys FILE` (or BLINK_API_KEYS) reads. Only a "
+        "salted hash of each key is stored; `add` prints the key once, alone on its last line. A running server "
+        "sees every change at once.",
+    )
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="create a key for TENANT (and set the tenant's limits given)")
+    add.add_argument("tenant", metavar="TENANT", help="the tenant's name: 1-64 letters, digits, '.', '_', '-'")
+    add.add_argument("--admin", action="store_true", help="the key may act for every tenant (cache invalidation)")
+    for f in dataclasses.fields(TenantLimits):
+        add.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=None,
+            metavar="N",
+            help=f"{f.metadata['help']} (0: no limit; default {f.default}, or the file's `defaults`)",
+        )
+    actions.add_parser("list", help="list the keys: id, tenant, admin, created, the tenant's limits")
+    revoke = actions.add_parser("revoke", help="remove a key (by its id, or the key itself)")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    for parser in (add, *actions.choices.values()):
+        if not any(a.dest == "file" for a in parser._actions):
+            parser.add_argument("--file", type=Path, default=None, help="the keys file (default: $BLINK_API_KEYS)")
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    from blink.gateway.keys import KeyFile
+
+    path = args.file or os.environ.get("BLINK_API_KEYS")
+    if not path:
+        print("blink keys: name the keys file with --file FILE (or BLINK_API_KEYS)", file=sys.stderr)
+        return 2
+    try:
+        keys = KeyFile(Path(path))
+        if args.action == "add":
+            limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(TenantLimits)}
+            key_id, key = keys.add(
+                args.tenant, admin=args.admin, limits={k: v for k, v in limits.items() if v is not None}
+            )
+            print(f"added key {key_id} for tenant {args.tenant!r} to {path}; the key (shown only now):")
+            print(key)
+        elif args.action == "list":
+            for entry in keys.list():
+                print(json.dumps(entry))
+        elif not keys.revoke(args.key_id):
+            print(f"blink keys: no key {args.key_id!r} in {path}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked {args.key_id}")
+    except ValueError as exc:
+        print(f"blink keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,13 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from blink.bench.runner import main as bench
 
         return bench(from_flags(BenchConfig, args))
+    if args.command == "keys":
+        return keys_command(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
         return worker(from_flags(ModelConfig, args), from_flags(EngineConfig, args), from_flags(RedisConfig, args))
+    gateway = from_flags(GatewayConfig, args)
+    if not gateway.api_keys and os.environ.get("BLINK_API_KEYS"):
+        gateway = dataclasses.replace(gateway, api_keys=os.environ["BLINK_API_KEYS"])
     config = ServeConfig(
         model=from_flags(ModelConfig, args),
         engine=from_flags(EngineConfig, args),
-        gateway=from_flags(GatewayConfig, args),
+        gateway=gateway,
         cache=from_flags(CacheConfig, args),
         redis=from_flags(RedisConfig, args),
     )
@@ -234,7 +305,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     from blink.gateway.app import create_app
     from blink.gateway.service import Gateway
     from blink.gateway.sessions import RedisSessions
-    from blink.preload.store import MemoryContextStore
+    from blink.preload.store import MemoryContextStore, TenantStores
     from blink.semantic_cache.embedder import LazyEmbedder
     from blink.worker.replica import Replica
 
@@ -247,11 +318,15 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
         print(f"blink: {problem}", file=sys.stderr)
         return 2
     gw = config.gateway
+    auth = _authenticator(gw)
+    if auth is None:
+        return 2
     bus = _bus(config.redis, gw.max_pending_requests, gw.stream_queue_events)
     embedder = LazyEmbedder(config.cache.cache_embedder, config.model.cache_dir, config.cache.cache_embedder_threads)
     cache = _semantic_cache(config.cache, config.redis, embedder) if config.cache.semantic_cache else None
     sessions = RedisSessions(config.redis.redis, gw.session_ttl_s) if config.redis.redis else None
-    gateway = Gateway(bus, gw, [config.model.model], MemoryContextStore(embedder.embed), cache, sessions)
+    documents = TenantStores(lambda: MemoryContextStore(embedder.embed))
+    gateway = Gateway(bus, gw, [config.model.model], documents, cache, sessions, auth)
     replica = Replica(bus, config.model, config.engine) if local else None
 
     @contextlib.asynccontextmanager
@@ -282,6 +357,43 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
 
         tracing.shutdown()
     return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _authenticator(gw: GatewayConfig) -> Authenticator | None:
+    """The keys file's authenticator, or an open server's (loopback only, unless --allow-unauthenticated); None
+    after saying why the server must not start."""
+    from blink.gateway.keys import KeyFile, OpenAccess
+
+    if gw.api_keys:
+        try:
+            keys = KeyFile(Path(gw.api_keys))
+        except ValueError as exc:
+            print(f"blink: {exc}", file=sys.stderr)
+            return None
+        log.info("API keys from %s: %d tenant(s)", gw.api_keys, len(keys.tenants()))
+        return keys
+    if not _loopback(gw.host) and not gw.allow_unauthenticated:
+        print(
+            f"blink serve: no API keys (--api-keys FILE or BLINK_API_KEYS; `blink keys add` makes them), and --host "
+            f"{gw.host} is not a loopback address: anyone reaching it would use this server. Add keys, or pass "
+            "--allow-unauthenticated if that is what you want.",
+            file=sys.stderr,
+        )
+        return None
+    log.warning(
+        "no API keys (--api-keys FILE or BLINK_API_KEYS): blink runs open, every client is the one tenant %r",
+        OpenAccess().tenant.name,
+    )
+    return OpenAccess()
 
 
 def _semantic_cache(config: CacheConfig, redis: RedisConfig, embedder: LazyEmbedder) -> SemanticCache:

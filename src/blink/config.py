@@ -115,6 +115,36 @@ class GatewayConfig:
     session_ttl_s: float = _help(
         "a realtime session (settings, conversation) is kept this long after its last use", 3600.0
     )
+    api_keys: str = _help(
+        "the API keys file (`blink keys add`; also BLINK_API_KEYS): each key names a tenant and its limits; a "
+        "change to the file takes effect at once. Empty: no keys, blink runs open as one tenant (loopback only)",
+        "",
+    )
+    allow_unauthenticated: bool = _help(
+        "serve without API keys on a non-loopback --host (anyone who reaches the port is the one tenant)", False
+    )
+    max_connections: int = _help("HTTP requests and WebSockets open at once, all tenants together; 0: no cap", 1024)
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may use (gateway/limits.py enforces them); 0: no limit. The keys file sets them per tenant
+    and its `defaults` for every tenant; an open server (no keys) runs its one tenant without limits."""
+
+    max_concurrent_responses: int = _help("responses streaming at once", 8)
+    requests_per_minute: int = _help("requests started in any 60 s (a cached answer counts too)", 600)
+    tokens_per_minute: int = _help("prompt + completion tokens in any 60 s (counted as the responses run)", 200_000)
+    max_sessions: int = _help("realtime sessions connected at once", 32)
+    max_session_items: int = _help("conversation items one realtime session holds", 1000)
+    max_session_bytes: int = _help("bytes of conversation text one realtime session holds", 4 << 20)
+    drafts_per_second: float = _help("input_text.draft events per session acted on per second (more coalesce)", 10.0)
+    max_documents: int = _help("documents stored (POST /v1/documents)", 1000)
+    max_document_bytes: int = _help("bytes of document text stored in all", 64 << 20)
+    cache_entries: int = _help("semantic cache entries the tenant's answers may hold", 2000)
+
+    @classmethod
+    def unlimited(cls) -> TenantLimits:
+        return cls(**{f.name: 0 for f in dataclasses.fields(cls)})
 
 
 CACHE_TURNS = ("first", "all")

@@ -4,12 +4,15 @@
     ├── InvalidRequest              400 invalid_request_error / invalid_request (and the codes in WS_ONLY_CODES)
     │   ├── ContextLengthExceeded   400 invalid_request_error / context_length_exceeded
     │   └── RequestTooLarge         413 invalid_request_error / request_too_large
+    ├── AuthenticationError         401 invalid_request_error / invalid_api_key
+    ├── PermissionDenied            403 invalid_request_error / permission_denied (an admin operation)
     ├── NotFound                    404 invalid_request_error / not_found (an unknown path)
     ├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
     ├── ModelNotFound               404 invalid_request_error / model_not_found
     ├── NotReady                    503 server_error / model_not_ready
     │   └── ShuttingDown            503 server_error / server_shutdown
     ├── Overloaded                  429 server_error / overloaded
+    ├── RateLimited                 429 requests / rate_limit_exceeded (a tenant's limit; see gateway/limits.py)
     ├── SlowConsumer                503 server_error / slow_consumer
     ├── DeadlineExceeded            504 server_error / deadline_exceeded
     ├── EngineFailure               500 server_error / engine_failure
@@ -60,6 +63,18 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class AuthenticationError(BlinkError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(BlinkError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
 class NotFound(BlinkError):
     status = 404
     type = "invalid_request_error"
@@ -90,6 +105,28 @@ class ShuttingDown(NotReady):
 class Overloaded(BlinkError):
     status = 429
     code = "overloaded"
+
+
+class RateLimited(BlinkError):
+    """A tenant's limit (gateway/limits.py) refused the request; `retry_after` says when it would pass.
+    `type` is OpenAI's: "requests" or "tokens" for per-minute limits, else "rate_limit_exceeded"."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "requests",
+        retry_after: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.type = kind
+        self.retry_after = retry_after
 
 
 class SlowConsumer(BlinkError):
@@ -135,12 +172,15 @@ CODES: dict[str, type[BlinkError]] = {
             InvalidRequest,
             ContextLengthExceeded,
             RequestTooLarge,
+            AuthenticationError,
+            PermissionDenied,
             NotFound,
             MethodNotAllowed,
             ModelNotFound,
             NotReady,
             ShuttingDown,
             Overloaded,
+            RateLimited,
             SlowConsumer,
             DeadlineExceeded,
             EngineFailure,

@@ -21,6 +21,7 @@ import openai
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from blink.gateway.keys import KeyFile
 from tests.e2e.conftest import MODEL, Server
 from tests.e2e.test_realtime import recv, until
 from tests.redis_server import RedisServer
@@ -171,8 +172,10 @@ def test_two_gateways_on_one_redis_share_a_realtime_session(tmp_path: Path, mode
     """A client that talked to gateway A reconnects to gateway B (as behind a load balancer) with the session's id:
     B has its settings and conversation from Redis, so the next response sees every earlier turn."""
     settings = {"temperature": 0, "max_output_tokens": 24, "instructions": "Answer in one short sentence."}
+    keys = KeyFile(tmp_path / "keys.json")  # both gateways read one keys file: a tenant is the same on each
+    k, other = keys.add("k")[1], keys.add("other")[1]
     with RedisServer() as redis, (tmp_path / "worker.log").open("wb") as worker_log:
-        flags = ("--redis", redis.url, "--no-local-replica", "--no-semantic-cache")
+        flags = ("--redis", redis.url, "--no-local-replica", "--no-semantic-cache", "--api-keys", str(keys.path))
         gateways = [Server(tmp_path / f"gateway{i}.log", *flags) for i in range(2)]
         worker = start_worker(redis, worker_log)
         try:
@@ -188,18 +191,18 @@ def test_two_gateways_on_one_redis_share_a_realtime_session(tmp_path: Path, mode
                 return done["response"]  # type: ignore[no-any-return]
 
             async def main() -> tuple[str, str, dict[str, Any]]:
-                async with connect(gateways[0].ws_url, additional_headers={"Authorization": "Bearer k"}) as ws:
+                async with connect(gateways[0].ws_url, additional_headers={"Authorization": f"Bearer {k}"}) as ws:
                     session_id = (await recv(ws))["session"]["id"]
                     await ws.send(json.dumps({"type": "session.update", "session": settings}))
                     await until(ws, "session.updated")
                     first = await turn(ws, "Name a planet.")
                 url = f"{gateways[1].ws_url}?session_id={session_id}"
-                async with connect(url, additional_headers={"Authorization": "Bearer k"}) as ws:
+                async with connect(url, additional_headers={"Authorization": f"Bearer {k}"}) as ws:
                     created = (await recv(ws))["session"]
                     assert created["id"] == session_id
                     assert {k: created[k] for k in settings} == settings  # the settings made on gateway A
                     second = await turn(ws, "Name another one.")
-                async with connect(url, additional_headers={"Authorization": "Bearer other"}) as ws:
+                async with connect(url, additional_headers={"Authorization": f"Bearer {other}"}) as ws:
                     assert (await recv(ws))["error"]["code"] == "session_not_found"  # another tenant's
                 return first["output"][0]["content"][0]["text"], second["output"][0]["content"][0]["text"], second
 
@@ -212,7 +215,8 @@ def test_two_gateways_on_one_redis_share_a_realtime_session(tmp_path: Path, mode
                 {"role": "user", "content": "Name another one."},
             ]
             body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24, "cache": False}
-            http = httpx.post(f"{gateways[0].base}/v1/chat/completions", json=body, timeout=60).json()
+            auth = {"Authorization": f"Bearer {k}"}
+            http = httpx.post(f"{gateways[0].base}/v1/chat/completions", json=body, headers=auth, timeout=60).json()
             assert http["usage"]["prompt_tokens"] == second["usage"]["input_tokens"]
             assert http["choices"][0]["message"]["content"] == answer2
         finally:

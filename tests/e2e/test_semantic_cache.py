@@ -16,6 +16,7 @@ import openai
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from blink.gateway.keys import KeyFile
 from tests.e2e.conftest import MODEL, Server, serving
 from tests.e2e.test_realtime import ask, recv, until
 from tests.redis_server import RedisServer
@@ -27,14 +28,27 @@ SYSTEM = {"role": "system", "content": "Answer in one short sentence."}
 SETTINGS: dict[str, Any] = {"temperature": 0, "max_tokens": 120, "stop": ["."]}
 
 
+TENANTS = ("tenant-a", "tenant-b", "probe", "long", "sse", "invalidate", "realtime", "browser-key", "other")
+
+
 @pytest.fixture(scope="module")
 def cache_server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
-    with serving(tmp_path_factory.mktemp("cache") / "serve.log") as srv:
+    """A server with API keys: each name in TENANTS is a tenant, whose key `key_of` gives."""
+    folder = tmp_path_factory.mktemp("cache")
+    keys = KeyFile(folder / "keys.json")
+    issued = {tenant: keys.add(tenant)[1] for tenant in TENANTS}
+    with serving(folder / "serve.log", "--api-keys", str(folder / "keys.json")) as srv:
+        srv.keys = issued  # type: ignore[attr-defined]
         yield srv
 
 
+def key_of(server: Server, tenant: str) -> str:
+    """The key of `tenant` on a server with keys; on an open one any key does (it is the one tenant)."""
+    return str(getattr(server, "keys", {}).get(tenant, tenant))
+
+
 def client(server: Server, key: str = "tenant-a") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=key, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=key_of(server, key), max_retries=0, timeout=60)
 
 
 def ask_http(
@@ -104,7 +118,7 @@ def test_streamed_hits_use_the_normal_sse_events(cache_server: Server) -> None:
 def test_invalidation_drops_a_tenants_answers(cache_server: Server) -> None:
     ask_http(cache_server, "What colour is the sky?", key="invalidate")
     assert ask_http(cache_server, "What colour is the sky?", key="invalidate")[0] == "hit"
-    headers = {"Authorization": "Bearer invalidate"}
+    headers = {"Authorization": f"Bearer {key_of(cache_server, 'invalidate')}"}
     reply = httpx.delete(f"{cache_server.base}/v1/cache", headers=headers, params={"model": MODEL}, timeout=10)
     assert reply.status_code == 200 and reply.json()["deleted"] >= 1
     assert ask_http(cache_server, "What colour is the sky?", key="invalidate")[0] == "miss"
@@ -114,7 +128,7 @@ def test_invalidation_drops_a_tenants_answers(cache_server: Server) -> None:
 
 async def open_session(server: Server, key: str, **settings: Any) -> ClientConnection:
     """A realtime session whose handshake carries `Authorization: Bearer <key>` (the tenant)."""
-    ws = await connect(server.ws_url, additional_headers={"Authorization": f"Bearer {key}"})
+    ws = await connect(server.ws_url, additional_headers={"Authorization": f"Bearer {key_of(server, key)}"})
     assert (await recv(ws))["type"] == "session.created"
     await ws.send(json.dumps({"type": "session.update", "session": settings}))
     await until(ws, "session.updated")
@@ -193,12 +207,13 @@ def test_a_browser_presents_its_key_as_a_websocket_subprotocol(cache_server: Ser
             return str(done["response"]["cache"])
 
     async def main() -> None:
-        offered = ["realtime", "openai-insecure-api-key.browser-key"]
+        browser, other = key_of(cache_server, "browser-key"), key_of(cache_server, "other")
+        offered = ["realtime", f"openai-insecure-api-key.{browser}"]
         async with connect(cache_server.ws_url, subprotocols=offered) as ws:
             assert ws.subprotocol == "realtime"  # the key itself is never echoed back
         assert await cache_of(subprotocols=offered) == "miss"
         assert await cache_of(subprotocols=offered) == "hit"
-        assert await cache_of(additional_headers={"Authorization": "Bearer browser-key"}) == "hit"  # same tenant
-        assert await cache_of(subprotocols=["realtime", "openai-insecure-api-key.other"]) == "miss"
+        assert await cache_of(additional_headers={"Authorization": f"Bearer {browser}"}) == "hit"  # same tenant
+        assert await cache_of(subprotocols=["realtime", f"openai-insecure-api-key.{other}"]) == "miss"
 
     asyncio.run(main())

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,38 @@ def test_scale_out_flags_are_checked_before_anything_starts(capsys: pytest.Captu
     assert "--redis is required" in capsys.readouterr().err
     assert main(["serve", "--no-local-replica"]) == 2
     assert "--no-local-replica needs --redis" in capsys.readouterr().err
+
+
+def test_keys_add_prints_the_key_once_and_stores_only_its_hash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from blink.gateway.keys import KeyFile
+
+    path = tmp_path / "keys.json"
+    assert main(["keys", "add", "acme", "--file", str(path), "--max-concurrent-responses", "2"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("bk-") and " " not in key
+    assert key not in path.read_text() and key.split("-")[2] not in path.read_text()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    tenant = KeyFile(path).authenticate(key)
+    assert tenant.name == "acme" and tenant.limits.max_concurrent_responses == 2 and not tenant.admin
+    assert main(["keys", "list", "--file", str(path)]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["tenant"], e["limits"]["max_concurrent_responses"]) for e in listed] == [("acme", 2)]
+    assert all("hash" not in e and "salt" not in e for e in listed)
+    assert main(["keys", "revoke", listed[0]["id"], "--file", str(path)]) == 0
+    assert main(["keys", "revoke", listed[0]["id"], "--file", str(path)]) == 1
+    assert main(["keys", "add", "bad name", "--file", str(path)]) == 2
+
+
+def test_an_open_server_refuses_a_public_address_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "--allow-unauthenticated" in capsys.readouterr().err
+
+
+def test_a_broken_keys_file_stops_the_server_with_its_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "keys.json").write_text('{"keys": [], "defaults": {"max_bananas": 1}}')
+    assert main(["serve", "--api-keys", str(tmp_path / "keys.json")]) == 2
+    assert "max_bananas" in capsys.readouterr().err

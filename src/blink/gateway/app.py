@@ -5,26 +5,41 @@ Only pure ASGI pieces sit on the streaming path (no BaseHTTPMiddleware).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound
+from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
+from blink.gateway.auth import AuthMiddleware, tenant_of
 from blink.gateway.documents import DocumentRoutes
+from blink.gateway.keys import Tenant
 from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
-from blink.gateway.wire import api_key, error_response
+from blink.gateway.wire import error_response
 from blink.telemetry.metrics import CONTENT_TYPE
 
 # Starlette's own errors (routing), in blink's error shape; any other is a 400
 _HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
+
+
+def _cache_tenants(gateway: Gateway, caller: Tenant, params: Mapping[str, str]) -> list[str]:
+    """Whose cache a DELETE /v1/cache drops: the caller's own, or (admin keys only) a named tenant's or all."""
+    named, every = params.get("tenant"), params.get("all_tenants", "false").lower()
+    if every not in ("true", "false"):
+        raise InvalidRequest("'all_tenants' must be true or false", param="all_tenants")
+    if named is None and every == "false":
+        return [caller.name]
+    if not caller.admin:
+        raise PermissionDenied("only an admin key may drop another tenant's cache", param="tenant")
+    return gateway.auth.tenants() if every == "true" else [named or caller.name]
 
 
 def create_app(
@@ -68,13 +83,17 @@ def create_app(
         return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
 
     async def invalidate_cache(request: Request) -> Response:
-        """DELETE /v1/cache[?model=M]: drop the caller's tenant's cached answers (of one model if named)."""
+        """DELETE /v1/cache[?model=M]: drop the caller's tenant's cached answers (of one model if named). An admin
+        key may name another tenant (`tenant=NAME`) or all of them (`all_tenants=true`)."""
+        tenants = _cache_tenants(gateway, tenant_of(request.scope), request.query_params)
         if gateway.cache is None:
             raise InvalidRequest("this server's semantic cache is disabled")
         model = request.query_params.get("model")
         if model is not None:
             gateway.check_model(model)
-        deleted = await gateway.cache.invalidate(api_key(request.headers), model)
+        deleted = 0
+        for tenant in tenants:
+            deleted += await gateway.cache.invalidate(tenant, model)
         return JSONResponse({"object": "cache.invalidated", "model": model, "deleted": deleted})
 
     async def on_blink_error(request: Request, exc: Exception) -> Response:
@@ -107,6 +126,7 @@ def create_app(
             *documents,
         ],
         exception_handlers={BlinkError: on_blink_error, HTTPException: on_http_error},
+        middleware=[Middleware(AuthMiddleware, auth=gateway.auth)],
         lifespan=lifespan,
     )
     app.state.gateway = gateway

@@ -1,4 +1,5 @@
-"""The documents API: POST/GET /v1/documents, GET/DELETE /v1/documents/{id}, over a ContextStore.
+"""The documents API: POST/GET /v1/documents, GET/DELETE /v1/documents/{id}, over the caller's tenant's
+ContextStore (another tenant's documents are not there: not listed, read, replaced, deleted or retrieved).
 
 Documents put here are what a realtime session opens with `context.open {document_ids}`. Errors are raised as
 BlinkErrors and become HTTP responses at the app's one translation point.
@@ -15,9 +16,10 @@ from starlette.responses import JSONResponse, Response
 
 from blink.errors import InvalidRequest, NotFound
 from blink.gateway import validation as v
+from blink.gateway.auth import tenant_of
 from blink.gateway.openai_http import read_json
 from blink.gateway.service import Gateway
-from blink.preload.store import ContextStore, Document, Metadata
+from blink.preload.store import ContextStore, Document, Metadata, TenantStores
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -49,9 +51,13 @@ class DocumentRoutes:
     """Handlers for the app's routes. `max_request_bytes` bounds a whole POST body (the JSON around the text
     included); the store bounds the text itself."""
 
-    def __init__(self, store: ContextStore, max_request_bytes: int) -> None:
-        self.store = store
+    def __init__(self, stores: TenantStores, max_request_bytes: int) -> None:
+        self.stores = stores
         self.max_request_bytes = max_request_bytes
+
+    def _store(self, request: Request) -> ContextStore:
+        tenant = tenant_of(request.scope)
+        return self.stores.of(tenant.name, tenant.limits.max_documents, tenant.limits.max_document_bytes)
 
     async def create(self, request: Request) -> Response:
         body = await read_json(request, self.max_request_bytes)
@@ -62,21 +68,21 @@ class DocumentRoutes:
             raise InvalidRequest("'id' must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", param="id")
         text = v.get_str(body, "text", required=True)
         assert text is not None
-        doc = await self.store.put(doc_id, text, _metadata(body.get("metadata")))
+        doc = await self._store(request).put(doc_id, text, _metadata(body.get("metadata")))
         return JSONResponse(_summary(doc), status_code=201)
 
     async def list_documents(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [_summary(doc) for doc in await self.store.list()]})
+        return JSONResponse({"object": "list", "data": [_summary(doc) for doc in await self._store(request).list()]})
 
     async def retrieve(self, request: Request) -> Response:
         doc_id = request.path_params["id"]
-        doc = await self.store.get(doc_id)
+        doc = await self._store(request).get(doc_id)
         if doc is None:
             raise NotFound(f"no document with id {doc_id!r}", param="id")
         return JSONResponse({**_summary(doc), "text": doc.text})
 
     async def delete(self, request: Request) -> Response:
         doc_id = request.path_params["id"]
-        if not await self.store.delete(doc_id):
+        if not await self._store(request).delete(doc_id):
             raise NotFound(f"no document with id {doc_id!r}", param="id")
         return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True})

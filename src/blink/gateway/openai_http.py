@@ -23,9 +23,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from blink.bus.messages import FinishStatus, GenerateRequest
 from blink.errors import BlinkError, InvalidRequest, RequestTooLarge, ShuttingDown, from_wire
 from blink.gateway import validation as v
+from blink.gateway.auth import tenant_of
 from blink.gateway.resume import ResponseLog
 from blink.gateway.service import Gateway, Generation
-from blink.gateway.wire import api_key, error_body, sse
+from blink.gateway.wire import error_body, sse
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -167,7 +168,7 @@ class OpenAIRoutes:
         gen = await self.gateway.generate(
             req,
             started=started,
-            api_key=api_key(request.headers),
+            tenant=tenant_of(request.scope).name,
             use_cache=use_cache,
             traceparent=request.headers.get("traceparent"),  # W3C trace context: the response's trace joins it
         )
@@ -180,7 +181,7 @@ class OpenAIRoutes:
                 "model": req.model,
             }
             finish = functools.partial(_closing_chunks, base=base, include_usage=include_usage, chat=chat)
-            entry = self.gateway.responses.start(gen, api_key(request.headers), finish, base=base, chat=chat)
+            entry = self.gateway.responses.start(gen, tenant_of(request.scope).name, finish, base=base, chat=chat)
             return _event_stream(entry, -1, headers)
         try:
             await _until_done_or_disconnect(gen, request)
@@ -228,7 +229,7 @@ class OpenAIRoutes:
             raise InvalidRequest(
                 "'Last-Event-ID' must be an event id of a blink stream: '<response id>:<index>'", param="Last-Event-ID"
             )
-        entry = self.gateway.responses.get(response_id, api_key(request.headers))
+        entry = self.gateway.responses.get(response_id, tenant_of(request.scope).name)
         return _event_stream(entry, max(-1, int(index)), {"X-Blink-Cache": entry.generation.cache_status})
 
 

@@ -45,13 +45,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from blink.bus.messages import FinishStatus, GenerateRequest, Sampling
 from blink.errors import BlinkError, InvalidRequest, NotFound, RequestTooLarge, from_wire
 from blink.gateway import validation as v
+from blink.gateway.auth import tenant_of
 from blink.gateway.resume import ResponseLog
 from blink.gateway.service import Gateway, Generation
 from blink.gateway.sessions import SessionRecord
 from blink.gateway.wire import error_event, ws_api_key
 from blink.preload.planner import Messages, PrefillPlanner, PreloadDeferred, Target
-from blink.preload.store import ScoredChunk, context_block
-from blink.semantic_cache.cache import tenant_of
+from blink.preload.store import ContextStore, ScoredChunk, context_block
 
 log = logging.getLogger("blink.gateway.realtime")
 
@@ -85,8 +85,8 @@ class RealtimeSession:
             "retrieval": None,  # or {"top_k": int, "document_ids": [str] | None}
             "cache": gateway.cache is not None,  # answer from the semantic cache when it can
         }
-        # the tenant: the handshake's Authorization: Bearer <key>, or the key offered as a subprotocol (browsers)
-        self.api_key, self._subprotocol = ws_api_key(ws.headers, list(ws.scope.get("subprotocols") or []))
+        self.tenant = tenant_of(ws.scope)  # authenticated at the handshake (gateway/auth.py)
+        _, self._subprotocol = ws_api_key(ws.headers, list(ws.scope.get("subprotocols") or []))
         self.items: list[dict[str, Any]] = []
         self.open_documents: tuple[str, ...] = ()
         self.planner = (
@@ -110,6 +110,11 @@ class RealtimeSession:
         async with self._send_lock:
             await self.ws.send_text(json.dumps(event, separators=(",", ":")))
 
+    def _documents(self) -> ContextStore:
+        assert self.gateway.store is not None
+        limits = self.tenant.limits
+        return self.gateway.store.of(self.tenant.name, limits.max_documents, limits.max_document_bytes)
+
     def _session(self) -> dict[str, Any]:
         return {"id": self.id, "object": "realtime.session", **self.settings}
 
@@ -117,7 +122,7 @@ class RealtimeSession:
         """Continue the session the URL names (?session_id=) or create a new one; False (after an error event)
         when the named session is not this key's or the store is unreachable."""
         store = self.gateway.session_store
-        tenant = tenant_of(self.api_key)
+        tenant = self.tenant.name
         wanted = self.ws.query_params.get("session_id")
         try:
             if wanted is None:
@@ -290,7 +295,7 @@ class RealtimeSession:
         if self.gateway.store is None:
             raise InvalidRequest("this server has no document store", param="document_ids")
         for doc_id in ids:
-            if await self.gateway.store.get(doc_id) is None:
+            if await self._documents().get(doc_id) is None:
                 raise NotFound(f"no document {doc_id!r}", param="document_ids")
         self.open_documents = tuple(dict.fromkeys(ids))
 
@@ -313,7 +318,7 @@ class RealtimeSession:
         if retrieval is None or self.gateway.store is None:
             return []
         ids = retrieval["document_ids"] or list(self.open_documents) or None
-        return await self.gateway.store.search(query, retrieval["top_k"], ids)
+        return await self._documents().search(query, retrieval["top_k"], ids)
 
     def _compose(self, documents: str, history: Messages, user: str | None) -> Messages:
         """system instructions + retrieved chunks (`documents`: their context_block, "" for none), then the
@@ -418,7 +423,7 @@ class RealtimeSession:
                     done = self.planner.matches(history, user, completed=completed)
                     preload[key] = done is not None and done.context == documents
             generation = await self.gateway.generate(
-                request, started=started, api_key=self.api_key, use_cache=use_cache, traceparent=traceparent
+                request, started=started, tenant=self.tenant.name, use_cache=use_cache, traceparent=traceparent
             )
         except BlinkError as exc:
             await self.send(error_event(exc, event_id if isinstance(event_id, str) else None))
@@ -434,7 +439,7 @@ class RealtimeSession:
             await generation.cancel("client")
         response_id, item_id = request.request_id, self.gateway.new_id("item")
         finish = functools.partial(self._finish, response_id=response_id, item_id=item_id, preload=preload)
-        entry = self.gateway.responses.start(generation, self.api_key, finish, item_id=item_id)
+        entry = self.gateway.responses.start(generation, self.tenant.name, finish, item_id=item_id)
         created = {
             "type": "response.created",
             "response": {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []},
@@ -481,7 +486,7 @@ class RealtimeSession:
         response_id = v.get_str(event, "response_id", required=True, param="response_id")
         assert response_id is not None
         after = v.get_number(event, "after", -1, 1 << 31, integer=True, param="after")
-        entry = self.gateway.responses.get(response_id, self.api_key)
+        entry = self.gateway.responses.get(response_id, self.tenant.name)
         self._cancel_requested = False
         self._task = asyncio.create_task(self._resume(entry, -1 if after is None else int(after)))
 

@@ -43,9 +43,10 @@ from blink.errors import (
     from_wire,
 )
 from blink.gateway.failover import Replay, ReplayMismatch
+from blink.gateway.keys import OPEN_TENANT, Authenticator, OpenAccess
 from blink.gateway.resume import Responses
 from blink.gateway.sessions import MemorySessions, SessionStore
-from blink.preload.store import ContextStore
+from blink.preload.store import TenantStores
 from blink.semantic_cache.cache import Lookup, SemanticCache
 from blink.telemetry import tracing
 from blink.telemetry.metrics import Metrics
@@ -69,7 +70,8 @@ def affinity_key(request: GenerateRequest) -> str:
     if request.session_id is not None:
         return f"s:{request.session_id}"
     head = json.dumps(request.messages[:2], sort_keys=True) if request.messages else (request.prompt or "")[:512]
-    return "p:" + hashlib.sha256(f"{request.model}\n{head}".encode()).hexdigest()[:16]
+    # the tenant is part of the name: prefixes are cached per tenant, so another tenant's holder holds nothing
+    return "p:" + hashlib.sha256(f"{request.tenant}\n{request.model}\n{head}".encode()).hexdigest()[:16]
 
 
 def _request_attributes(request: GenerateRequest) -> dict[str, Any]:
@@ -346,13 +348,15 @@ class Gateway:
         bus: Bus,
         config: GatewayConfig,
         models: list[str],
-        store: ContextStore | None = None,
+        store: TenantStores | None = None,
         cache: SemanticCache | None = None,
         session_store: SessionStore | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.bus = bus
+        self.auth: Authenticator = auth or OpenAccess()  # who a key belongs to (gateway/keys.py)
         self.config = config
-        self.store = store  # documents for retrieval (preload/store.py); None: no /v1/documents
+        self.store = store  # each tenant's documents for retrieval (preload/store.py); None: no /v1/documents
         self.cache = cache  # the semantic cache; None: disabled
         self.sessions: dict[str, Any] = {}  # realtime sessions by id, while their connection is open
         self.session_store: SessionStore = session_store or MemorySessions(config.session_ttl_s)
@@ -434,17 +438,19 @@ class Gateway:
         request: GenerateRequest,
         *,
         started: float | None = None,
-        api_key: str | None = None,
+        tenant: str = OPEN_TENANT,
         use_cache: bool = True,
         traceparent: str | None = None,
     ) -> Generation:
-        """Answer a validated request from the semantic cache (the entries of `api_key`'s tenant only; None: the
-        anonymous tenant; `use_cache` False skips it), or else submit it and wait for a replica to accept it.
+        """Answer a validated request from the semantic cache (`tenant`'s entries only; `use_cache` False skips
+        it), or else submit it, as `tenant`'s (its prefix-cache partition and batch share), and wait for a replica
+        to accept it.
         `traceparent`: the client's W3C trace context, the parent of the response's trace (when tracing is on)."""
         self.check_model(request.model)
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down")
         started = started or time.monotonic()
+        request = dataclasses.replace(request, tenant=tenant)
         trace = (
             tracing.start_response(started, _request_attributes(request), traceparent)
             if request.priority == 0
@@ -452,7 +458,7 @@ class Gateway:
         )
         if trace is not None and self.cache is not None and use_cache:
             trace.mark("lookup_start")
-        lookup = await self.cache.lookup(api_key, request) if self.cache is not None and use_cache else None
+        lookup = await self.cache.lookup(tenant, request) if self.cache is not None and use_cache else None
         if lookup is not None:
             self.metrics.cache_lookups.labels("hit" if lookup.hit is not None else "miss").inc()
             if trace is not None:

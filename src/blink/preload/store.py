@@ -106,6 +106,10 @@ class ContextStore(Protocol):
         """Every document, least recently put first."""
         ...
 
+    def limit(self, max_documents: int, max_total_bytes: int) -> None:
+        """Hold at most this many documents and bytes of text (0: no limit) from now on (kept ones stay)."""
+        ...
+
 
 class MemoryContextStore:
     """The in-process ContextStore: documents in a dict, each with its chunk embeddings as one matrix.
@@ -113,15 +117,24 @@ class MemoryContextStore:
     Each stored (document, matrix) pair is replaced, never mutated, so a search that awaits its query embedding
     ranks a consistent snapshot even while documents change."""
 
-    def __init__(self, embed: Embed, *, max_document_bytes: int = 1 << 20, max_documents: int = 1000) -> None:
+    def __init__(
+        self, embed: Embed, *, max_document_bytes: int = 1 << 20, max_documents: int = 1000, max_total_bytes: int = 0
+    ) -> None:
         self._embed = embed
         self.max_document_bytes = max_document_bytes
-        self.max_documents = max_documents
+        self.max_documents = max_documents  # 0: no limit
+        self.max_total_bytes = max_total_bytes  # of all documents' text; 0: no limit
         self._docs: dict[str, tuple[Document, np.ndarray]] = {}  # id → (document, [chunks, dim] float32)
 
-    def _check_room(self, doc_id: str) -> None:
-        if doc_id not in self._docs and len(self._docs) >= self.max_documents:
+    def _check_room(self, doc_id: str, size: int) -> None:
+        if doc_id not in self._docs and 0 < self.max_documents <= len(self._docs):
             raise InvalidRequest(f"the context store is full ({self.max_documents} documents); delete one first")
+        kept = sum(len(d.text.encode()) for i, (d, _) in self._docs.items() if i != doc_id)
+        if self.max_total_bytes and kept + size > self.max_total_bytes:
+            raise InvalidRequest(
+                f"the context store is full: its documents would hold {kept + size} bytes, over its "
+                f"{self.max_total_bytes}; delete some first"
+            )
 
     async def put(self, doc_id: str, text: str, metadata: Metadata) -> Document:
         size = len(text.encode())
@@ -132,10 +145,10 @@ class MemoryContextStore:
         chunks = chunk_text(doc_id, text)
         if not chunks:
             raise InvalidRequest("the document's text is empty", param="text")
-        self._check_room(doc_id)  # before the slow embedding, and again after it: other puts ran meanwhile
+        self._check_room(doc_id, size)  # before the slow embedding, and again after it: other puts ran meanwhile
         vectors = np.asarray(await asyncio.to_thread(self._embed, [c.text for c in chunks]), dtype=np.float32)
         assert vectors.ndim == 2 and len(vectors) == len(chunks), f"embed returned {vectors.shape}"
-        self._check_room(doc_id)
+        self._check_room(doc_id, size)
         document = Document(doc_id, text, dict(metadata), chunks, int(time.time()))
         self._docs.pop(doc_id, None)  # a replaced document moves to the end of `list`
         self._docs[doc_id] = (document, vectors)
@@ -163,3 +176,23 @@ class MemoryContextStore:
 
     async def list(self) -> builtins.list[Document]:
         return [document for document, _ in self._docs.values()]
+
+    def limit(self, max_documents: int, max_total_bytes: int) -> None:
+        self.max_documents, self.max_total_bytes = max_documents, max_total_bytes
+
+
+class TenantStores:
+    """One ContextStore per tenant, made by `make()` at the tenant's first use: a tenant's documents are invisible
+    to every other one (listing, reading, replacing, deleting, `context.open`, retrieval). `of` applies the
+    tenant's current limits (a keys file may change them) to its store."""
+
+    def __init__(self, make: Callable[[], ContextStore]) -> None:
+        self._make = make
+        self._stores: dict[str, ContextStore] = {}
+
+    def of(self, tenant: str, max_documents: int = 0, max_total_bytes: int = 0) -> ContextStore:
+        store = self._stores.get(tenant)
+        if store is None:
+            store = self._stores[tenant] = self._make()
+        store.limit(max_documents, max_total_bytes)
+        return store

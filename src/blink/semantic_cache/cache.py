@@ -1,13 +1,13 @@
 """The cache policy: what is cacheable, under which scope, when a candidate counts as a hit, and what happens
 when the index's backend is down.
 
-    lookup = await cache.lookup(api_key, request)   # None: not cacheable here (or the backend is down)
+    lookup = await cache.lookup(tenant, request)   # None: not cacheable here (or the backend is down)
     if lookup and lookup.hit: stream lookup.hit.entry.answer
     ... the model answers; only a response that completed (stop token or stop string) is stored:
     await cache.store(lookup, text, completion_tokens)
 
-Scope (a hard partition; semantic_cache/index.py never mixes scopes): the tenant (a digest of the API key; no
-key is the anonymous tenant), the model, and a digest of everything else that changes the answer: the kind of
+Scope (a hard partition; semantic_cache/index.py never mixes scopes): the tenant (a digest of its name, which
+the gateway's keys give), the model, and a digest of everything else that changes the answer: the kind of
 request (chat or completion), the system messages (with retrieved documents, which realtime sessions put
 there), the sampling settings (temperature, top_p, top_k, seed, stop, ignore_eos) and the conversation before
 the last user message. `max_tokens` is not part of the scope: a stored answer completed in n tokens is the
@@ -54,9 +54,9 @@ def _digest(value: Any, size: int = 32) -> str:
     return hashlib.sha256(raw).hexdigest()[:size]
 
 
-def tenant_of(api_key: str | None) -> str:
-    """The tenant digest of an API key (None or empty: anonymous). Keys never appear in clear in the index."""
-    return _digest(["tenant", api_key or ""], 24)
+def tenant_of(tenant: str) -> str:
+    """The digest naming a tenant in the index (no tenant name appears in clear there)."""
+    return _digest(["tenant", tenant], 24)
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ class SemanticCache:
     def ready(self) -> bool:
         return self._embedder() is not None
 
-    def key(self, api_key: str | None, request: GenerateRequest) -> tuple[Scope, str] | None:
-        """(scope, query text) of a cacheable request from the tenant of `api_key`; None: not cacheable."""
+    def key(self, tenant: str, request: GenerateRequest) -> tuple[Scope, str] | None:
+        """(scope, query text) of a cacheable request of `tenant`; None: not cacheable."""
         if request.prefill_only or request.priority > 0 or request.open_last:
             return None
         s = request.sampling
@@ -142,7 +142,7 @@ class SemanticCache:
         if not query.strip():
             return None
         digest = _digest([kind, system, sampling, history])
-        return Scope(tenant_of(api_key), _digest(["model", request.model], 16), digest), query
+        return Scope(tenant_of(tenant), _digest(["model", request.model], 16), digest), query
 
     def _available(self) -> bool:
         return self._clock() >= self._down_until
@@ -154,11 +154,11 @@ class SemanticCache:
         self._down_until = self._clock() + self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_S[1])
 
-    async def lookup(self, api_key: str | None, request: GenerateRequest) -> Lookup | None:
+    async def lookup(self, tenant: str, request: GenerateRequest) -> Lookup | None:
         """The request's cache key with its hit, if any. None when the request is not cacheable, its query is
         longer than the embedder reads, the embedder is not loaded yet, or the backend is down (a miss that will
         not be stored either)."""
-        key = self.key(api_key, request)
+        key = self.key(tenant, request)
         embedder = self._embedder()
         if key is None or embedder is None or not self._available():
             return None
@@ -209,11 +209,11 @@ class SemanticCache:
         self.stats.stores += 1
         return True
 
-    async def invalidate(self, api_key: str | None, model: str | None = None) -> int:
-        """Drop every answer of the tenant of `api_key` (of one model if given); how many went.
+    async def invalidate(self, tenant: str, model: str | None = None) -> int:
+        """Drop every answer of `tenant` (of one model if given); how many went.
         CacheUnavailable propagates: the caller asked for this and must know whether it happened."""
         model_digest = None if model is None else _digest(["model", model], 16)
-        return await self.index.invalidate(tenant_of(api_key), model_digest)
+        return await self.index.invalidate(tenant_of(tenant), model_digest)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(self._quietly(coro))

@@ -9,6 +9,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -27,7 +28,10 @@ from blink.bus.messages import (
 from blink.cli import http_server
 from blink.config import GatewayConfig
 from blink.gateway.app import create_app
+from blink.gateway.keys import KeyFile
 from blink.gateway.service import Gateway
+from blink.preload.store import MemoryContextStore, TenantStores
+from tests.unit.preload.fakes import HashEmbedder
 
 MODEL = "model-a"
 OTHER = "model-b"
@@ -114,11 +118,12 @@ class _Errors(logging.Handler):
 class LiveServer:
     """`errors`: what the server logged at ERROR (uvicorn reports an exception escaping the app there)."""
 
-    def __init__(self, replicas: list[FakeReplica], config: GatewayConfig) -> None:
+    def __init__(self, replicas: list[FakeReplica], config: GatewayConfig, store: TenantStores | None = None) -> None:
         self.replicas = replicas
         self.bus = MemoryBus(max_pending=config.max_pending_requests, stream_events=config.stream_queue_events)
         models = list(dict.fromkeys(r.model for r in replicas))
-        self.gateway = Gateway(self.bus, config, models)
+        auth = KeyFile(Path(config.api_keys)) if config.api_keys else None
+        self.gateway = Gateway(self.bus, config, models, store, auth=auth)
         self.loop = asyncio.new_event_loop()
         self.server = http_server(create_app(self.gateway, self._lifespan), self.gateway, log_level="warning")
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -162,13 +167,25 @@ class LiveServer:
             logging.getLogger(name).removeHandler(self._errors)
 
 
+def make_keys(path: Path, *tenants: str, **limits: Any) -> dict[str, str]:
+    """A keys file at `path` with one key per tenant (each with `limits`); {tenant: its key}."""
+    keys = KeyFile(path)
+    return {tenant: keys.add(tenant, limits=limits)[1] for tenant in tenants}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., LiveServer]]:
-    """`serve(*replicas, **gateway_config)` starts a live gateway; it stops when the test ends."""
+    """`serve(*replicas, documents=False, **gateway_config)` starts a live gateway (`documents`: with a document
+    store, its embedder a hashing fake); it stops when the test ends."""
     started: list[LiveServer] = []
 
-    def start(*replicas: FakeReplica, **config: Any) -> LiveServer:
-        server = LiveServer(list(replicas) or [FakeReplica(MODEL)], GatewayConfig(port=0, **config))
+    def start(*replicas: FakeReplica, documents: bool = False, **config: Any) -> LiveServer:
+        store = TenantStores(lambda: MemoryContextStore(HashEmbedder())) if documents else None
+        server = LiveServer(list(replicas) or [FakeReplica(MODEL)], GatewayConfig(port=0, **config), store)
         server.start()
         started.append(server)
         return server

@@ -10,24 +10,40 @@ from typing import Any
 
 import pytest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from blink.config import TenantLimits
 from blink.errors import BlinkError
+from blink.gateway.auth import AuthMiddleware
 from blink.gateway.documents import DocumentRoutes
+from blink.gateway.keys import Tenant
 from blink.gateway.wire import error_response
-from blink.preload.store import MemoryContextStore, chunk_text
+from blink.preload.store import MemoryContextStore, TenantStores, chunk_text
 from tests.unit.preload.fakes import HashEmbedder
 
 TEXT = "Cats purr when they are content.\n\nKittens play with yarn."
 MAX_REQUEST_BYTES = 2000
 
 
+class ThreeDocuments:
+    """Every caller is one tenant who may keep 3 documents."""
+
+    keyed = False
+
+    def authenticate(self, key: str | None) -> Tenant:
+        return Tenant("t", TenantLimits(max_documents=3))
+
+    def tenants(self) -> list[str]:
+        return ["t"]
+
+
 def make_client(store: MemoryContextStore) -> TestClient:
     """The routes exactly as app.py mounts them, and app.py's translation of blink errors."""
-    documents = DocumentRoutes(store, MAX_REQUEST_BYTES)
+    documents = DocumentRoutes(TenantStores(lambda: store), MAX_REQUEST_BYTES)
 
     async def on_blink_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BlinkError)
@@ -41,13 +57,14 @@ def make_client(store: MemoryContextStore) -> TestClient:
             Route("/v1/documents/{id}", documents.delete, methods=["DELETE"]),
         ],
         exception_handlers={BlinkError: on_blink_error},
+        middleware=[Middleware(AuthMiddleware, auth=ThreeDocuments())],
     )
     return TestClient(app)
 
 
 @pytest.fixture
 def client() -> Iterator[TestClient]:
-    with make_client(MemoryContextStore(HashEmbedder(), max_document_bytes=1000, max_documents=3)) as c:
+    with make_client(MemoryContextStore(HashEmbedder(), max_document_bytes=1000)) as c:
         yield c
 
 

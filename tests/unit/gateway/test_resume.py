@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.test_realtime import recv, until
-from tests.unit.gateway.conftest import MODEL, FakeReplica, LiveServer
+from tests.unit.gateway.conftest import MODEL, FakeReplica, LiveServer, bearer, make_keys
 from tests.unit.gateway.test_realtime import open_session, send, user_item
 
 Serve = Callable[..., LiveServer]
@@ -72,10 +73,10 @@ def test_a_websocket_client_that_reconnects_resumes_its_response_without_loss_or
     assert server.errors == []
 
 
-def test_resume_is_for_the_same_key_only_and_a_foreign_session_is_not_found(serve: Serve) -> None:
-    server = serve(slow_replica())
-    alice = {"Authorization": "Bearer alice"}
-    mallory = {"Authorization": "Bearer mallory"}
+def test_resume_is_for_the_same_key_only_and_a_foreign_session_is_not_found(serve: Serve, tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys.json", "alice", "mallory")
+    server = serve(slow_replica(), api_keys=str(tmp_path / "keys.json"))
+    alice, mallory = bearer(keys["alice"]), bearer(keys["mallory"])
 
     async def main() -> None:
         async with connect(server.ws_url, additional_headers=alice) as ws:
@@ -157,10 +158,11 @@ def sse_data(lines: list[str]) -> list[Any]:
     return [json.loads(x[6:]) if x != "data: [DONE]" else "[DONE]" for x in lines if x.startswith("data: ")]
 
 
-def test_an_sse_client_resumes_with_last_event_id_and_gets_the_rest_once(serve: Serve) -> None:
-    server = serve(slow_replica())
+def test_an_sse_client_resumes_with_last_event_id_and_gets_the_rest_once(serve: Serve, tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys.json", "k", "other")
+    server = serve(slow_replica(), api_keys=str(tmp_path / "keys.json"))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True}
-    headers = {"Authorization": "Bearer k"}
+    headers = bearer(keys["k"])
     got: list[str] = []
     with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body, headers=headers, timeout=10) as r:
         lines = r.iter_lines()
@@ -179,8 +181,15 @@ def test_an_sse_client_resumes_with_last_event_id_and_gets_the_rest_once(serve: 
     rest = [c["choices"][0]["delta"].get("content", "") for c in after[:-2]]
     assert "".join(before + rest) == "".join(REPLY)
     # another key does not find it; a malformed id is a 400
-    foreign = httpx.post(f"{server.base}/v1/chat/completions", json=body, headers={"Last-Event-ID": last}, timeout=10)
+    foreign = httpx.post(
+        f"{server.base}/v1/chat/completions",
+        json=body,
+        headers={**bearer(keys["other"]), "Last-Event-ID": last},
+        timeout=10,
+    )
     assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "response_not_found"
-    bad = httpx.post(f"{server.base}/v1/chat/completions", json=body, headers={"Last-Event-ID": "x"}, timeout=10)
+    bad = httpx.post(
+        f"{server.base}/v1/chat/completions", json=body, headers={**headers, "Last-Event-ID": "x"}, timeout=10
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
     assert server.errors == []

@@ -51,13 +51,13 @@ def make(config: CacheConfig | None = None, index: Any = None, clock: Any = None
     return SemanticCache(index or MemoryIndex(100, DIM), lambda: embedder, config or CacheConfig(), **kwargs)
 
 
-async def remember(cache: SemanticCache, key: str | None, request: GenerateRequest, answer: str = "A") -> None:
+async def remember(cache: SemanticCache, key: str, request: GenerateRequest, answer: str = "A") -> None:
     lookup = await cache.lookup(key, request)
     assert lookup is not None and lookup.hit is None
     assert await cache.store(lookup, answer, 3)
 
 
-async def outcome(cache: SemanticCache, key: str | None, request: GenerateRequest) -> str:
+async def outcome(cache: SemanticCache, key: str, request: GenerateRequest) -> str:
     lookup = await cache.lookup(key, request)
     return "off" if lookup is None else "hit" if lookup.hit else "miss"
 
@@ -71,7 +71,7 @@ def test_a_stored_answer_is_found_again_and_only_in_its_own_scope() -> None:
         await remember(cache, "key-a", chat(("system", "be brief"), Q))
         assert await outcome(cache, "key-a", chat(("system", "be brief"), Q)) == "hit"
         assert await outcome(cache, "key-b", chat(("system", "be brief"), Q)) == "miss"  # another tenant
-        assert await outcome(cache, None, chat(("system", "be brief"), Q)) == "miss"  # the anonymous tenant
+        assert await outcome(cache, "default", chat(("system", "be brief"), Q)) == "miss"  # the open server's tenant
         assert await outcome(cache, "key-a", chat(("system", "be brief"), Q, model="other")) == "miss"
         assert await outcome(cache, "key-a", chat(("system", "be verbose"), Q)) == "miss"
         assert await outcome(cache, "key-a", chat(Q)) == "miss"  # no system prompt
@@ -82,24 +82,23 @@ def test_a_stored_answer_is_found_again_and_only_in_its_own_scope() -> None:
     asyncio.run(body())
 
 
-def test_tenant_digests_hide_the_key_and_differ() -> None:
-    assert "secret" not in tenant_of("secret")
-    assert tenant_of("a") != tenant_of("b") != tenant_of(None)
-    assert tenant_of(None) == tenant_of("")
+def test_tenant_digests_hide_the_name_and_differ() -> None:
+    assert "acme" not in tenant_of("acme")
+    assert tenant_of("a") != tenant_of("b") != tenant_of("default")
 
 
 def test_a_paraphrase_hits_and_a_negated_or_renumbered_query_does_not() -> None:
     async def body() -> None:
         cache = make(CacheConfig(cache_threshold=0.6))
-        await remember(cache, None, chat(("user", "how do I cancel my subscription")))
-        assert await outcome(cache, None, chat(("user", "how do I cancel my subscription please"))) == "hit"
-        refused = await cache.lookup(None, chat(("user", "how do I not cancel my subscription")))
+        await remember(cache, "default", chat(("user", "how do I cancel my subscription")))
+        assert await outcome(cache, "default", chat(("user", "how do I cancel my subscription please"))) == "hit"
+        refused = await cache.lookup("default", chat(("user", "how do I not cancel my subscription")))
         assert refused is not None and refused.hit is None and refused.rejected == 1
-        await remember(cache, None, chat(("user", "send 100 USD to Bob")))
-        assert await outcome(cache, None, chat(("user", "send 1000 USD to Bob"))) == "miss"
+        await remember(cache, "default", chat(("user", "send 100 USD to Bob")))
+        assert await outcome(cache, "default", chat(("user", "send 1000 USD to Bob"))) == "miss"
         no_verify = make(CacheConfig(cache_threshold=0.6, cache_verify=False))
-        await remember(no_verify, None, chat(("user", "how do I cancel my subscription")))
-        assert await outcome(no_verify, None, chat(("user", "how do I not cancel my subscription"))) == "hit"
+        await remember(no_verify, "default", chat(("user", "how do I cancel my subscription")))
+        assert await outcome(no_verify, "default", chat(("user", "how do I not cancel my subscription"))) == "hit"
 
     asyncio.run(body())
 
@@ -107,8 +106,8 @@ def test_a_paraphrase_hits_and_a_negated_or_renumbered_query_does_not() -> None:
 def test_below_the_threshold_is_a_miss() -> None:
     async def body() -> None:
         cache = make(CacheConfig(cache_threshold=0.99))
-        await remember(cache, None, chat(("user", "how do I cancel my subscription")))
-        assert await outcome(cache, None, chat(("user", "how do I cancel my subscription please"))) == "miss"
+        await remember(cache, "default", chat(("user", "how do I cancel my subscription")))
+        assert await outcome(cache, "default", chat(("user", "how do I cancel my subscription please"))) == "miss"
 
     asyncio.run(body())
 
@@ -117,18 +116,18 @@ def test_what_is_not_cacheable() -> None:
     async def body() -> None:
         cache = make()
         later = chat(("user", "hi"), ("assistant", "hello"), Q)
-        assert cache.key(None, later) is None  # default: first turns only
-        assert cache.key(None, chat(Q, ("assistant", "partial"))) is None  # does not end with a user message
-        assert cache.key(None, chat(("user", "   "))) is None
-        assert cache.key(None, replace(chat(Q), prefill_only=True)) is None
-        assert cache.key(None, replace(chat(Q), priority=1)) is None
-        assert cache.key(None, replace(chat(Q), open_last=True)) is None
+        assert cache.key("default", later) is None  # default: first turns only
+        assert cache.key("default", chat(Q, ("assistant", "partial"))) is None  # does not end with a user message
+        assert cache.key("default", chat(("user", "   "))) is None
+        assert cache.key("default", replace(chat(Q), prefill_only=True)) is None
+        assert cache.key("default", replace(chat(Q), priority=1)) is None
+        assert cache.key("default", replace(chat(Q), open_last=True)) is None
         everything = make(CacheConfig(cache_turns="all"))
-        await remember(everything, None, later)
-        assert await outcome(everything, None, later) == "hit"
+        await remember(everything, "default", later)
+        assert await outcome(everything, "default", later) == "hit"
         other_history = chat(("user", "hi"), ("assistant", "hey there"), Q)
-        assert await outcome(everything, None, other_history) == "miss"
-        assert await outcome(everything, None, chat(Q)) == "miss"
+        assert await outcome(everything, "default", other_history) == "miss"
+        assert await outcome(everything, "default", chat(Q)) == "miss"
 
     asyncio.run(body())
 
@@ -140,9 +139,9 @@ def test_a_query_longer_than_the_embedder_reads_is_neither_looked_up_nor_stored(
     document = " ".join(f"word{i}" for i in range(WINDOW))
 
     async def run() -> None:
-        assert await outcome(cache, None, chat(("user", document + " who wrote it"))) == "off"
-        await remember(cache, None, chat(("user", "who wrote it")))  # a short one still is
-        assert await outcome(cache, None, chat(("user", "who wrote it"))) == "hit"
+        assert await outcome(cache, "default", chat(("user", document + " who wrote it"))) == "off"
+        await remember(cache, "default", chat(("user", "who wrote it")))  # a short one still is
+        assert await outcome(cache, "default", chat(("user", "who wrote it"))) == "hit"
 
     asyncio.run(run())
     assert cache.snapshot()["too_long"] == 1 and cache.stats.lookups == 2
@@ -152,9 +151,9 @@ def test_completions_and_chats_do_not_share_entries() -> None:
     async def body() -> None:
         cache = make()
         completion = GenerateRequest("r", "m", Sampling(temperature=0.0), prompt=Q[1])
-        await remember(cache, None, completion)
-        assert await outcome(cache, None, completion) == "hit"
-        assert await outcome(cache, None, chat(Q)) == "miss"
+        await remember(cache, "default", completion)
+        assert await outcome(cache, "default", completion) == "hit"
+        assert await outcome(cache, "default", chat(Q)) == "miss"
 
     asyncio.run(body())
 
@@ -162,9 +161,9 @@ def test_completions_and_chats_do_not_share_entries() -> None:
 def test_an_answer_longer_than_max_tokens_is_not_a_hit() -> None:
     async def body() -> None:
         cache = make()
-        await remember(cache, None, chat(Q))  # stored with 3 completion tokens
-        assert await outcome(cache, None, chat(Q, max_tokens=3)) == "hit"
-        assert await outcome(cache, None, chat(Q, max_tokens=2)) == "miss"
+        await remember(cache, "default", chat(Q))  # stored with 3 completion tokens
+        assert await outcome(cache, "default", chat(Q, max_tokens=3)) == "hit"
+        assert await outcome(cache, "default", chat(Q, max_tokens=2)) == "miss"
 
     asyncio.run(body())
 
@@ -173,11 +172,11 @@ def test_entries_expire_after_the_ttl() -> None:
     async def body() -> None:
         now = [1000.0]
         cache = make(CacheConfig(cache_ttl_s=60), clock=lambda: now[0])
-        await remember(cache, None, chat(Q))
+        await remember(cache, "default", chat(Q))
         now[0] += 59
-        assert await outcome(cache, None, chat(Q)) == "hit"
+        assert await outcome(cache, "default", chat(Q)) == "hit"
         now[0] += 2
-        assert await outcome(cache, None, chat(Q)) == "miss"
+        assert await outcome(cache, "default", chat(Q)) == "miss"
 
     asyncio.run(body())
 
@@ -201,11 +200,11 @@ def test_invalidation_drops_one_tenant_or_one_model_of_it() -> None:
 def test_a_hit_is_not_stored_again_and_an_empty_answer_never() -> None:
     async def body() -> None:
         cache = make()
-        lookup = await cache.lookup(None, chat(Q))
+        lookup = await cache.lookup("default", chat(Q))
         assert lookup is not None
         assert not await cache.store(lookup, "", 0)
-        await remember(cache, None, chat(Q))
-        hit = await cache.lookup(None, chat(Q))
+        await remember(cache, "default", chat(Q))
+        hit = await cache.lookup("default", chat(Q))
         assert hit is not None and hit.hit is not None
         assert not await cache.store(hit, "again", 1)
         assert cache.stats.stores == 1
@@ -240,17 +239,17 @@ def test_a_dead_backend_is_a_logged_miss_and_a_recovered_one_is_used_again(
         now = [1000.0]
         index = FlakyIndex()
         cache = make(index=index, clock=lambda: now[0])
-        await remember(cache, None, chat(Q))
+        await remember(cache, "default", chat(Q))
         index.down = True
         with caplog.at_level(logging.WARNING, "blink.semantic_cache"):
-            assert await outcome(cache, None, chat(Q)) == "off"
-            assert await outcome(cache, None, chat(Q)) == "off"  # backing off: not even tried
+            assert await outcome(cache, "default", chat(Q)) == "off"
+            assert await outcome(cache, "default", chat(Q)) == "off"  # backing off: not even tried
         assert [r.levelname for r in caplog.records] == ["WARNING"]
         assert cache.stats.errors == 1
         index.down = False
-        assert await outcome(cache, None, chat(Q)) == "off"  # still inside the back-off window
+        assert await outcome(cache, "default", chat(Q)) == "off"  # still inside the back-off window
         now[0] += 1.5
-        assert await outcome(cache, None, chat(Q)) == "hit"
+        assert await outcome(cache, "default", chat(Q)) == "hit"
 
     asyncio.run(body())
 
