@@ -162,6 +162,7 @@ WS_ONLY_CODES = (
     "conversation_already_has_active_response",
     "response_cancel_not_active",
     "unknown_session",
+    "conversation_full",
 )
 
 CODES: dict[str, type[BlinkError]] = {

@@ -20,6 +20,7 @@ from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound,
 from blink.gateway.auth import AuthMiddleware, tenant_of
 from blink.gateway.documents import DocumentRoutes
 from blink.gateway.keys import Tenant
+from blink.gateway.limits import ConnectionCap
 from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
@@ -126,7 +127,10 @@ def create_app(
             *documents,
         ],
         exception_handlers={BlinkError: on_blink_error, HTTPException: on_http_error},
-        middleware=[Middleware(AuthMiddleware, auth=gateway.auth)],
+        middleware=[
+            Middleware(ConnectionCap, limit=gateway.config.max_connections),
+            Middleware(AuthMiddleware, auth=gateway.auth),
+        ],
         lifespan=lifespan,
     )
     app.state.gateway = gateway

@@ -168,11 +168,11 @@ class OpenAIRoutes:
         gen = await self.gateway.generate(
             req,
             started=started,
-            tenant=tenant_of(request.scope).name,
+            tenant=tenant_of(request.scope),
             use_cache=use_cache,
             traceparent=request.headers.get("traceparent"),  # W3C trace context: the response's trace joins it
         )
-        headers = {"X-Blink-Cache": gen.cache_status}
+        headers = {"X-Blink-Cache": gen.cache_status, **self.gateway.limits.headers(tenant_of(request.scope))}
         if stream:
             base = {
                 "id": req.request_id,

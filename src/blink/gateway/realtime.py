@@ -43,13 +43,14 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from blink.bus.messages import FinishStatus, GenerateRequest, Sampling
-from blink.errors import BlinkError, InvalidRequest, NotFound, RequestTooLarge, from_wire
+from blink.errors import BlinkError, InvalidRequest, NotFound, RateLimited, RequestTooLarge, from_wire
 from blink.gateway import validation as v
 from blink.gateway.auth import tenant_of
+from blink.gateway.limits import Coalescer
 from blink.gateway.resume import ResponseLog
 from blink.gateway.service import Gateway, Generation
 from blink.gateway.sessions import SessionRecord
-from blink.gateway.wire import error_event, ws_api_key
+from blink.gateway.wire import error_event, error_response, ws_api_key
 from blink.preload.planner import Messages, PrefillPlanner, PreloadDeferred, Target
 from blink.preload.store import ContextStore, ScoredChunk, context_block
 
@@ -92,6 +93,7 @@ class RealtimeSession:
         self.planner = (
             PrefillPlanner(self._start_preload, context=self._preload_context) if gateway.config.preload else None
         )
+        self._drafts = Coalescer(self.tenant.limits.drafts_per_second)
         self._task: asyncio.Task[None] | None = None
         self._generation: Generation | None = None
         self._cancel_requested = False
@@ -142,6 +144,18 @@ class RealtimeSession:
         return True
 
     async def run(self) -> None:
+        try:
+            self.gateway.limits.open_session(self.tenant)
+        except RateLimited as exc:
+            await refuse(self.ws, exc)
+            return
+        try:
+            await self._run()
+        finally:
+            self.gateway.limits.close_session(self.tenant)
+            self._drafts.close()
+
+    async def _run(self) -> None:
         await self.ws.accept(subprotocol=self._subprotocol)
         if not await self._open():
             await self.ws.close(1008)
@@ -264,6 +278,7 @@ class RealtimeSession:
         if not "".join(texts).strip():
             raise InvalidRequest("the message is empty", param="item.content", code="empty_message")
         item_id = v.get_str(item, "id", param="item.id") or self.gateway.new_id("item")
+        self._check_room(len("".join(texts).encode()))
         stored = {
             "id": item_id,
             "object": "realtime.item",
@@ -277,11 +292,32 @@ class RealtimeSession:
         self.items.append(stored)
         await self.send({"type": "conversation.item.created", "previous_item_id": previous, "item": stored})
 
+    def _check_room(self, size: int) -> None:
+        """Raise ConversationFull if an item of `size` bytes would pass the tenant's limits for one session."""
+        limits = self.tenant.limits
+        held = sum(len(part["text"].encode()) for item in self.items for part in item["content"])
+        if limits.max_session_items and len(self.items) >= limits.max_session_items:
+            raise InvalidRequest(
+                f"the conversation holds {len(self.items)} items, this key's limit; start a new session",
+                code="conversation_full",
+            )
+        if limits.max_session_bytes and held + size > limits.max_session_bytes:
+            raise InvalidRequest(
+                f"the conversation would hold {held + size} bytes of text, over this key's {limits.max_session_bytes};"
+                " start a new session",
+                code="conversation_full",
+            )
+
     async def _draft(self, event: dict[str, Any]) -> None:
         """input_text.draft {text}: the user's unsent text. Every keystroke may send one; the planner coalesces."""
         self._check_session(event)
         text = v.get_str(event, "text", required=True, param="text")
         assert text is not None
+        if self.planner is not None and (self._task is None or self._task.done()):
+            # over the tenant's drafts_per_second, the latest draft waits (one at most) and the others are dropped
+            self._drafts.offer(functools.partial(self._plan, text))
+
+    def _plan(self, text: str) -> None:
         if self.planner is not None and (self._task is None or self._task.done()):
             self.planner.draft(self._history(), text)
 
@@ -356,7 +392,7 @@ class RealtimeSession:
             prefill_only=True,
             open_last=True,
         )
-        return await self.gateway.generate(request)
+        return await self.gateway.generate(request, tenant=self.tenant)  # its KV in the tenant's partition
 
     async def _response_create(self, event: dict[str, Any]) -> None:
         if self._task is not None and not self._task.done():
@@ -423,7 +459,7 @@ class RealtimeSession:
                     done = self.planner.matches(history, user, completed=completed)
                     preload[key] = done is not None and done.context == documents
             generation = await self.gateway.generate(
-                request, started=started, tenant=self.tenant.name, use_cache=use_cache, traceparent=traceparent
+                request, started=started, tenant=self.tenant, use_cache=use_cache, traceparent=traceparent
             )
         except BlinkError as exc:
             await self.send(error_event(exc, event_id if isinstance(event_id, str) else None))
@@ -444,18 +480,21 @@ class RealtimeSession:
             "type": "response.created",
             "response": {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []},
         }
+        # as OpenAI's Realtime API: the tenant's rate limits, at the start of each response (when it has any)
+        limits = self.gateway.limits.rate_limits(self.tenant)
+        updated = ({"type": "rate_limits.updated", "rate_limits": limits},) if limits else ()
         try:
-            await self._follow(entry, -1, created)
+            await self._follow(entry, -1, (created, *updated))
         finally:
             self._generation = None
 
-    async def _follow(self, entry: ResponseLog, after: int, first: dict[str, Any] | None = None) -> None:
+    async def _follow(self, entry: ResponseLog, after: int, first: tuple[dict[str, Any], ...] = ()) -> None:
         """Send `first`, the response's deltas after `after`, live, then its closing events. A socket that closes
         under us ends only this reader: the response runs on, for a resume (gateway/resume.py)."""
         entry.attach()
         try:
-            if first is not None:
-                await self.send(first)
+            for event in first:
+                await self.send(event)
             async for index, delta in entry.follow(after):
                 await self.send(
                     {
@@ -597,6 +636,14 @@ def _status(generation: Generation) -> tuple[ResponseStatus, dict[str, Any] | No
         return ResponseStatus.INCOMPLETE, {"type": "incomplete", "reason": "server_shutdown"}
     error = from_wire(fin.error_code or "", fin.error_message or "", fin.error_param)
     return ResponseStatus.FAILED, {"type": "failed", "error": error.to_dict()}
+
+
+async def refuse(ws: WebSocket, exc: BlinkError) -> None:
+    """Answer a handshake with the error's HTTP response (denial-response extension), else close it (1008)."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(error_response(exc))
+    else:
+        await ws.close(1008, exc.message)
 
 
 async def realtime_endpoint(ws: WebSocket) -> None:

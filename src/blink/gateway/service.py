@@ -43,7 +43,8 @@ from blink.errors import (
     from_wire,
 )
 from blink.gateway.failover import Replay, ReplayMismatch
-from blink.gateway.keys import OPEN_TENANT, Authenticator, OpenAccess
+from blink.gateway.keys import Authenticator, OpenAccess, Tenant
+from blink.gateway.limits import Admission, Limiter
 from blink.gateway.resume import Responses
 from blink.gateway.sessions import MemorySessions, SessionStore
 from blink.preload.store import TenantStores
@@ -143,6 +144,7 @@ class Generation:
         self.finished: Finished | None = None
         self.cancel_reason: str | None = None  # "client", "disconnect", "shutdown"
         self.text_parts: list[str] = []
+        self.admission: Admission | None = None  # its place in its tenant's limits, given back when it ends
 
     @property
     def done(self) -> bool:
@@ -288,6 +290,8 @@ class Generation:
     def _end(self, finished: Finished) -> None:
         self.finished = finished
         self.gateway._forget(self.request_id)
+        if self.admission is not None:
+            self.admission.done((finished.prompt_tokens or self.prompt_tokens) + finished.completion_tokens)
         if self.trace is not None:
             self._end_trace(finished)
         if self.request.priority == 0:
@@ -327,6 +331,8 @@ class Generation:
         if not self.done:
             await self.cancel("disconnect")
             self.gateway._forget(self.request_id)
+            if self.admission is not None:  # its end will not be seen: count what it used so far
+                self.admission.done(self.prompt_tokens + len(self.text_parts))
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
@@ -355,6 +361,7 @@ class Gateway:
     ) -> None:
         self.bus = bus
         self.auth: Authenticator = auth or OpenAccess()  # who a key belongs to (gateway/keys.py)
+        self.limits = Limiter()  # each tenant's use of its limits (gateway/limits.py)
         self.config = config
         self.store = store  # each tenant's documents for retrieval (preload/store.py); None: no /v1/documents
         self.cache = cache  # the semantic cache; None: disabled
@@ -438,19 +445,38 @@ class Gateway:
         request: GenerateRequest,
         *,
         started: float | None = None,
-        tenant: str = OPEN_TENANT,
+        tenant: Tenant | None = None,
         use_cache: bool = True,
         traceparent: str | None = None,
     ) -> Generation:
         """Answer a validated request from the semantic cache (`tenant`'s entries only; `use_cache` False skips
         it), or else submit it, as `tenant`'s (its prefix-cache partition and batch share), and wait for a replica
-        to accept it.
+        to accept it. A live request (priority 0) counts against the tenant's limits (RateLimited when over);
+        None: the open server's tenant.
         `traceparent`: the client's W3C trace context, the parent of the response's trace (when tracing is on)."""
         self.check_model(request.model)
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down")
         started = started or time.monotonic()
-        request = dataclasses.replace(request, tenant=tenant)
+        tenant = tenant or OpenAccess().tenant
+        request = dataclasses.replace(request, tenant=tenant.name)
+        admission = self.limits.admit(tenant) if request.priority == 0 else None
+        try:
+            return await self._generate(request, started, tenant, admission, use_cache, traceparent)
+        except BaseException:
+            if admission is not None:
+                admission.done(0)
+            raise
+
+    async def _generate(
+        self,
+        request: GenerateRequest,
+        started: float,
+        tenant: Tenant,
+        admission: Admission | None,
+        use_cache: bool,
+        traceparent: str | None,
+    ) -> Generation:
         trace = (
             tracing.start_response(started, _request_attributes(request), traceparent)
             if request.priority == 0
@@ -458,7 +484,7 @@ class Gateway:
         )
         if trace is not None and self.cache is not None and use_cache:
             trace.mark("lookup_start")
-        lookup = await self.cache.lookup(tenant, request) if self.cache is not None and use_cache else None
+        lookup = await self.cache.lookup(tenant.name, request) if self.cache is not None and use_cache else None
         if lookup is not None:
             self.metrics.cache_lookups.labels("hit" if lookup.hit is not None else "miss").inc()
             if trace is not None:
@@ -469,7 +495,7 @@ class Gateway:
                 )
         if lookup is not None and lookup.hit is not None:  # served even while no replica is ready
             generation = Generation(self, request, CachedStream(request.request_id, lookup), started, lookup)
-            generation.trace = trace
+            generation.trace, generation.admission = trace, admission
             self._active[request.request_id] = generation
             self._idle.clear()
             await generation.wait_accepted()
@@ -485,7 +511,7 @@ class Gateway:
             request = dataclasses.replace(request, traceparent=trace.traceparent, submitted=trace.mark("submitted"))
         stream = await self.bus.submit(request, self.route(request))
         generation = Generation(self, request, stream, started, lookup)
-        generation.trace = trace
+        generation.trace, generation.admission = trace, admission
         self._active[request.request_id] = generation
         self._idle.clear()
         try:
