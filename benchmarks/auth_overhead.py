@@ -3,7 +3,8 @@
 in process:   KeyFile.authenticate (one stat of the keys file, a SHA-256, a constant-time compare) plus
               Limiter.admit and Admission.done, per request (the work the middleware and the gateway add).
 end to end:   two live gateways in this process (uvicorn on 127.0.0.1, as `blink serve` configures it), one open
-              and one with a keys file (limits checked on every request, set high enough never to refuse), each with an instant scripted replica on the memory bus;
+              and one with a keys file (limits checked on every request, set high enough never to refuse), each
+              with an instant scripted replica on the memory bus;
               streamed chat completions alternate between them, and the time from sending the request to the
               first content chunk is compared. The difference of medians is the overhead (the model's time is
               the same either way and is left out, so the ratio is the gateway's alone).
