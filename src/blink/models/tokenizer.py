@@ -19,6 +19,7 @@ from tokenizers.models import BPE
 
 _CONTROL = 3
 _USER_DEFINED = 4
+_OPEN_END = "\x00blink-open-end\x00"  # marks where a still-typed last message ends in the rendered template
 
 # Regexes of the pre-tokenizers that llama.cpp names in `tokenizer.ggml.pre`.
 _QWEN2_SPLIT = (
@@ -109,6 +110,19 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True, open_last: bool = False
+    ) -> list[int]:
+        """The prompt of `messages` rendered with the chat template. With `open_last` the prompt ends where the
+        last message's content ends (the user is still typing it; nothing of the template after it)."""
+        messages = list(messages)
+        if open_last and messages:
+            messages[-1] = {**messages[-1], "content": messages[-1]["content"] + _OPEN_END}
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        if open_last and _OPEN_END in text:
+            text = text[: text.rindex(_OPEN_END)]
+        return self.encode(text)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{role, content}]) with the model's own chat template."""

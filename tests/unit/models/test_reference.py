@@ -51,7 +51,7 @@ def test_greedy_tokens_match_reference(reference, model_and_tokenizer) -> None: 
     ref_model, _ = reference
     model, tok = model_and_tokenizer
     engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_num_seqs=4, max_model_len=512))
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in PROMPTS]
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     # all four at once: continuous batching must not change any sequence's tokens
     for i, ids in enumerate(prompts):
         engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=24, temperature=0))
