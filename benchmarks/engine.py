@@ -67,7 +67,7 @@ def load(fmt: str) -> tuple[LlamaModel, Tokenizer]:
 
 
 def chat(tok: Tokenizer, text: str) -> list[int]:
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+    return tok.encode_chat([{"role": "user", "content": text}])
 
 
 class BlinkDecoder:

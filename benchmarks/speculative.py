@@ -105,7 +105,7 @@ def engines(model: LlamaModel, tok: Tokenizer, proposer: Proposer, **config: Any
     plain = LLMEngine(model, tok.stop_token_ids, cfg)
     spec = LLMEngine(model, tok.stop_token_ids, cfg, proposer=proposer)
     for engine in (plain, spec):  # warm both the same way
-        p = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi!"}]))
+        p = tok.encode_chat([{"role": "user", "content": "Hi!"}])
         engine.generate(p, SamplingParams(max_tokens=8, temperature=0), "warm")
     spec.measure_step_cost()
     spec.speculation.reset()
@@ -117,7 +117,7 @@ def lookup(model: LlamaModel, tok: Tokenizer, articles: int, max_tokens: int) ->
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     rows = []
     for i, (kind, text) in enumerate(grounded_prompts(articles)):
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        prompt = tok.encode_chat([{"role": "user", "content": text}])
         before = (spec.speculation.proposed, spec.speculation.accepted)
         order = [(plain, "p"), (spec, "s")] if i % 2 == 0 else [(spec, "s"), (plain, "p")]
         got = {tag: timed_generate(engine, prompt, params, f"{tag}{i}") for engine, tag in order}
@@ -159,7 +159,7 @@ def concurrency(model: LlamaModel, tok: Tokenizer, articles: int, max_tokens: in
     plain, spec = engines(model, tok, NgramProposer())
     grounded = [text for _, text in grounded_prompts(articles)][:8]
     texts = grounded + PROMPTS[:8]
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     results: dict[str, list[float]] = {"plain": [], "spec": []}
     outputs: dict[str, dict[str, list[int]]] = {}
@@ -217,7 +217,7 @@ def draft(max_tokens: int, k: int = 4) -> dict[str, Any]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     rows = []
     for i, text in enumerate(QWEN_TASKS):
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        prompt = tok.encode_chat([{"role": "user", "content": text}])
         row: dict[str, Any] = {}
         for name, engine in (("plain", plain), ("adaptive", spec), ("forced", always)):
             before = (engine.speculation.proposed, engine.speculation.accepted)

@@ -40,7 +40,7 @@ def test_draft_and_target_share_one_vocabulary() -> None:
 @torch.inference_mode()
 def greedy(name: str, prompt: str, max_tokens: int) -> str:
     model, tok = loader.load(prepared(name))
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
     out: list[int] = []
     for _ in range(max_tokens):  # the whole sequence again each step: no cache, the simplest correct backend
         n = len(ids)

@@ -35,7 +35,7 @@ def plain_answer(model_dir) -> str:  # type: ignore[no-untyped-def]
     model, tok = loader.load(model_dir)
     quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT))
     engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_model_len=512))
-    ids = engine.generate(tok.encode(tok.apply_chat_template(MESSAGES)), SamplingParams(max_tokens=80, temperature=0))
+    ids = engine.generate(tok.encode_chat(MESSAGES), SamplingParams(max_tokens=80, temperature=0))
     return tok.decode([t for t in ids if t not in tok.stop_token_ids])
 
 

@@ -44,6 +44,7 @@ from blink.models.tokenizer import Tokenizer
 from blink.telemetry import tracing
 from blink.worker.load import LoadEstimator, Queue
 from blink.worker.output import TextOutput
+from blink.worker.prompt import prompt_ids
 
 log = logging.getLogger("blink.worker")
 T = TypeVar("T")
@@ -58,7 +59,6 @@ _TRANSITIONS = {
 _REMEMBERED_CANCELS = 10_000
 REMEMBERED_PREFIXES = 1024  # affinity keys of recent requests, checked against the prefix cache at each heartbeat
 HEARTBEAT_PREFIXES = 128  # the most a heartbeat reports
-_OPEN_END = "\x00blink-open-end\x00"  # marks where a still-typed last message ends in the rendered template
 _FINISH_STATUS = {FinishReason.STOP: FinishStatus.STOP, FinishReason.LENGTH: FinishStatus.LENGTH}
 
 
@@ -249,7 +249,7 @@ class Replica:
     def _warm_up(self) -> None:
         # first calls of each kernel and shape allocate and tune; pay that before taking traffic
         assert self.engine is not None and self.tokenizer is not None
-        prompt = self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}]))
+        prompt = self.tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
         for i in range(self.engine_config.warmup_steps):
             for j in range(2):  # two at once so the batched decode path is warm too
                 self.engine.add_request(f"warmup-{i}-{j}", prompt, SamplingParams(max_tokens=8, temperature=0))
@@ -313,7 +313,7 @@ class Replica:
             await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
             return
         try:
-            prompt = full = self._prompt_ids(req)
+            prompt = full = prompt_ids(self.tokenizer, req)
             if req.prefill_only:
                 await self._replace_preload(req)
                 prompt = self._preload_prompt(prompt)
@@ -379,25 +379,6 @@ class Replica:
     def _forget_preload(self, req: GenerateRequest) -> None:
         if req.session_id is not None and self._preloads.get(req.session_id) == req.request_id:
             del self._preloads[req.session_id]
-
-    def _prompt_ids(self, req: GenerateRequest) -> list[int]:
-        assert self.tokenizer is not None
-        if req.messages is not None:
-            messages = list(req.messages)
-            if req.open_last and messages:  # the prompt ends where the last message's text ends (still typed)
-                messages[-1] = {**messages[-1], "content": messages[-1]["content"] + _OPEN_END}
-            try:
-                text = self.tokenizer.apply_chat_template(messages)
-            except ValueError as exc:
-                raise InvalidRequest(str(exc), param="messages") from None
-            if req.open_last and _OPEN_END in text:
-                text = text[: text.rindex(_OPEN_END)]
-        else:
-            text = req.prompt or ""
-        ids = self.tokenizer.encode(text)
-        if not ids:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        return ids
 
     def _params(self, req: GenerateRequest, prompt_tokens: int) -> SamplingParams:
         assert self.engine is not None

@@ -24,7 +24,7 @@ def engine(model_and_tokenizer):  # type: ignore[no-untyped-def]
 def prompts(model_and_tokenizer) -> list[list[int]]:  # type: ignore[no-untyped-def]
     _, tok = model_and_tokenizer
     texts = ["Name a colour.", "What is the capital of Italy?", "Count to five."]
-    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+    return [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
 
 
 def run_all(engine: LLMEngine) -> dict[str, list[int]]:
@@ -50,8 +50,8 @@ def small_engine(model_and_tokenizer, **kwargs) -> LLMEngine:  # type: ignore[no
 def test_a_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
     _, tok = model_and_tokenizer
     system = {"role": "system", "content": "You are a terse assistant who answers geography questions. " * 4}
-    first = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "Capital of Spain?"}]))
-    second = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "Capital of Peru?"}]))
+    first = tok.encode_chat([system, {"role": "user", "content": "Capital of Spain?"}])
+    second = tok.encode_chat([system, {"role": "user", "content": "Capital of Peru?"}])
     cold = small_engine(model_and_tokenizer, prefix_caching=False)
     cold_tokens = cold.generate(second, GREEDY)
     warm = small_engine(model_and_tokenizer)
@@ -68,8 +68,8 @@ def test_a_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(model_and_tok
 def test_a_request_that_ends_with_its_first_token_leaves_its_prompt_for_reuse(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
     _, tok = model_and_tokenizer
     doc = "The museum opens at nine and closes at five, except on Mondays. " * 6
-    first = tok.encode(tok.apply_chat_template([{"role": "user", "content": doc + "When does it open?"}]))
-    second = tok.encode(tok.apply_chat_template([{"role": "user", "content": doc + "When does it close?"}]))
+    first = tok.encode_chat([{"role": "user", "content": doc + "When does it open?"}])
+    second = tok.encode_chat([{"role": "user", "content": doc + "When does it close?"}])
     engine = small_engine(model_and_tokenizer)
     engine.generate(first, SamplingParams(max_tokens=1, temperature=0), request_id="first")  # done in one step
     engine.add_request("second", second, GREEDY)
@@ -201,7 +201,7 @@ def test_bad_prompts_are_rejected(engine: LLMEngine) -> None:
 def test_a_prefill_only_request_fills_the_cache_for_the_prompt_that_follows(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
     _, tok = model_and_tokenizer
     system = {"role": "system", "content": "You answer questions about the solar system in one sentence. " * 3}
-    prompt = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "How hot is Venus?"}]))
+    prompt = tok.encode_chat([system, {"role": "user", "content": "How hot is Venus?"}])
     cold = small_engine(model_and_tokenizer, prefix_caching=False).generate(prompt, GREEDY)
     engine = small_engine(model_and_tokenizer)
     draft = prompt[: len(prompt) - 9]  # what the user had typed: most of the prompt

@@ -41,7 +41,7 @@ def w8a8(model_dir):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("proposer", ["ngram", "draft"])
 def test_greedy_output_with_speculation_equals_plain_decoding(w8a8, model_dir, proposer: str) -> None:  # type: ignore[no-untyped-def]
     model, tok = w8a8
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     config = EngineConfig(max_num_seqs=8, max_model_len=512)
     plain = LLMEngine(model, tok.stop_token_ids, config)
     if proposer == "ngram":

@@ -59,8 +59,8 @@ def w8a8_model(model_dir):  # type: ignore[no-untyped-def]
 def test_a_w8a8_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(w8a8_model) -> None:  # type: ignore[no-untyped-def]
     model, tok = w8a8_model
     system = {"role": "system", "content": "You answer in one short sentence about animals. " * 4}
-    first = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "What do owls eat?"}]))
-    second = tok.encode(tok.apply_chat_template([system, {"role": "user", "content": "Where do whales live?"}]))
+    first = tok.encode_chat([system, {"role": "user", "content": "What do owls eat?"}])
+    second = tok.encode_chat([system, {"role": "user", "content": "Where do whales live?"}])
     params = SamplingParams(max_tokens=24, temperature=0)
     config = EngineConfig(max_num_seqs=4, max_model_len=256)
     cold = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_num_seqs=4, max_model_len=256, prefix_caching=False))
@@ -83,7 +83,7 @@ def test_a_w8a8_prefix_hit_gives_the_same_greedy_tokens_as_a_cold_start(w8a8_mod
 )
 def test_a_streams_greedy_tokens_do_not_depend_on_what_shares_its_steps(w8a8_model, question: str) -> None:  # type: ignore[no-untyped-def]
     model, tok = w8a8_model
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+    prompt = tok.encode_chat([{"role": "user", "content": question}])
     other = tok.encode("Tell me a story about a dragon and a knight who became friends. " * 20)
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
 

@@ -38,12 +38,23 @@ def test_tokenizer_matches_reference(reference, model_and_tokenizer) -> None:  #
     _, ref_tok = reference
     _, tok = model_and_tokenizer
     texts = [*PROMPTS, "Numbers 1234567 and   spaces\n\n\tnew lines", "café 🚀 日本語 <|im_start|>user\nhi<|im_end|>"]
-    for text in texts:
-        assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False), text
-    chat = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(chat) == ref_tok.apply_chat_template(
-        chat, tokenize=False, add_generation_prompt=True
-    )
+    for text in texts:  # client text: a control token's name is text (transformers' split_special_tokens)
+        assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False, split_special_tokens=True), text
+    chats = [
+        [{"role": "user", "content": "hi"}],
+        [
+            {"role": "system", "content": "Be brief.\n\nDocuments:\n\n[1] The museum opens at 9:00.\n"},
+            {"role": "user", "content": "  When does it open?"},
+            {"role": "assistant", "content": "At 9:00.\n\n"},
+            {"role": "user", "content": "café 🚀 and 1234567"},
+        ],
+    ]
+    for chat in chats:
+        assert tok.apply_chat_template(chat) == ref_tok.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True
+        )
+        rendered = ref_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert tok.encode_chat(chat) == ref_tok.encode(rendered, add_special_tokens=False)  # as before
 
 
 @pytest.mark.slow
@@ -51,7 +62,7 @@ def test_greedy_tokens_match_reference(reference, model_and_tokenizer) -> None: 
     ref_model, _ = reference
     model, tok = model_and_tokenizer
     engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_num_seqs=4, max_model_len=512))
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in PROMPTS]
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     # all four at once: continuous batching must not change any sequence's tokens
     for i, ids in enumerate(prompts):
         engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=24, temperature=0))

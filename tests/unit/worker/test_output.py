@@ -43,3 +43,12 @@ def test_possible_stop_prefix_is_held_back_then_released(tok: Tokenizer) -> None
 def test_stop_string_spanning_tokens(tok: Tokenizer) -> None:
     pieces, stopped = stream(tok, "abc\n\nUser: more", ("\n\nUser:",))
     assert stopped and "".join(pieces) == "abc"
+
+
+def test_a_stop_string_naming_a_control_token_matches_text_only(tok: Tokenizer) -> None:
+    # the model's own <|im_end|> token is no text, so it never matches; the same name written as text does
+    out = TextOutput(tok, ("<|im_end|>",))
+    end = tok.token_id("<|im_end|>")
+    assert end is not None and out.push(end) == "" and not out.stopped
+    pieces, stopped = stream(tok, "done<|im_end|> more", ("<|im_end|>",))
+    assert stopped and "".join(pieces) == "done"
