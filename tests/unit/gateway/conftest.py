@@ -28,6 +28,7 @@ from blink.cli import http_server
 from blink.config import GatewayConfig
 from blink.gateway.app import create_app
 from blink.gateway.service import Gateway
+from blink.gateway.sessions import SessionStore
 
 MODEL = "model-a"
 OTHER = "model-b"
@@ -114,11 +115,13 @@ class _Errors(logging.Handler):
 class LiveServer:
     """`errors`: what the server logged at ERROR (uvicorn reports an exception escaping the app there)."""
 
-    def __init__(self, replicas: list[FakeReplica], config: GatewayConfig) -> None:
+    def __init__(
+        self, replicas: list[FakeReplica], config: GatewayConfig, session_store: SessionStore | None = None
+    ) -> None:
         self.replicas = replicas
         self.bus = MemoryBus(max_pending=config.max_pending_requests, stream_events=config.stream_queue_events)
         models = list(dict.fromkeys(r.model for r in replicas))
-        self.gateway = Gateway(self.bus, config, models)
+        self.gateway = Gateway(self.bus, config, models, session_store=session_store)
         self.loop = asyncio.new_event_loop()
         self.server = http_server(create_app(self.gateway, self._lifespan), self.gateway, log_level="warning")
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -131,6 +134,7 @@ class LiveServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.gateway.session_store.close()
 
     def _serve(self) -> None:
         self.loop.run_until_complete(self.server.serve())
@@ -164,11 +168,12 @@ class LiveServer:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., LiveServer]]:
-    """`serve(*replicas, **gateway_config)` starts a live gateway; it stops when the test ends."""
+    """`serve(*replicas, session_store=None, **gateway_config)` starts a live gateway; it stops when the test
+    ends."""
     started: list[LiveServer] = []
 
-    def start(*replicas: FakeReplica, **config: Any) -> LiveServer:
-        server = LiveServer(list(replicas) or [FakeReplica(MODEL)], GatewayConfig(port=0, **config))
+    def start(*replicas: FakeReplica, session_store: SessionStore | None = None, **config: Any) -> LiveServer:
+        server = LiveServer(list(replicas) or [FakeReplica(MODEL)], GatewayConfig(port=0, **config), session_store)
         server.start()
         started.append(server)
         return server

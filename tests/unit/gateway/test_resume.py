@@ -13,7 +13,9 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from blink.gateway.sessions import RedisSessions
 from tests.e2e.test_realtime import recv, until
+from tests.redis_server import RedisServer
 from tests.unit.gateway.conftest import MODEL, FakeReplica, LiveServer
 from tests.unit.gateway.test_realtime import open_session, send, user_item
 
@@ -92,7 +94,7 @@ def test_resume_is_for_the_same_key_only_and_a_foreign_session_is_not_found(serv
                 error = await recv(other)
                 assert error["error"]["code"] == "invalid_request" and error["error"]["param"] == "after"
             await until(ws, "response.done")
-        for headers, wanted in ((mallory, session["id"]), (alice, "sess-unknown")):
+        for headers, wanted in ((mallory, session["id"]), (alice, "sess-" + "0" * 24)):
             async with connect(f"{server.ws_url}?session_id={wanted}", additional_headers=headers) as ws:
                 error = await recv(ws)
                 assert error["type"] == "error" and error["error"]["code"] == "session_not_found"
@@ -230,4 +232,34 @@ def test_a_response_resumes_only_over_the_api_that_started_it(serve: Serve) -> N
         f"{server.base}/v1/chat/completions", json=chat, headers={**headers, "Last-Event-ID": f"{chat_id}:0"}
     )
     assert own.status_code == 200 and sse_data(own.text.splitlines())[-1] == "[DONE]"
+    assert server.errors == []
+
+
+def test_a_session_id_that_is_not_one_blink_gave_out_is_refused_before_redis_is_touched(
+    serve: Serve, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """On Redis a session is `<prefix>session:<id>` and its items `<prefix>session:<id>:items`: a client naming
+    `<id>:items` (or anything with ':', '*', spaces) gets a clean error, never a Redis error or a traceback."""
+    server = serve(session_store=RedisSessions(redis_server.url, 60, prefix=redis_prefix + ":"))
+
+    async def main() -> None:
+        ws, session = await open_session(server)
+        await send(ws, user_item("Remember me."))
+        await until(ws, "conversation.item.created")
+        await ws.close()
+        for wanted in (f"{session['id']}:items", "*", "sess-%20x", "x" * 5000):
+            async with connect(f"{server.ws_url}?session_id={wanted}") as bad:
+                error = await recv(bad, 10)
+                assert error["type"] == "error", error
+                assert error["error"]["code"] == "invalid_request" and error["error"]["param"] == "session_id"
+                try:
+                    await recv(bad, 10)
+                    raise AssertionError("the connection stayed open")
+                except ConnectionClosed as closed:
+                    assert closed.rcvd is not None and closed.rcvd.code == 1008
+        async with connect(f"{server.ws_url}?session_id={session['id']}") as again:  # the session is intact
+            created = await recv(again)
+            assert created["type"] == "session.created" and created["session"]["id"] == session["id"]
+
+    asyncio.run(main())
     assert server.errors == []
