@@ -5,6 +5,7 @@ Only pure ASGI pieces sit on the streaming path (no BaseHTTPMiddleware).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -15,13 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound
+from blink.errors import BlinkError, CacheUnavailable, InvalidRequest, MethodNotAllowed, NotFound
 from blink.gateway.documents import DocumentRoutes
 from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import api_key, error_response
 from blink.telemetry.metrics import CONTENT_TYPE
+
+log = logging.getLogger("blink.gateway")
 
 # Starlette's own errors (routing), in blink's error shape; any other is a 400
 _HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
@@ -74,7 +77,11 @@ def create_app(
         model = request.query_params.get("model")
         if model is not None:
             gateway.check_model(model)
-        deleted = await gateway.cache.invalidate(api_key(request.headers), model)
+        try:
+            deleted = await gateway.cache.invalidate(api_key(request.headers), model)
+        except CacheUnavailable as exc:  # its message names the Redis: for the log, not for a client
+            log.warning("semantic cache: invalidating failed: %s", exc)
+            raise CacheUnavailable("the semantic cache is unavailable; retry shortly") from exc
         return JSONResponse({"object": "cache.invalidated", "model": model, "deleted": deleted})
 
     async def on_blink_error(request: Request, exc: Exception) -> Response:

@@ -14,6 +14,7 @@ A session id comes from the client (`?session_id=`): every store refuses one bli
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from blink.errors import InvalidRequest, NotReady
+
+log = logging.getLogger("blink.gateway.sessions")
 
 SESSION_ID = re.compile(r"sess-[0-9a-f]{24}")  # what Gateway.new_id("sess") gives out
 
@@ -105,14 +108,16 @@ class MemorySessions:
 
 class RedisSessions:
     """`<prefix>session:<id>`: a hash {tenant, settings (JSON)}; `<prefix>session:<id>:items`: a list of JSON items.
-    Both keys expire `ttl` seconds after the last write or load."""
+    Both keys expire `ttl` seconds after the last write or load. `url` and `password`: as bus/redis_wire.client.
+    Any Redis failure is NotReady, whose message does not name the Redis (the log does, its password masked)."""
 
-    def __init__(self, url: str, ttl: float, prefix: str = "blink:") -> None:
-        import redis.asyncio as aioredis
+    def __init__(self, url: str, ttl: float, prefix: str = "blink:", *, password: str | None = None) -> None:
+        from blink.bus.redis_wire import client, redact
 
         self.ttl = max(1, int(ttl))
         self.prefix = prefix
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._where = redact(url)
+        self._redis = client(url, password, socket_timeout=5, socket_connect_timeout=5)
 
     def _keys(self, session_id: str) -> tuple[str, str]:
         key = f"{self.prefix}session:{check_session_id(session_id)}"
@@ -126,8 +131,9 @@ class RedisSessions:
                 build(pipe)
                 result: list[Any] = await pipe.execute()
                 return result
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise NotReady(f"the session store (Redis) is unreachable: {exc}") from exc
+        except (redis.RedisError, OSError) as exc:  # RedisError: also a refused AUTH, or an error reply
+            log.warning("sessions: redis at %s failed: %s", self._where, exc or type(exc).__name__)
+            raise NotReady("the session store is unavailable; retry shortly") from exc
 
     async def create(self, session_id: str, record: SessionRecord) -> None:
         key, items = self._keys(session_id)
