@@ -194,13 +194,11 @@ class RedisBus:
         self._closed = False
 
     def unavailable(self, exc: BaseException) -> NotReady:
-        """The error for a client: it does not name the Redis (a host of the deployment); the log does."""
         log.warning("bus: redis at %s is unavailable: %s", self.where, exc or type(exc).__name__)
-        return NotReady("the event bus is unavailable; retry shortly")
+        return NotReady("the event bus is unavailable; retry shortly")  # a client is not told the Redis host
 
     def lost(self, finished: Finished, what: str) -> Finished:
-        """`finished` turned into the error that ends a response the bus lost part or all of (for a client: the
-        Redis is not named)."""
+        """`finished` turned into the error that ends a response the bus lost part or all of (names no Redis)."""
         message = f"the event bus {what}; retry it"
         return dataclasses.replace(
             finished, status=FinishStatus.ERROR, error_code="model_not_ready", error_message=message

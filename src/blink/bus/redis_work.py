@@ -52,20 +52,17 @@ class _Consumer:
     watcher: asyncio.Task[list[Cancel]] | None = None
 
 
+Connect = Callable[[], aioredis.Redis]  # a new client (for blocking reads: redis_wire.blocking_client)
+
+
 class WorkReader:
     """Receives work for the replicas of one process and acknowledges each request once it is finished."""
 
     def __init__(
-        self,
-        client: aioredis.Redis,
-        blocking: Callable[[], aioredis.Redis],
-        keys: Keys,
-        health: Health,
-        timeout_s: float,
-        claimer: Claimer,
+        self, client: aioredis.Redis, blocking: Connect, keys: Keys, health: Health, timeout_s: float, claimer: Claimer
     ) -> None:
         self._client = client
-        self._blocking = blocking  # a new client for blocking reads (redis_wire.blocking_client)
+        self._blocking = blocking
         self._keys = keys
         self._health = health
         self._timeout_s = timeout_s

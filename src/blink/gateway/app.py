@@ -22,6 +22,7 @@ from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import api_key, error_response
+from blink.semantic_cache.cache import SemanticCache
 from blink.telemetry.metrics import CONTENT_TYPE
 
 log = logging.getLogger("blink.gateway")
@@ -77,11 +78,7 @@ def create_app(
         model = request.query_params.get("model")
         if model is not None:
             gateway.check_model(model)
-        try:
-            deleted = await gateway.cache.invalidate(api_key(request.headers), model)
-        except CacheUnavailable as exc:  # its message names the Redis: for the log, not for a client
-            log.warning("semantic cache: invalidating failed: %s", exc)
-            raise CacheUnavailable("the semantic cache is unavailable; retry shortly") from exc
+        deleted = await _invalidate(gateway.cache, api_key(request.headers), model)
         return JSONResponse({"object": "cache.invalidated", "model": model, "deleted": deleted})
 
     async def on_blink_error(request: Request, exc: Exception) -> Response:
@@ -118,3 +115,11 @@ def create_app(
     )
     app.state.gateway = gateway
     return app
+
+
+async def _invalidate(cache: SemanticCache, key: str | None, model: str | None) -> int:
+    try:
+        return await cache.invalidate(key, model)
+    except CacheUnavailable as exc:  # its message names the Redis: for the log, not for a client
+        log.warning("semantic cache: invalidating failed: %s", exc)
+        raise CacheUnavailable("the semantic cache is unavailable; retry shortly") from exc

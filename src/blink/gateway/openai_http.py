@@ -180,9 +180,7 @@ class OpenAIRoutes:
                 "model": req.model,
             }
             finish = functools.partial(_closing_chunks, base=base, include_usage=include_usage, chat=chat)
-            entry = self.gateway.responses.start(
-                gen, api_key(request.headers), finish, api=_api(chat), base=base, chat=chat
-            )
+            entry = self.gateway.responses.start(gen, api_key(request.headers), finish, api=_api(chat), base=base)
             return _event_stream(entry, -1, headers)
         try:
             await _until_done_or_disconnect(gen, request)
@@ -285,7 +283,7 @@ async def _closing_chunks(gen: Generation, *, base: dict[str, Any], include_usag
 async def _follow(entry: ResponseLog, after: int) -> AsyncIterator[bytes]:
     """The SSE events of a stream after delta index `after` (-1 also sends the opening chunk), live. A client
     that disconnects ends only this reader (the generator is closed): the response runs on for a resume."""
-    base, chat = entry.meta["base"], entry.meta["chat"]
+    base, chat = entry.meta["base"], entry.api == _api(True)
     entry.attach()
     try:
         if after < 0 and chat:
