@@ -82,13 +82,13 @@ def check_url(url: str) -> str:
     """`url` if blink can connect with it (the scheme redis://, rediss:// or unix://, a numeric port, known query
     options well-formed); ValueError otherwise, naming the URL only as `redact` writes it."""
     try:
-        if urlsplit(url).scheme.lower() not in ("redis", "rediss", "unix"):
-            raise ValueError("it must start with redis://, rediss:// or unix://")
-        parse_url(url)
+        if urlsplit(url).scheme.lower() in ("redis", "rediss", "unix"):
+            parse_url(url)
+            return url
+        why = "it must start with redis://, rediss:// or unix://"
     except ValueError as exc:
-        why = str(exc) if "must start with" in str(exc) else _reason(exc)
-        raise ValueError(f"{redact(url)} is not a Redis URL: {why}") from None
-    return url
+        why = _reason(exc)
+    raise ValueError(f"{redact(url)} is not a Redis URL: {why}")
 
 
 def _reason(exc: ValueError) -> str:

@@ -34,7 +34,7 @@ def check_session_id(session_id: str) -> str:
     that could reach another Redis key (':', '*', spaces, another session's `<id>:items`)."""
     if not isinstance(session_id, str) or SESSION_ID.fullmatch(session_id) is None:  # fullmatch: no trailing \n
         raise InvalidRequest(
-            "'session_id' must be a session id this server gave out ('sess-' and 24 hex digits)", param="session_id"
+            "'session_id' must be a session id as blink gives them out ('sess-' and 24 hex digits)", param="session_id"
         )
     return session_id
 
