@@ -28,6 +28,7 @@ import uvicorn
 
 from blink import __version__
 from blink.config import (
+    REDIS_PASSWORD_ENV,
     BenchConfig,
     CacheConfig,
     EngineConfig,
@@ -194,7 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "cache-eval":
         from blink.semantic_cache.evaluate import run
 
-        return run(args.pairs, from_flags(CacheConfig, args), from_flags(RedisConfig, args), args.cache_dir, args.json)
+        cache, redis = from_flags(CacheConfig, args), _redis_config(args)
+        problem = _bad_redis_url(redis, cache)
+        if problem is not None:
+            print(f"blink: {problem}", file=sys.stderr)
+            return 2
+        return run(args.pairs, cache, redis, args.cache_dir, args.json)
     if args.command == "bench":
         from blink.bench.runner import main as bench
 
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys_command(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
-        return worker(from_flags(ModelConfig, args), from_flags(EngineConfig, args), from_flags(RedisConfig, args))
+        return worker(from_flags(ModelConfig, args), from_flags(EngineConfig, args), _redis_config(args))
     gateway = from_flags(GatewayConfig, args)
     if not gateway.api_keys and os.environ.get("BLINK_API_KEYS"):
         gateway = dataclasses.replace(gateway, api_keys=os.environ["BLINK_API_KEYS"])
@@ -212,9 +218,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=from_flags(EngineConfig, args),
         gateway=gateway,
         cache=from_flags(CacheConfig, args),
-        redis=from_flags(RedisConfig, args),
+        redis=_redis_config(args),
     )
     return serve(config, log_level=args.log_level)
+
+
+def _redis_config(args: argparse.Namespace) -> RedisConfig:
+    """The flags, and the password from the environment (never a flag: argv is visible to every user)."""
+    password = next((os.environ[name] for name in REDIS_PASSWORD_ENV if os.environ.get(name)), "")
+    return dataclasses.replace(from_flags(RedisConfig, args), redis_password=password)
+
+
+def _bad_redis_url(redis: RedisConfig, cache: CacheConfig | None = None) -> str | None:
+    """Why a Redis URL given cannot be used (its password never shown), before anything starts; None if all can."""
+    from blink.bus.redis_wire import check_url
+
+    for flag, url in (("--redis", redis.redis), ("--cache-redis", cache.cache_redis if cache else "")):
+        try:
+            if url:
+                check_url(url)
+        except ValueError as exc:
+            return f"{flag}: {exc}"
+    return None
 
 
 def _preflight(model: ModelConfig, engine: EngineConfig) -> str | None:
@@ -238,7 +263,8 @@ def _bus(redis: RedisConfig, max_pending: int, stream_events: int) -> Bus:
     if redis.redis:
         from blink.bus.redis import RedisBus
 
-        return RedisBus(redis.redis, max_pending=max_pending, stream_events=stream_events)
+        password = redis.redis_password or None
+        return RedisBus(redis.redis, password=password, max_pending=max_pending, stream_events=stream_events)
     from blink.bus.memory import MemoryBus
 
     return MemoryBus(max_pending=max_pending, stream_events=stream_events)
@@ -253,7 +279,7 @@ def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
     if not redis.redis:
         print("blink worker: --redis is required (the bus the gateways use)", file=sys.stderr)
         return 2
-    problem = _preflight(model, engine)
+    problem = _bad_redis_url(redis) or _preflight(model, engine)
     if problem is not None:
         print(f"blink: {problem}", file=sys.stderr)
         return 2
@@ -313,7 +339,9 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     if not config.redis.local_replica and not config.redis.redis:
         print("blink serve: --no-local-replica needs --redis (workers join through it)", file=sys.stderr)
         return 2
-    problem = _preflight(config.model, config.engine) if local else None
+    problem = _bad_redis_url(config.redis, config.cache)
+    if problem is None and local:
+        problem = _preflight(config.model, config.engine)
     if problem is not None:
         print(f"blink: {problem}", file=sys.stderr)
         return 2
@@ -324,7 +352,8 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     bus = _bus(config.redis, gw.max_pending_requests, gw.stream_queue_events)
     embedder = LazyEmbedder(config.cache.cache_embedder, config.model.cache_dir, config.cache.cache_embedder_threads)
     cache = _semantic_cache(config.cache, config.redis, embedder) if config.cache.semantic_cache else None
-    sessions = RedisSessions(config.redis.redis, gw.session_ttl_s) if config.redis.redis else None
+    password = config.redis.redis_password or None
+    sessions = RedisSessions(config.redis.redis, gw.session_ttl_s, password=password) if config.redis.redis else None
     documents = TenantStores(lambda: MemoryContextStore(embedder.embed))
     gateway = Gateway(bus, gw, [config.model.model], documents, cache, sessions, auth)
     replica = Replica(bus, config.model, config.engine) if local else None
@@ -405,7 +434,7 @@ def _semantic_cache(config: CacheConfig, redis: RedisConfig, embedder: LazyEmbed
     if url:
         from blink.semantic_cache.redis import RedisIndex
 
-        index = RedisIndex(url, config.cache_max_entries)
+        index = RedisIndex(url, config.cache_max_entries, password=redis.redis_password or None)
     else:
         from blink.semantic_cache.memory import MemoryIndex
 

@@ -181,11 +181,16 @@ class CacheConfig:
     )
 
 
+REDIS_PASSWORD_ENV = ("BLINK_REDIS_PASSWORD", "REDIS_PASSWORD")  # the first one set wins
+
+
 @dataclass(frozen=True)
 class RedisConfig:
     redis: str = _help(
-        "Redis URL (redis://host:6379/0): the event bus becomes Redis Streams, which `blink worker` processes on "
-        "any machine join, and the semantic cache Redis 8 Vector Sets (empty: all in this process)",
+        "Redis URL (redis://host:6379/0, rediss:// for TLS): the event bus becomes Redis Streams, which `blink "
+        "worker` processes on any machine join, and the semantic cache Redis 8 Vector Sets (empty: all in this "
+        "process). The password comes from the environment, BLINK_REDIS_PASSWORD or REDIS_PASSWORD (one in the URL "
+        "also works, but every user of the machine can read a process's arguments)",
         "",
     )
     local_replica: bool = _help(
@@ -196,6 +201,8 @@ class RedisConfig:
         "hands back to the other workers, which continue them (clients see no gap in their text)",
         20.0,
     )
+    # not a flag (argv is visible to every user of the machine): cli.py reads it from the environment
+    redis_password: str = field(default="", repr=False, metadata={"env": REDIS_PASSWORD_ENV})
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[st
     """Add one `--flag` per field of the frozen dataclass `cls`, typed and documented from the field."""
     group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower())
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or "env" in f.metadata:  # from the environment only (cli.py)
             continue
         default = f.default
         kind = type(default)

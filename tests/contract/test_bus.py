@@ -346,7 +346,7 @@ def test_an_unreachable_redis_is_not_ready_and_never_leaks_the_password() -> Non
             await bus.start()
             with pytest.raises(NotReady) as caught:
                 await bus.submit(req("a"))
-            assert "hunter2" not in caught.value.message and ":***@127.0.0.1" in caught.value.message
+            assert "hunter2" not in caught.value.message and "127.0.0.1" not in caught.value.message
             with pytest.raises(NotReady):
                 await bus.cancel("a", "m")
             assert not await bus.publish(TokenEvent("a", 0, "t", 1))
@@ -465,6 +465,7 @@ def test_a_response_an_outage_cut_ends_with_an_error_once_redis_answers_again() 
             last = cut[-1]
             assert isinstance(last, Finished) and last.status is FinishStatus.ERROR, last
             assert last.error_code == "model_not_ready" and "unreachable" in (last.error_message or "")
+            assert "127.0.0.1" not in (last.error_message or "")  # a client reads it: no host of the deployment
             unsent = await asyncio.wait_for(drain(streams["unsent"].__aiter__()), 5)
             assert unsent == [Accepted("unsent", "r1", 3), Finished("unsent", FinishStatus.STOP, 3, 1)]
             # both acknowledged: nothing left pending on the replica

@@ -16,7 +16,10 @@ def test_serve_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) 
     text = capsys.readouterr().out
     for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig):
         for f in dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in text
+            if "env" in f.metadata:  # a secret: from the environment only, named in the help of --redis
+                assert "--" + f.name.replace("_", "-") not in text and all(n in text for n in f.metadata["env"])
+            else:
+                assert "--" + f.name.replace("_", "-") in text
 
 
 def test_flags_reach_the_config() -> None:
@@ -88,3 +91,36 @@ def test_a_broken_keys_file_stops_the_server_with_its_reason(
     (tmp_path / "keys.json").write_text('{"keys": [], "defaults": {"max_bananas": 1}}')
     assert main(["serve", "--api-keys", str(tmp_path / "keys.json")]) == 2
     assert "max_bananas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["serve", "--redis", "http://:hunter2@127.0.0.1:6379"], "--redis"),
+        (["worker", "--redis", "redis://:hunter2@127.0.0.1:notaport/0"], "--redis"),
+        (["serve", "--cache-redis", "127.0.0.1:6379"], "--cache-redis"),
+        (["cache-eval", "pairs.jsonl", "--redis", "redis://:hunter2@127.0.0.1/0?db=x"], "--redis"),
+    ],
+)
+def test_a_bad_redis_url_is_a_clear_error_that_never_shows_its_password(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blink: {flag}: ") and "is not a Redis URL" in err and "hunter2" not in err
+
+
+def test_the_redis_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blink.cli import _redis_config
+
+    args = build_parser().parse_args(["worker", "--redis", "rediss://127.0.0.1:6380/0"])
+    monkeypatch.delenv("BLINK_REDIS_PASSWORD", raising=False)
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    assert _redis_config(args).redis_password == ""
+    monkeypatch.setenv("REDIS_PASSWORD", "from-redis")
+    assert _redis_config(args).redis_password == "from-redis"
+    monkeypatch.setenv("BLINK_REDIS_PASSWORD", "from-blink")
+    config = _redis_config(args)
+    assert config.redis_password == "from-blink" and "from-blink" not in repr(config)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--redis-password", "x"])

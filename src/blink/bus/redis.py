@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -17,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar, cast
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -43,6 +43,7 @@ from blink.bus.redis_wire import (
     Health,
     Keys,
     blocking_client,
+    client,
     encode,
     entries,
     parse,
@@ -142,6 +143,7 @@ class RedisBus:
         self,
         url: str,
         *,
+        password: str | None = None,
         max_pending: int = 256,
         stream_events: int = 1024,
         heartbeat_timeout: float = 10.0,
@@ -168,18 +170,20 @@ class RedisBus:
         # publish and cancel are idempotent and go through `_sent_again` instead, which sends once more on a new
         # connection when a restarted Redis had closed the one they got from the pool (redis-py does not always
         # notice before handing it out)
-        self.client = aioredis.Redis.from_url(
+        self.client = client(
             url,
+            password,
             decode_responses=True,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        self.blocking = blocking_client(url, timeout_s)  # response readers: each holds a connection while it blocks
+        blocking = functools.partial(blocking_client, url, password, timeout_s)
+        self.blocking = blocking()  # response readers: each holds a connection while it blocks
         self._submit = self.client.register_script(_SUBMIT)
         self._publish = self.client.register_script(_PUBLISH)
         claimer = Claimer(self.client, self.keys, heartbeat_timeout, claim_interval_s)
-        self._work = WorkReader(self.client, url, self.keys, self.health, timeout_s, claimer)
+        self._work = WorkReader(self.client, blocking, self.keys, self.health, timeout_s, claimer)
         self.reading: set[str] = set()  # request ids whose stream is open here
         self._sent: dict[str, ReplicaStatus] = {}  # heartbeats sent from this process
         self._status: dict[str, ReplicaStatus] = {}
@@ -190,11 +194,12 @@ class RedisBus:
         self._closed = False
 
     def unavailable(self, exc: BaseException) -> NotReady:
-        return NotReady(f"the event bus (redis at {self.where}) is unavailable: {exc or type(exc).__name__}")
+        log.warning("bus: redis at %s is unavailable: %s", self.where, exc or type(exc).__name__)
+        return NotReady("the event bus is unavailable; retry shortly")  # a client is not told the Redis host
 
     def lost(self, finished: Finished, what: str) -> Finished:
-        """`finished` turned into the error that ends a response the bus lost part or all of."""
-        message = f"the event bus (redis at {self.where}) {what}; retry it"
+        """`finished` turned into the error that ends a response the bus lost part or all of (names no Redis)."""
+        message = f"the event bus {what}; retry it"
         return dataclasses.replace(
             finished, status=FinishStatus.ERROR, error_code="model_not_ready", error_message=message
         )

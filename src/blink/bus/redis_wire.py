@@ -1,4 +1,10 @@
-"""What the Redis bus's two sides share: key names, the entry format, and how an outage is handled.
+"""What the Redis bus's two sides share: key names, the entry format, how an outage is handled, and how every
+Redis client of blink is made (the bus, the session store and the semantic cache use `client` and `redact`).
+
+URLs: redis://, rediss:// (TLS; redis-py's ssl_* options ride in the query, e.g. ?ssl_ca_certs=/ca.pem) and
+unix://. The password comes from the environment (cli.py: BLINK_REDIS_PASSWORD or REDIS_PASSWORD), so it is not
+in any process's argv; one in the URL still works, and wins. A URL is shown only through `redact`; what reaches a
+client never names the Redis at all.
 
 Keys, for a prefix P (default blink:bus); every stream entry is {"m": JSON of messages.to_dict}:
     P:pool:<model>    GenerateRequests; one consumer group ("replicas"), each replica a consumer named by its
@@ -25,6 +31,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -65,11 +72,41 @@ class Keys:
         return f"{self.prefix}:state:{request_id}"
 
 
-def blocking_client(url: str, connect_timeout_s: float) -> aioredis.Redis:
+def client(url: str, password: str | None = None, **options: Any) -> aioredis.Redis:
+    """A client of the Redis at `url` (see the module's docstring), authenticated with `password` unless the URL
+    carries its own (redis-py lets the URL's win). `options`: redis-py's (timeouts, retry, decode_responses)."""
+    return aioredis.Redis.from_url(url, password=password or None, **options)
+
+
+def check_url(url: str) -> str:
+    """`url` if blink can connect with it (the scheme redis://, rediss:// or unix://, a numeric port, known query
+    options well-formed); ValueError otherwise, naming the URL only as `redact` writes it."""
+    try:
+        if urlsplit(url).scheme.lower() in ("redis", "rediss", "unix"):
+            parse_url(url)
+            return url
+        why = "it must start with redis://, rediss:// or unix://"
+    except ValueError as exc:
+        why = _reason(exc)
+    raise ValueError(f"{redact(url)} is not a Redis URL: {why}")
+
+
+def _reason(exc: ValueError) -> str:
+    """What was wrong, without the value (urllib quotes the offending part, which may hold the password)."""
+    text = str(exc)
+    if "port" in text.lower():
+        return "its port is not a number from 0 to 65535"
+    if "Invalid value for" in text:
+        return text  # redis-py names the option, not its value
+    return "it cannot be parsed"
+
+
+def blocking_client(url: str, password: str | None, connect_timeout_s: float) -> aioredis.Redis:
     """A client for blocking reads: no socket timeout (each call bounds its own wait with asyncio.timeout, which
     drops the connection when it fires) and no retry (a retried blocking read could deliver twice)."""
-    return aioredis.Redis.from_url(
+    return client(
         url,
+        password,
         decode_responses=True,
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=None,  # explicitly: redis-py's default is 5 s, which would cut longer blocks
@@ -144,9 +181,22 @@ def slow_consumer(request_id: str) -> Finished:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages that reach logs and clients (the bus and the cache use it)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its password (in the authority, or a `password=` query option) written as ***, for logs and
+    errors. Clients are never shown a Redis URL, even redacted: it names a host of the deployment."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    except ValueError:
+        return "(a Redis URL that cannot be parsed)"
+    options = parts.query.split("&") if parts.query else []
+    query = "&".join(f"{o.partition('=')[0]}=***" if o.partition("=")[0].lower() == "password" else o for o in options)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+    # by hand: geturl() would write unix:///path as unix:/path
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )

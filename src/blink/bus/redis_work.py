@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -22,7 +23,7 @@ from redis.typing import KeyT, StreamIdT
 
 from blink.bus.messages import Cancel, GenerateRequest, WorkMessage
 from blink.bus.redis_claim import Claimer
-from blink.bus.redis_wire import ERRORS, GROUP, Entries, Health, Keys, blocking_client, by_stream, entries, parse
+from blink.bus.redis_wire import ERRORS, GROUP, Entries, Health, Keys, by_stream, entries, parse
 
 log = logging.getLogger("blink.bus")
 
@@ -51,14 +52,17 @@ class _Consumer:
     watcher: asyncio.Task[list[Cancel]] | None = None
 
 
+Connect = Callable[[], aioredis.Redis]  # a new client (for blocking reads: redis_wire.blocking_client)
+
+
 class WorkReader:
     """Receives work for the replicas of one process and acknowledges each request once it is finished."""
 
     def __init__(
-        self, client: aioredis.Redis, url: str, keys: Keys, health: Health, timeout_s: float, claimer: Claimer
+        self, client: aioredis.Redis, blocking: Connect, keys: Keys, health: Health, timeout_s: float, claimer: Claimer
     ) -> None:
         self._client = client
-        self._url = url
+        self._blocking = blocking
         self._keys = keys
         self._health = health
         self._timeout_s = timeout_s
@@ -129,7 +133,7 @@ class WorkReader:
         await self._ensure_group(pool)
         await self._ensure_group(direct)
         cursor = last[0][0] if last else "0-0"
-        conns = blocking_client(self._url, self._timeout_s), blocking_client(self._url, self._timeout_s)
+        conns = self._blocking(), self._blocking()
         consumer = _Consumer(replica_id, model, pool, direct, cancels, cursor, *conns)
         return self._consumers.setdefault(replica_id, consumer)  # a concurrent first call may have won
 

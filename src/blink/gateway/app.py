@@ -5,6 +5,7 @@ Only pure ASGI pieces sit on the streaming path (no BaseHTTPMiddleware).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
+from blink.errors import BlinkError, CacheUnavailable, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
 from blink.gateway.auth import AuthMiddleware, tenant_of
 from blink.gateway.documents import DocumentRoutes
 from blink.gateway.keys import Tenant
@@ -25,7 +26,10 @@ from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import error_response
+from blink.semantic_cache.cache import SemanticCache
 from blink.telemetry.metrics import CONTENT_TYPE
+
+log = logging.getLogger("blink.gateway")
 
 # Starlette's own errors (routing), in blink's error shape; any other is a 400
 _HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
@@ -94,7 +98,7 @@ def create_app(
             gateway.check_model(model)
         deleted = 0
         for tenant in tenants:
-            deleted += await gateway.cache.invalidate(tenant, model)
+            deleted += await _invalidate(gateway.cache, tenant, model)
         return JSONResponse({"object": "cache.invalidated", "model": model, "deleted": deleted})
 
     async def on_blink_error(request: Request, exc: Exception) -> Response:
@@ -135,3 +139,11 @@ def create_app(
     )
     app.state.gateway = gateway
     return app
+
+
+async def _invalidate(cache: SemanticCache, tenant: str, model: str | None) -> int:
+    try:
+        return await cache.invalidate(tenant, model)
+    except CacheUnavailable as exc:  # its message names the Redis: for the log, not for a client
+        log.warning("semantic cache: invalidating failed: %s", exc)
+        raise CacheUnavailable("the semantic cache is unavailable; retry shortly") from exc

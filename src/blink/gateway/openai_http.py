@@ -127,7 +127,7 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Request) -> Response:
         started = time.monotonic()
-        resumed = self._resume(request)
+        resumed = self._resume(request, chat=True)
         if resumed is not None:
             return resumed
         body = await read_json(request, self.gateway.config.max_request_bytes)
@@ -138,7 +138,7 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         started = time.monotonic()
-        resumed = self._resume(request)
+        resumed = self._resume(request, chat=False)
         if resumed is not None:
             return resumed
         body = await read_json(request, self.gateway.config.max_request_bytes)
@@ -181,7 +181,8 @@ class OpenAIRoutes:
                 "model": req.model,
             }
             finish = functools.partial(_closing_chunks, base=base, include_usage=include_usage, chat=chat)
-            entry = self.gateway.responses.start(gen, tenant_of(request.scope).name, finish, base=base, chat=chat)
+            tenant = tenant_of(request.scope).name
+            entry = self.gateway.responses.start(gen, tenant, finish, api=_api(chat), base=base)
             return _event_stream(entry, -1, headers)
         try:
             await _until_done_or_disconnect(gen, request)
@@ -218,9 +219,9 @@ class OpenAIRoutes:
             headers=headers,
         )
 
-    def _resume(self, request: Request) -> Response | None:
-        """The rest of a stream, for a request with `Last-Event-ID: <response id>:<delta index>` (the body, the
-        original request sent again, is not read); None for a request without the header."""
+    def _resume(self, request: Request, *, chat: bool) -> Response | None:
+        """The rest of a stream this endpoint started, for a request with `Last-Event-ID: <response id>:<delta
+        index>` (the body, the original request sent again, is not read); None for a request without the header."""
         last = request.headers.get("last-event-id")
         if last is None:
             return None
@@ -229,8 +230,13 @@ class OpenAIRoutes:
             raise InvalidRequest(
                 "'Last-Event-ID' must be an event id of a blink stream: '<response id>:<index>'", param="Last-Event-ID"
             )
-        entry = self.gateway.responses.get(response_id, tenant_of(request.scope).name)
+        entry = self.gateway.responses.get(response_id, tenant_of(request.scope).name, _api(chat))
         return _event_stream(entry, max(-1, int(index)), {"X-Blink-Cache": entry.generation.cache_status})
+
+
+def _api(chat: bool) -> str:
+    """The API a stream belongs to (gateway/resume.py): only its own endpoint resumes it."""
+    return "chat.completions" if chat else "completions"
 
 
 def _event_stream(entry: ResponseLog, after: int, headers: dict[str, str]) -> StreamingResponse:
@@ -279,7 +285,7 @@ async def _closing_chunks(gen: Generation, *, base: dict[str, Any], include_usag
 async def _follow(entry: ResponseLog, after: int) -> AsyncIterator[bytes]:
     """The SSE events of a stream after delta index `after` (-1 also sends the opening chunk), live. A client
     that disconnects ends only this reader (the generator is closed): the response runs on for a resume."""
-    base, chat = entry.meta["base"], entry.meta["chat"]
+    base, chat = entry.meta["base"], entry.api == _api(True)
     entry.attach()
     try:
         if after < 0 and chat:

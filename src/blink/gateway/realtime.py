@@ -475,7 +475,7 @@ class RealtimeSession:
             await generation.cancel("client")
         response_id, item_id = request.request_id, self.gateway.new_id("item")
         finish = functools.partial(self._finish, response_id=response_id, item_id=item_id, preload=preload)
-        entry = self.gateway.responses.start(generation, self.tenant.name, finish, item_id=item_id)
+        entry = self.gateway.responses.start(generation, self.tenant.name, finish, api="realtime", item_id=item_id)
         created = {
             "type": "response.created",
             "response": {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []},
@@ -525,7 +525,7 @@ class RealtimeSession:
         response_id = v.get_str(event, "response_id", required=True, param="response_id")
         assert response_id is not None
         after = v.get_number(event, "after", -1, 1 << 31, integer=True, param="after")
-        entry = self.gateway.responses.get(response_id, self.tenant.name)
+        entry = self.gateway.responses.get(response_id, self.tenant.name, "realtime")
         self._cancel_requested = False
         self._task = asyncio.create_task(self._resume(entry, -1 if after is None else int(after)))
 

@@ -1,7 +1,7 @@
 """Resumable responses: a response runs detached from the connection that asked for it, so a client that lost its
 connection can reconnect and continue it without losing or repeating text.
 
-    log = gateway.responses.start(generation, tenant, finish)   # a pump task drives the generation
+    log = gateway.responses.start(generation, tenant, finish, api=...)   # a pump task drives the generation
     log.attach(); async for index, text in log.follow(after=-1): ...; log.detach()   # readers, each from its point
     log.final                                                    # then what `finish(generation)` made of its end
 
@@ -10,6 +10,9 @@ result (the API's closing events). A reader that detaches (its client vanished) 
 no reader is attached for `window` seconds the response is cancelled (the replica frees its sequence), and a
 finished log is kept `window` seconds for a late resume, then forgotten. `window` 0: the last reader leaving
 cancels at once (no resume). Resume reaches the gateway that runs the response (its log lives in its memory).
+
+A response resumes only over the API that started it (`api`: "chat.completions", "completions", "realtime"):
+each formats its stream from its own `meta` and its own closing events, so another API's id is not found.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ Finish = Callable[["Generation"], Awaitable[list[Any]]]
 
 
 class ResponseLog:
-    def __init__(self, registry: Responses, generation: Generation, tenant: str | None, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, registry: Responses, generation: Generation, tenant: str | None, api: str, meta: dict[str, Any]
+    ) -> None:
         self.registry = registry
         self.generation = generation
         self.response_id = generation.request_id
         self.tenant = tenant
+        self.api = api  # the API that started it: the only one that can format (so resume) it
         self.meta = meta  # what an API needs to format a resumed stream (e.g. the SSE chunks' id, model, created)
         self.deltas: list[str] = []
         self.final: list[Any] | None = None  # set when the response ended: the API's closing events
@@ -116,20 +122,22 @@ class Responses:
         self.window = window  # seconds a response waits for a client to come back
         self._logs: dict[str, ResponseLog] = {}
 
-    def start(self, generation: Generation, tenant: str | None, finish: Finish, **meta: Any) -> ResponseLog:
-        entry = ResponseLog(self, generation, tenant, meta)
+    def start(
+        self, generation: Generation, tenant: str | None, finish: Finish, *, api: str, **meta: Any
+    ) -> ResponseLog:
+        entry = ResponseLog(self, generation, tenant, api, meta)
         self._logs[entry.response_id] = entry
         entry.pump = asyncio.get_running_loop().create_task(entry.run(finish))
         return entry
 
-    def get(self, response_id: str, tenant: str | None) -> ResponseLog:
-        """The log of a running (or recently ended) response of `tenant`; NotFound otherwise (another tenant's
-        response is not found either: its existence is not revealed)."""
+    def get(self, response_id: str, tenant: str | None, api: str) -> ResponseLog:
+        """The log of a running (or recently ended) response of `tenant` started over `api`; NotFound otherwise
+        (another tenant's response is not found either: its existence is not revealed; nor is another API's)."""
         entry = self._logs.get(response_id)
-        if entry is None or entry.tenant != tenant:
+        if entry is None or entry.tenant != tenant or entry.api != api:
             raise NotFound(
-                f"no response {response_id!r} to resume: unknown, another key's, on another gateway, or ended "
-                f"over {self.window:g} s ago",
+                f"no response {response_id!r} to resume here: unknown, another key's, another API's, on another "
+                f"gateway, or ended over {self.window:g} s ago",
                 param="response_id",
                 code="response_not_found",
             )

@@ -7,17 +7,36 @@ reconnects (`/v1/realtime?session_id=...`), possibly to another gateway, continu
 A session belongs to the tenant that created it (its API key's digest): another key neither finds nor changes it.
 A session unused for `ttl` seconds is forgotten. Writes are appends (an item) and whole-settings replaces, so two
 connections of one session never lose each other's items (their order is the order the store received them).
+A session id comes from the client (`?session_id=`): every store refuses one blink could not have given out
+(`check_session_id`) before it touches anything, so on Redis a client's id never names another key.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from blink.errors import NotReady
+from blink.errors import InvalidRequest, NotReady
+
+log = logging.getLogger("blink.gateway.sessions")
+
+SESSION_ID = re.compile(r"sess-[0-9a-f]{24}")  # what Gateway.new_id("sess") gives out
+
+
+def check_session_id(session_id: str) -> str:
+    """`session_id` if it has the form of an id blink gives out ('sess-' and 24 lower-case hex digits), else
+    InvalidRequest (param session_id; the id is not echoed back: it may be long). The form rules out everything
+    that could reach another Redis key (':', '*', spaces, another session's `<id>:items`)."""
+    if not isinstance(session_id, str) or SESSION_ID.fullmatch(session_id) is None:  # fullmatch: no trailing \n
+        raise InvalidRequest(
+            "'session_id' must be a session id as blink gives them out ('sess-' and 24 hex digits)", param="session_id"
+        )
+    return session_id
 
 
 @dataclass
@@ -28,6 +47,9 @@ class SessionRecord:
 
 
 class SessionStore(Protocol):
+    """Every method raises InvalidRequest for an id `check_session_id` refuses, before it touches anything, and
+    NotReady while the store is unreachable."""
+
     async def create(self, session_id: str, record: SessionRecord) -> None: ...
 
     async def load(self, session_id: str, tenant: str) -> SessionRecord | None:
@@ -48,7 +70,7 @@ class MemorySessions:
         self._records: OrderedDict[str, tuple[float, SessionRecord]] = OrderedDict()  # least recently used first
 
     def _get(self, session_id: str) -> SessionRecord | None:
-        found = self._records.get(session_id)
+        found = self._records.get(check_session_id(session_id))
         if found is None:
             return None
         used, record = found
@@ -60,7 +82,7 @@ class MemorySessions:
         return record
 
     async def create(self, session_id: str, record: SessionRecord) -> None:
-        self._records[session_id] = (time.monotonic(), record)
+        self._records[check_session_id(session_id)] = (time.monotonic(), record)
         while len(self._records) > self.max_sessions:
             self._records.popitem(last=False)
 
@@ -86,17 +108,19 @@ class MemorySessions:
 
 class RedisSessions:
     """`<prefix>session:<id>`: a hash {tenant, settings (JSON)}; `<prefix>session:<id>:items`: a list of JSON items.
-    Both keys expire `ttl` seconds after the last write or load."""
+    Both keys expire `ttl` seconds after the last write or load. `url` and `password`: as bus/redis_wire.client.
+    Any Redis failure is NotReady, whose message does not name the Redis (the log does, its password masked)."""
 
-    def __init__(self, url: str, ttl: float, prefix: str = "blink:") -> None:
-        import redis.asyncio as aioredis
+    def __init__(self, url: str, ttl: float, prefix: str = "blink:", *, password: str | None = None) -> None:
+        from blink.bus.redis_wire import client, redact
 
         self.ttl = max(1, int(ttl))
         self.prefix = prefix
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._where = redact(url)
+        self._redis = client(url, password, socket_timeout=5, socket_connect_timeout=5)
 
     def _keys(self, session_id: str) -> tuple[str, str]:
-        key = f"{self.prefix}session:{session_id}"
+        key = f"{self.prefix}session:{check_session_id(session_id)}"
         return key, key + ":items"
 
     async def _run(self, build: Any) -> list[Any]:
@@ -107,8 +131,9 @@ class RedisSessions:
                 build(pipe)
                 result: list[Any] = await pipe.execute()
                 return result
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise NotReady(f"the session store (Redis) is unreachable: {exc}") from exc
+        except (redis.RedisError, OSError) as exc:  # RedisError: also a refused AUTH, or an error reply
+            log.warning("sessions: redis at %s failed: %s", self._where, exc or type(exc).__name__)
+            raise NotReady("the session store is unavailable; retry shortly") from exc
 
     async def create(self, session_id: str, record: SessionRecord) -> None:
         key, items = self._keys(session_id)

@@ -103,7 +103,8 @@ def _index(config: CacheConfig, redis: RedisConfig, size: int) -> VectorIndex:
     if url:
         from blink.semantic_cache.redis import RedisIndex
 
-        return RedisIndex(url, size, prefix=f"blink:cache-eval:{uuid.uuid4().hex[:8]}")
+        prefix = f"blink:cache-eval:{uuid.uuid4().hex[:8]}"
+        return RedisIndex(url, size, prefix=prefix, password=redis.redis_password or None)
     from blink.semantic_cache.memory import MemoryIndex
 
     return MemoryIndex(size)

@@ -23,13 +23,12 @@ from decimal import Decimal
 from typing import Any, cast
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from blink.bus.redis_wire import redact
+from blink.bus.redis_wire import client, redact
 from blink.errors import CacheUnavailable
 from blink.semantic_cache.index import Candidate, Entry, Scope
 
@@ -49,7 +48,14 @@ class RedisIndex:
     name = "redis"
 
     def __init__(
-        self, url: str, max_entries: int, dim: int = 384, prefix: str = "blink:cache", timeout_s: float = 0.25
+        self,
+        url: str,
+        max_entries: int,
+        dim: int = 384,
+        prefix: str = "blink:cache",
+        timeout_s: float = 0.25,
+        *,
+        password: str | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
@@ -61,8 +67,9 @@ class RedisIndex:
         self._exp = f"{prefix}:exp"
         # redis-py's default retry (10 tries, backoff to 1 s) would turn a dead Redis into seconds of waiting:
         # retry once, at once, and only a dropped connection (a restarted Redis), never a timeout.
-        self._client = aioredis.Redis.from_url(
+        self._client = client(  # `url`, `password`: as bus/redis_wire.client (rediss:// for TLS)
             url,
+            password,
             decode_responses=True,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,

@@ -30,6 +30,7 @@ from blink.config import GatewayConfig
 from blink.gateway.app import create_app
 from blink.gateway.keys import KeyFile
 from blink.gateway.service import Gateway
+from blink.gateway.sessions import SessionStore
 from blink.preload.store import MemoryContextStore, TenantStores
 from tests.unit.preload.fakes import HashEmbedder
 
@@ -118,12 +119,18 @@ class _Errors(logging.Handler):
 class LiveServer:
     """`errors`: what the server logged at ERROR (uvicorn reports an exception escaping the app there)."""
 
-    def __init__(self, replicas: list[FakeReplica], config: GatewayConfig, store: TenantStores | None = None) -> None:
+    def __init__(
+        self,
+        replicas: list[FakeReplica],
+        config: GatewayConfig,
+        store: TenantStores | None = None,
+        session_store: SessionStore | None = None,
+    ) -> None:
         self.replicas = replicas
         self.bus = MemoryBus(max_pending=config.max_pending_requests, stream_events=config.stream_queue_events)
         models = list(dict.fromkeys(r.model for r in replicas))
         auth = KeyFile(Path(config.api_keys)) if config.api_keys else None
-        self.gateway = Gateway(self.bus, config, models, store, auth=auth)
+        self.gateway = Gateway(self.bus, config, models, store, session_store=session_store, auth=auth)
         self.loop = asyncio.new_event_loop()
         self.server = http_server(create_app(self.gateway, self._lifespan), self.gateway, log_level="warning")
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -136,6 +143,7 @@ class LiveServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.gateway.session_store.close()
 
     def _serve(self) -> None:
         self.loop.run_until_complete(self.server.serve())
@@ -179,13 +187,16 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., LiveServer]]:
-    """`serve(*replicas, documents=False, **gateway_config)` starts a live gateway (`documents`: with a document
-    store, its embedder a hashing fake); it stops when the test ends."""
+    """`serve(*replicas, documents=False, session_store=None, **gateway_config)` starts a live gateway
+    (`documents`: with a document store, its embedder a hashing fake); it stops when the test ends."""
     started: list[LiveServer] = []
 
-    def start(*replicas: FakeReplica, documents: bool = False, **config: Any) -> LiveServer:
+    def start(
+        *replicas: FakeReplica, documents: bool = False, session_store: SessionStore | None = None, **config: Any
+    ) -> LiveServer:
         store = TenantStores(lambda: MemoryContextStore(HashEmbedder())) if documents else None
-        server = LiveServer(list(replicas) or [FakeReplica(MODEL)], GatewayConfig(port=0, **config), store)
+        config_ = GatewayConfig(port=0, **config)
+        server = LiveServer(list(replicas) or [FakeReplica(MODEL)], config_, store, session_store)
         server.start()
         started.append(server)
         return server

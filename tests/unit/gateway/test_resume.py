@@ -14,7 +14,9 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from blink.gateway.sessions import RedisSessions
 from tests.e2e.test_realtime import recv, until
+from tests.redis_server import RedisServer
 from tests.unit.gateway.conftest import MODEL, FakeReplica, LiveServer, bearer, make_keys
 from tests.unit.gateway.test_realtime import open_session, send, user_item
 
@@ -93,7 +95,7 @@ def test_resume_is_for_the_same_key_only_and_a_foreign_session_is_not_found(serv
                 error = await recv(other)
                 assert error["error"]["code"] == "invalid_request" and error["error"]["param"] == "after"
             await until(ws, "response.done")
-        for headers, wanted in ((mallory, session["id"]), (alice, "sess-unknown")):
+        for headers, wanted in ((mallory, session["id"]), (alice, "sess-" + "0" * 24)):
             async with connect(f"{server.ws_url}?session_id={wanted}", additional_headers=headers) as ws:
                 error = await recv(ws)
                 assert error["type"] == "error" and error["error"]["code"] == "session_not_found"
@@ -192,4 +194,81 @@ def test_an_sse_client_resumes_with_last_event_id_and_gets_the_rest_once(serve: 
         f"{server.base}/v1/chat/completions", json=body, headers={**headers, "Last-Event-ID": "x"}, timeout=10
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+    assert server.errors == []
+
+
+def test_a_response_resumes_only_over_the_api_that_started_it(serve: Serve) -> None:
+    """A realtime response id in Last-Event-ID, a chat completion's id in response.resume, a completion's id on
+    /v1/chat/completions: each is a clean 'response_not_found' (never a stream in the wrong format, a 500 or a
+    traceback), and the connection or session stays usable."""
+    server = serve(slow_replica())
+    headers = {"Authorization": "Bearer k"}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True}
+    plain = {"model": MODEL, "prompt": "Once upon a time", "stream": True}
+
+    def sse_id(path: str, body: dict[str, Any]) -> str:
+        with httpx.stream("POST", f"{server.base}{path}", json=body, headers=headers, timeout=10) as r:
+            return next(x[4:] for x in r.iter_lines() if x.startswith("id: ")).rpartition(":")[0]
+
+    chat_id, completion_id = sse_id("/v1/chat/completions", chat), sse_id("/v1/completions", plain)
+
+    async def main() -> str:
+        async with connect(server.ws_url, additional_headers=headers) as ws:
+            await recv(ws)
+            await send(ws, {"type": "response.resume", "response_id": chat_id, "after": -1, "event_id": "e1"})
+            error = await recv(ws, 10)
+            assert error["type"] == "error", error
+            assert error["error"]["code"] == "response_not_found" and error["error"]["event_id"] == "e1"
+            await send(ws, user_item("hi"))  # the session goes on
+            await until(ws, "conversation.item.created")
+            await send(ws, {"type": "response.create"})
+            created, _ = await until(ws, "response.created")
+            await until(ws, "response.done")
+            return str(created["response"]["id"])
+
+    realtime_id = asyncio.run(main())
+    for path, body, foreign in (
+        ("/v1/chat/completions", chat, f"{realtime_id}:0"),
+        ("/v1/completions", plain, f"{realtime_id}:-1"),
+        ("/v1/chat/completions", chat, f"{completion_id}:0"),
+        ("/v1/completions", plain, f"{chat_id}:0"),
+    ):
+        got = httpx.post(f"{server.base}{path}", json=body, headers={**headers, "Last-Event-ID": foreign}, timeout=10)
+        assert got.status_code == 404, (path, foreign, got.status_code, got.text[:300])
+        assert got.json()["error"]["code"] == "response_not_found"
+    # each API still resumes its own
+    own = httpx.post(
+        f"{server.base}/v1/chat/completions", json=chat, headers={**headers, "Last-Event-ID": f"{chat_id}:0"}
+    )
+    assert own.status_code == 200 and sse_data(own.text.splitlines())[-1] == "[DONE]"
+    assert server.errors == []
+
+
+def test_a_session_id_that_is_not_one_blink_gave_out_is_refused_before_redis_is_touched(
+    serve: Serve, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """On Redis a session is `<prefix>session:<id>` and its items `<prefix>session:<id>:items`: a client naming
+    `<id>:items` (or anything with ':', '*', spaces) gets a clean error, never a Redis error or a traceback."""
+    server = serve(session_store=RedisSessions(redis_server.url, 60, prefix=redis_prefix + ":"))
+
+    async def main() -> None:
+        ws, session = await open_session(server)
+        await send(ws, user_item("Remember me."))
+        await until(ws, "conversation.item.created")
+        await ws.close()
+        for wanted in (f"{session['id']}:items", "*", "sess-%20x", "x" * 5000):
+            async with connect(f"{server.ws_url}?session_id={wanted}") as bad:
+                error = await recv(bad, 10)
+                assert error["type"] == "error", error
+                assert error["error"]["code"] == "invalid_request" and error["error"]["param"] == "session_id"
+                try:
+                    await recv(bad, 10)
+                    raise AssertionError("the connection stayed open")
+                except ConnectionClosed as closed:
+                    assert closed.rcvd is not None and closed.rcvd.code == 1008
+        async with connect(f"{server.ws_url}?session_id={session['id']}") as again:  # the session is intact
+            created = await recv(again)
+            assert created["type"] == "session.created" and created["session"]["id"] == session["id"]
+
+    asyncio.run(main())
     assert server.errors == []
