@@ -148,7 +148,7 @@ def test_an_add_sweeps_expired_entries(make_index: Factory) -> None:
 def test_least_recently_used_entries_are_evicted_past_max_entries(make_index: Factory) -> None:
     rng = np.random.default_rng(4)
     a, b, c, d = unit(rng, 4)
-    other = Scope("t9", "m9", "d9")  # the cap is global: it counts every scope
+    other = Scope("t1", "m9", "d9")  # the cap counts every scope of a tenant
 
     async def body(index: VectorIndex) -> None:
         await index.add(S, a, entry("a"))
@@ -179,6 +179,66 @@ def test_eviction_keeps_every_remaining_entry_findable(make_index: Factory) -> N
         assert len(await ids(index, S, vs[0], k=100)) == 50
 
     with_index(make_index, body, max_entries=50)
+
+
+A, B, C = Scope("ta", "m1", "d1"), Scope("tb", "m1", "d1"), Scope("tc", "m1", "d1")  # three tenants
+
+
+async def held(index: VectorIndex, scope: Scope, rng: np.random.Generator) -> list[str]:
+    return sorted(await ids(index, scope, unit(rng), k=100))
+
+
+def test_a_tenant_storing_far_past_its_quota_never_evicts_another_tenants_entries(make_index: Factory) -> None:
+    rng = np.random.default_rng(12)
+
+    async def body(index: VectorIndex) -> None:
+        for i in range(3):
+            await index.add(B, unit(rng), entry(f"b{i}"), quota=5)
+        for i in range(40):  # four times the whole index: only its own quota's worth stays
+            await index.add(A, unit(rng), entry(f"a{i:02}"), quota=5)
+        assert await held(index, B, rng) == ["b0", "b1", "b2"]
+        assert await held(index, A, rng) == [f"a{i}" for i in range(35, 40)]
+        assert await index.count() == 8
+
+    with_index(make_index, body, max_entries=10)
+
+
+def test_a_tenant_at_its_quota_evicts_its_own_least_recently_used(make_index: Factory) -> None:
+    rng = np.random.default_rng(13)
+
+    async def body(index: VectorIndex) -> None:
+        await index.add(B, unit(rng), entry("b-oldest"))  # the oldest entry of all, of another tenant
+        for name in ("a1", "a2", "a3"):
+            await index.add(A, unit(rng), entry(name), quota=3)
+        await index.touch(A, "a1")
+        await index.add(Scope("ta", "m2", "d2"), unit(rng), entry("a4"), quota=3)  # the quota spans its scopes
+        assert await held(index, A, rng) == ["a1", "a3"]
+        assert await held(index, Scope("ta", "m2", "d2"), rng) == ["a4"]
+        assert await held(index, B, rng) == ["b-oldest"]
+        await index.add(A, unit(rng), entry("a5"), quota=0)  # 0: no quota of its own (the cap still holds)
+        assert await held(index, A, rng) == ["a1", "a3", "a5"]
+        assert await index.count() == 5
+
+    with_index(make_index, body)
+
+
+def test_past_max_entries_the_largest_tenants_least_recently_used_goes(make_index: Factory) -> None:
+    rng = np.random.default_rng(14)
+
+    async def body(index: VectorIndex) -> None:
+        for scope, name in ((A, "a1"), (B, "b1"), (A, "a2"), (B, "b2")):
+            await index.add(scope, unit(rng), entry(name))
+        await index.add(C, unit(rng), entry("c1"))  # A and B hold two each: A's least recent use is the older
+        assert (await held(index, A, rng), await held(index, B, rng)) == (["a2"], ["b1", "b2"])
+        for name in ("b1", "b2"):
+            await index.touch(B, name)
+        await index.add(C, unit(rng), entry("c2"))  # B and C hold two: C's c1 is used less recently than B's
+        assert (await held(index, B, rng), await held(index, C, rng)) == (["b1", "b2"], ["c2"])
+        await index.add(B, unit(rng), entry("b3"))  # B holds three: its own b1 goes, not A's a2, the oldest of all
+        assert (await held(index, A, rng), await held(index, B, rng)) == (["a2"], ["b2", "b3"])
+        assert await index.count() == 4
+
+    with_index(make_index, body, max_entries=4)
 
 
 def test_invalidate_drops_a_tenant_or_one_of_its_models(make_index: Factory) -> None:
@@ -244,6 +304,34 @@ def test_a_vector_of_the_wrong_size_is_rejected(make_index: Factory) -> None:
             await index.search(S, np.zeros(DIM - 1, np.float32), 1, time.time())
 
     with_index(make_index, body)
+
+
+# Redis only: several gateways share one index
+
+
+def test_concurrent_gateways_keep_the_cap_and_every_quota(redis_server: RedisServer, redis_prefix: str) -> None:
+    rng = np.random.default_rng(15)
+    vectors = unit(rng, 4 * 60)
+    tenants = [Scope(f"t{i}", "m1", "d1") for i in range(3)]
+    quotas = [0, 6, 6]  # t0 has no quota of its own: it gets what the others leave of the cap
+
+    async def gateway(g: int, index: VectorIndex) -> None:
+        for i in range(60):  # interleaved with the other gateways' adds at every await
+            await index.add(tenants[i % 3], vectors[60 * g + i], entry(f"g{g}-{i}"), quota=quotas[i % 3])
+
+    async def main() -> None:
+        gateways = [RedisIndex(redis_server.url, 20, DIM, prefix=redis_prefix) for _ in range(4)]
+        try:
+            await asyncio.gather(*(gateway(g, index) for g, index in enumerate(gateways)))
+            held_by = [len(await held(gateways[0], scope, rng)) for scope in tenants]
+            assert held_by == [8, 6, 6] and await gateways[0].count() == 20
+            assert await gateways[1].invalidate("t0") == 8
+            assert await gateways[2].count() == 12
+        finally:
+            for index in gateways:
+                await index.close()
+
+    asyncio.run(main())
 
 
 # Redis only: the backend goes away and comes back

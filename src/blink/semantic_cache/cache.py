@@ -1,7 +1,7 @@
 """The cache policy: what is cacheable, under which scope, when a candidate counts as a hit, and what happens
 when the index's backend is down.
 
-    lookup = await cache.lookup(tenant, request)   # None: not cacheable here (or the backend is down)
+    lookup = await cache.lookup(tenant, request, quota=limits.cache_entries)   # None: not cacheable (or down)
     if lookup and lookup.hit: stream lookup.hit.entry.answer
     ... the model answers; only a response that completed (stop token or stop string) is stored:
     await cache.store(lookup, text, completion_tokens)
@@ -16,6 +16,11 @@ answer to any request allowing n or more, and one allowing fewer misses.
 Which chat requests: by default (`cache_turns` "first") only a conversation's first user turn, i.e. system
 messages and one user message; with "all" any request ending with a user message, each in the scope of its
 own history. Background requests (pre-loads) never touch the cache.
+
+Room: a tenant's answers hold at most its quota of entries (TenantLimits.cache_entries, given to `lookup` and
+kept in the Lookup for `store`); storing past it evicts the tenant's own least recently used answers, never
+another tenant's, and a full index evicts from the tenant holding the most (semantic_cache/index.py states
+the rule). `snapshot` (shown on the open /readyz) counts over all tenants and names none.
 
 A hit: the best candidates (up to CANDIDATES) at or above the threshold are verified in order
 (semantic_cache/verify.py); the first that agrees is the hit. The backend going away (CacheUnavailable) makes
@@ -76,6 +81,7 @@ class Lookup:
     lookup_ms: float = 0.0
     embed_ms: float = 0.0
     rejected: int = 0  # candidates above the threshold that verification refused
+    quota: int = 0  # entries the tenant's answers may hold (0: no quota of its own), for `store`
 
     def timings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cache": "hit" if self.hit else "miss", "cache_lookup_ms": round(self.lookup_ms, 3)}
@@ -154,10 +160,13 @@ class SemanticCache:
         self._down_until = self._clock() + self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_S[1])
 
-    async def lookup(self, tenant: str, request: GenerateRequest) -> Lookup | None:
+    async def lookup(self, tenant: str, request: GenerateRequest, quota: int = 0) -> Lookup | None:
         """The request's cache key with its hit, if any. None when the request is not cacheable, its query is
         longer than the embedder reads, the embedder is not loaded yet, or the backend is down (a miss that will
-        not be stored either)."""
+        not be stored either). `quota`: the entries `tenant`'s answers may hold (its
+        TenantLimits.cache_entries; 0: no quota of its own), applied when `store` stores this lookup's answer."""
+        if quota < 0:
+            raise ValueError(f"cache quota must be 0 (none) or positive, got {quota}")
         key = self.key(tenant, request)
         embedder = self._embedder()
         if key is None or embedder is None or not self._available():
@@ -169,7 +178,7 @@ class SemanticCache:
         started = time.perf_counter()
         vector = (await asyncio.to_thread(embedder.embed, [query]))[0]  # [dim]
         embedded = time.perf_counter()
-        lookup = Lookup(scope, query, vector, embed_ms=(embedded - started) * 1000)
+        lookup = Lookup(scope, query, vector, embed_ms=(embedded - started) * 1000, quota=quota)
         try:
             candidates = await self.index.search(scope, vector, CANDIDATES, self._clock())
         except CacheUnavailable as exc:
@@ -202,7 +211,7 @@ class SemanticCache:
         now = self._clock()
         entry = Entry(uuid.uuid4().hex, lookup.query, answer, completion_tokens, now, now + self.config.cache_ttl_s)
         try:
-            await self.index.add(lookup.scope, lookup.vector, entry)
+            await self.index.add(lookup.scope, lookup.vector, entry, lookup.quota)
         except CacheUnavailable as exc:
             self._failed(exc, "store")
             return False

@@ -9,8 +9,20 @@ Contract every index gives:
 - `add` stores (or replaces, by `entry.id`) an entry with its unit-length vector in `scope`.
 - `search` returns at most `k` unexpired entries of `scope` (expires > now), best first, with their cosine
   similarity (in [-1, 1]; an index that quantises may be approximate, within about 0.02).
-- Past `max_entries` in total (over every scope), `add` evicts the least recently used entries (`touch` marks
-  an entry used; `add` counts as a use).
+- Room is shared between tenants (`scope.tenant`) by one rule; `touch` marks an entry used, `add` counts as a use.
+  After storing, `add(scope, vector, entry, quota)`:
+  1. quota: if `quota` > 0, evicts the least recently used entries of `scope.tenant` (over all its scopes) until
+     it holds at most `quota` (the entry just added, the most recently used, stays). Only the adding tenant's
+     entries go in this step. `quota` 0: the tenant has no quota of its own.
+  2. cap: while more than `max_entries` are stored in all, evicts the least recently used entry of the tenant
+     holding the most entries (a tie: of the one among them whose least recently used entry is the oldest).
+  So another tenant's traffic evicts a tenant's entry only in step 2, and only while that tenant holds at least
+  as many entries as any other, i.e. more than max_entries / (number of tenants holding entries): a tenant
+  within that share keeps its entries whatever the others store. When every tenant stores with a quota and the
+  quotas sum to at most `max_entries`, step 2 never evicts anything and no tenant loses an entry to another's
+  traffic. A quota lowered between adds is restored at the tenant's next adds (an index may spread a large
+  eviction over several adds: RedisIndex evicts at most EVICT_WINDOW entries per step per add). Expired entries
+  are swept whoever they belong to; that is expiry, not eviction.
 - `invalidate(tenant, model)` drops every scope of a tenant (of one model only if `model` is given) and returns
   how many entries went.
 - A backend that cannot be reached raises CacheUnavailable (never a transport's own exception), and works again
@@ -58,8 +70,9 @@ class Candidate:
 class VectorIndex(Protocol):
     name: str  # "memory", "redis": reported in logs and metrics
 
-    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry) -> None:
-        """Store `entry` under `scope`; `vector` is float32 [dim], unit length."""
+    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry, quota: int = 0) -> None:
+        """Store `entry` under `scope`; `vector` is float32 [dim], unit length. `quota`: the entries
+        `scope.tenant` may hold (0: no quota of its own; negative: ValueError); see the eviction rule above."""
         ...
 
     async def search(self, scope: Scope, vector: np.ndarray, k: int, now: float) -> list[Candidate]: ...

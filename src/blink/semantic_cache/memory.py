@@ -1,4 +1,4 @@
-"""The in-process VectorIndex: exact search, one float32 matrix per scope, a global LRU over every scope.
+"""The in-process VectorIndex: exact search, one float32 matrix per scope, one LRU per tenant over its scopes.
 
 Nothing here awaits: the methods are async only to satisfy the Protocol, so each runs to completion without
 yielding and needs no lock. Search is one matrix-vector product over the scope's rows (10,000 rows of 384
@@ -8,6 +8,7 @@ floats is well under a millisecond).
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import OrderedDict
 
@@ -65,6 +66,7 @@ class MemoryIndex:
 
     Entries expire lazily: `search` never returns one with expires <= now and drops those it meets; `add` sweeps
     every entry whose expiry has passed on the wall clock. `count` may include expired entries not yet swept.
+    Finding the largest tenant at the cap looks at every tenant holding entries: O(tenants) per eviction.
     """
 
     name = "memory"
@@ -75,24 +77,32 @@ class MemoryIndex:
         self.max_entries = max_entries
         self.dim = dim
         self._parts: dict[str, _Part] = {}  # scope.key -> part
-        self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()  # (scope.key, id), least recent first
+        # tenant -> {(scope.key, id): use number}, least recent first; a tenant holding nothing has no item
+        self._lru: dict[str, OrderedDict[tuple[str, str], int]] = {}
+        self._uses = itertools.count()  # numbers uses across tenants: whose least recent use is older
+        self._size = 0
         # (expires, scope.key, id) per add; an item whose entry was since replaced or removed is stale and skipped.
         self._expiry: list[tuple[float, str, str]] = []
 
-    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry) -> None:
+    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry, quota: int = 0) -> None:
         vector = self._check(vector)
+        if quota < 0:
+            raise ValueError(f"quota must be 0 (none) or positive, got {quota}")
         self._sweep(time.time())
         part = self._parts.get(scope.key)
         if part is None:
             part = self._parts[scope.key] = _Part(scope, self.dim)
         part.put(vector, entry)
-        self._lru[(scope.key, entry.id)] = None
-        self._lru.move_to_end((scope.key, entry.id))
+        lru = self._lru.setdefault(scope.tenant, OrderedDict())
+        self._size += (scope.key, entry.id) not in lru
+        self._use(lru, (scope.key, entry.id))
         heapq.heappush(self._expiry, (entry.expires, scope.key, entry.id))
-        while len(self._lru) > self.max_entries:
-            (key, entry_id), _ = self._lru.popitem(last=False)
-            self._drop(key, entry_id)
-        if len(self._expiry) > 2 * len(self._lru) + 64:  # too many stale items: rebuild from the live entries
+        while quota and len(lru) > quota:  # never empties `lru`: the entry just added is its most recent
+            self._drop(*next(iter(lru)))
+        while self._size > self.max_entries:
+            largest = max(self._lru.values(), key=lambda t: (len(t), -next(iter(t.values()))))
+            self._drop(*next(iter(largest)))
+        if len(self._expiry) > 2 * self._size + 64:  # too many stale items: rebuild from the live entries
             self._expiry = [(e.expires, k, e.id) for k, p in self._parts.items() for e in p.entries]
             heapq.heapify(self._expiry)
 
@@ -113,13 +123,13 @@ class MemoryIndex:
         best = top[np.argsort(-sims[top], kind="stable")]
         found = [Candidate(part.entries[i], float(sims[i])) for i in best if live[i]]
         for entry_id in expired:  # after reading rows: dropping one moves another row
-            del self._lru[(scope.key, entry_id)]
             self._drop(scope.key, entry_id)
         return found
 
     async def touch(self, scope: Scope, entry_id: str) -> None:
-        if (scope.key, entry_id) in self._lru:
-            self._lru.move_to_end((scope.key, entry_id))
+        lru = self._lru.get(scope.tenant)
+        if lru is not None and (scope.key, entry_id) in lru:
+            self._use(lru, (scope.key, entry_id))
 
     async def invalidate(self, tenant: str, model: str | None = None) -> int:
         keys = [
@@ -132,15 +142,19 @@ class MemoryIndex:
             part = self._parts.pop(key)
             dropped += len(part)
             for entry in part.entries:
-                del self._lru[(key, entry.id)]
+                del self._lru[tenant][(key, entry.id)]
+        if keys and not self._lru[tenant]:
+            del self._lru[tenant]
+        self._size -= dropped
         return dropped  # their items in _expiry are now stale: skipped by the sweep, gone at the next rebuild
 
     async def count(self) -> int:
-        return len(self._lru)
+        return self._size
 
     async def close(self) -> None:
         self._parts.clear()
         self._lru.clear()
+        self._size = 0
         self._expiry.clear()
 
     def _check(self, vector: np.ndarray) -> np.ndarray:
@@ -155,12 +169,20 @@ class MemoryIndex:
             part = self._parts.get(key)
             row = part.rows.get(entry_id) if part is not None else None
             if part is not None and row is not None and part.entries[row].expires == expires:
-                del self._lru[(key, entry_id)]
                 self._drop(key, entry_id)
 
+    def _use(self, lru: OrderedDict[tuple[str, str], int], item: tuple[str, str]) -> None:
+        lru[item] = next(self._uses)
+        lru.move_to_end(item)
+
     def _drop(self, key: str, entry_id: str) -> None:
-        """Remove an entry from its part (the caller has already taken it out of the LRU)."""
+        """Remove a stored entry from its part and its tenant's LRU."""
         part = self._parts[key]
+        tenant = part.scope.tenant
+        del self._lru[tenant][(key, entry_id)]
+        if not self._lru[tenant]:
+            del self._lru[tenant]
+        self._size -= 1
         part.remove(entry_id)
         if not part.entries:
             del self._parts[key]

@@ -1,12 +1,19 @@
 """The shared VectorIndex: Redis 8 Vector Sets (HNSW, Q8-quantised), usable by every gateway at once.
 
-Keys, for a prefix P:
+Keys, for a prefix P (an entry's member is "<scope.key>|<id>"; scope.key starts with the tenant's digest):
     P:vs:<scope.key>   a vector set per scope; element = entry id, attributes = the entry as JSON
                        ({"q", "a", "t", "c", "exp"}); the key expires with its last entry
-    P:lru              sorted set of "<scope.key>|<id>" scored by last use: the global size cap
-    P:exp              sorted set of the same members scored by expiry: the sweep of expired entries
+    P:lru:<tenant>     sorted set of the tenant's members scored by last use: its quota and its LRU
+    P:tenants          sorted set of tenants scored by the entries each holds: the largest, for the cap
+    P:by:<n>           sorted set of the tenants holding n entries scored by their least recent use: ties
+    P:exp              sorted set of every member scored by expiry: the sweep of expired entries
+    P:size             the entries stored in all
+Every write (add, touch, eviction, sweep, invalidate) is one Lua script, so concurrent gateways see these keys
+agree with each other and with the vector sets, and the cap and every quota hold after each add. The scripts
+compute key names (undeclared keys): standalone Redis only, as before.
 
-Costs: `add` is one pipelined round trip, plus one when it sweeps or evicts; `search` and `touch` are one.
+Costs: `add`, `search`, `touch` and `count` are one round trip each; `add` also does its evictions inside the
+script (at most EVICT_WINDOW per step) and sweeps at most SWEEP_BATCH expired entries.
 Every failure (connection refused, timeout, a Redis error reply) is raised as CacheUnavailable within about
 `timeout_s` (one immediate reconnect is tried on a dropped connection, never on a timeout); the client connects
 again by itself on a later call, so one RedisIndex outlives a Redis restart.
@@ -30,19 +37,21 @@ from redis.exceptions import RedisError
 
 from blink.bus.redis_wire import client, redact
 from blink.errors import CacheUnavailable
+from blink.semantic_cache import redis_lua
 from blink.semantic_cache.index import Candidate, Entry, Scope
 
 SWEEP_BATCH = 100  # expired entries one add removes at most; the rest go on the next adds
-EVICT_WINDOW = 16  # LRU victims one add removes at most (an add adds one, so the cap is restored quickly)
-SCAN_COUNT = 500  # keys or members per SCAN/ZSCAN round trip in invalidate
+EVICT_WINDOW = 16  # victims one add evicts at most per step (an add adds one: a lowered quota or cap is restored
+# over a few adds without one script blocking Redis for long)
+SCAN_COUNT = 500  # keys per SCAN round trip in invalidate
 
 
 class RedisIndex:
     """A VectorIndex in Redis 8 (Vector Sets are built in from 8.0).
 
     Similarity is approximate (Q8 vectors, HNSW graph): within about 0.02 of the true cosine, and a search may
-    rarely miss a neighbour. Concurrent gateways may briefly exceed `max_entries` by a few entries (eviction reads
-    the size, then removes), never by more than one add's worth each.
+    rarely miss a neighbour. LRU order comes from each gateway's wall clock (clocks a few ms apart order uses a
+    few ms apart arbitrarily).
     """
 
     name = "redis"
@@ -62,9 +71,9 @@ class RedisIndex:
         self.max_entries = max_entries
         self.dim = dim
         self._where = redact(url)
+        self._prefix = prefix
         self._vs = f"{prefix}:vs:"
-        self._lru = f"{prefix}:lru"
-        self._exp = f"{prefix}:exp"
+        self._size = f"{prefix}:size"
         # redis-py's default retry (10 tries, backoff to 1 s) would turn a dead Redis into seconds of waiting:
         # retry once, at once, and only a dropped connection (a restarted Redis), never a timeout.
         self._client = client(  # `url`, `password`: as bus/redis_wire.client (rediss:// for TLS)
@@ -75,37 +84,22 @@ class RedisIndex:
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
         )
+        # EVALSHA, loading the script again after a Redis restart emptied its script cache
+        self._add = self._client.register_script(redis_lua.ADD)
+        self._touch = self._client.register_script(redis_lua.TOUCH)
+        self._invalidate = self._client.register_script(redis_lua.INVALIDATE)
 
-    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry) -> None:
+    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry, quota: int = 0) -> None:
         blob = self._blob(vector)
-        key = self._vs + scope.key
-        member = f"{scope.key}|{entry.id}"
+        if quota < 0:
+            raise ValueError(f"quota must be 0 (none) or positive, got {quota}")
         e = entry  # ensure_ascii (json's default) keeps lone surrogates, which UTF-8 cannot carry
         attrs = json.dumps({"q": e.query, "a": e.answer, "t": e.completion_tokens, "c": e.created, "exp": e.expires})
         expire_ms = math.ceil(entry.expires * 1000)
-        now = time.time()
+        args: list[bytes | str | float] = [self._prefix, scope.tenant, scope.key, entry.id, blob, attrs, expire_ms]
+        args += [time.time(), entry.expires, quota, self.max_entries, SWEEP_BATCH, EVICT_WINDOW]
         async with self._guard():
-            pipe = self._client.pipeline(transaction=False)
-            pipe.execute_command("VADD", key, "FP32", blob, entry.id, "Q8", "SETATTR", attrs)
-            # the key lives as long as its longest-lived entry: NX sets a first expiry, GT only ever extends it
-            pipe.execute_command("PEXPIREAT", key, expire_ms, "NX")
-            pipe.execute_command("PEXPIREAT", key, expire_ms, "GT")
-            pipe.zadd(self._lru, {member: now})
-            pipe.zadd(self._exp, {member: entry.expires})
-            pipe.zcard(self._lru)
-            pipe.zrange(self._lru, 0, EVICT_WINDOW - 1)
-            pipe.zrangebyscore(self._exp, "-inf", now, start=0, num=SWEEP_BATCH)
-            *_, size, oldest, expired = await pipe.execute()
-            excess = int(size) - self.max_entries
-            victims = set(cast(list[str], expired)) | set(cast(list[str], oldest)[: max(0, excess)])
-            if victims:
-                pipe = self._client.pipeline(transaction=False)
-                for victim in victims:
-                    scope_key, _, entry_id = victim.rpartition("|")
-                    pipe.execute_command("VREM", self._vs + scope_key, entry_id)  # an emptied set deletes itself
-                pipe.zrem(self._lru, *victims)
-                pipe.zrem(self._exp, *victims)
-                await pipe.execute()
+            await self._add(args=args)
 
     async def search(self, scope: Scope, vector: np.ndarray, k: int, now: float) -> list[Candidate]:
         blob = self._blob(vector)
@@ -131,31 +125,20 @@ class RedisIndex:
 
     async def touch(self, scope: Scope, entry_id: str) -> None:
         async with self._guard():
-            await self._client.zadd(self._lru, {f"{scope.key}|{entry_id}": time.time()}, xx=True)
+            await self._touch(args=[self._prefix, scope.tenant, f"{scope.key}|{entry_id}", time.time()])
 
     async def invalidate(self, tenant: str, model: str | None = None) -> int:
         """Drop the tenant's scopes (of `model` only, if given); returns the entries their vector sets held."""
-        scopes = f"{_glob(tenant)}:{_glob(model)}:*" if model is not None else f"{_glob(tenant)}:*"
+        scopes = f"{tenant}:{model}:" if model is not None else f"{tenant}:"
         async with self._guard():
-            keys = {k async for k in self._client.scan_iter(match=self._vs + scopes, count=SCAN_COUNT)}
-            members = {m async for m, _ in self._client.zscan_iter(self._lru, match=scopes, count=SCAN_COUNT)}
-            members |= {m async for m, _ in self._client.zscan_iter(self._exp, match=scopes, count=SCAN_COUNT)}
-            if not keys and not members:
-                return 0
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:  # a set: SCAN may return a key twice, and it must be counted once
-                pipe.execute_command("VCARD", key)
-            if keys:
-                pipe.delete(*keys)
-            if members:
-                pipe.zrem(self._lru, *members)
-                pipe.zrem(self._exp, *members)
-            replies = await pipe.execute()
-        return sum(int(n or 0) for n in replies[: len(keys)])
+            # SCAN too: a vector set the bookkeeping does not know (an older layout's) is the tenant's all the same
+            pattern = self._vs + _glob(scopes) + "*"
+            keys = {k async for k in self._client.scan_iter(match=pattern, count=SCAN_COUNT)}
+            return int(await self._invalidate(keys=sorted(keys), args=[self._prefix, tenant, scopes]))
 
     async def count(self) -> int:
         async with self._guard():
-            return int(await self._client.zcard(self._lru))
+            return int(await self._client.get(self._size) or 0)
 
     async def close(self) -> None:
         async with self._guard():

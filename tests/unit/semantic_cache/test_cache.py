@@ -6,6 +6,7 @@ index is the real in-memory one. The end-to-end tests use the real model and Red
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import replace
 from typing import Any
@@ -51,8 +52,8 @@ def make(config: CacheConfig | None = None, index: Any = None, clock: Any = None
     return SemanticCache(index or MemoryIndex(100, DIM), lambda: embedder, config or CacheConfig(), **kwargs)
 
 
-async def remember(cache: SemanticCache, key: str, request: GenerateRequest, answer: str = "A") -> None:
-    lookup = await cache.lookup(key, request)
+async def remember(cache: SemanticCache, key: str, request: GenerateRequest, answer: str = "A", quota: int = 0) -> None:
+    lookup = await cache.lookup(key, request, quota=quota)
     assert lookup is not None and lookup.hit is None
     assert await cache.store(lookup, answer, 3)
 
@@ -197,6 +198,39 @@ def test_invalidation_drops_one_tenant_or_one_model_of_it() -> None:
     asyncio.run(body())
 
 
+def test_a_tenant_past_its_quota_evicts_its_own_answers_never_another_tenants() -> None:
+    words = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "india")  # no two share a bucket
+
+    async def body() -> None:
+        cache = make(index=MemoryIndex(6, DIM))
+        for word in words[:3]:
+            await remember(cache, "small", chat(("user", word)), quota=3)
+        for word in words:  # more than the whole index holds
+            await remember(cache, "big", chat(("user", word)), quota=3)
+        assert [await outcome(cache, "small", chat(("user", w))) for w in words[:3]] == ["hit"] * 3
+        assert [await outcome(cache, "big", chat(("user", w))) for w in words] == ["miss"] * 5 + ["hit"] * 3
+        with pytest.raises(ValueError, match="quota"):
+            await cache.lookup("big", chat(Q), quota=-1)
+
+    asyncio.run(body())
+
+
+def test_the_snapshot_names_no_tenant() -> None:
+    """/readyz is open: it must not tell who uses the cache, or how much."""
+
+    async def body() -> None:
+        cache = make()
+        await remember(cache, "acme", chat(Q), quota=5)
+        shown = json.dumps(cache.snapshot())
+        assert "acme" not in shown and tenant_of("acme") not in shown
+        assert set(cache.snapshot()) == {
+            "index", "ready", "lookups", "hits", "rejected_by_verification", "stores", "errors", "too_long",
+            "available",
+        }  # fmt: skip
+
+    asyncio.run(body())
+
+
 def test_a_hit_is_not_stored_again_and_an_empty_answer_never() -> None:
     async def body() -> None:
         cache = make()
@@ -223,9 +257,9 @@ class FlakyIndex(MemoryIndex):
         if self.down:
             raise CacheUnavailable("backend down")
 
-    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry) -> None:
+    async def add(self, scope: Scope, vector: np.ndarray, entry: Entry, quota: int = 0) -> None:
         self._fail_if_down()
-        await super().add(scope, vector, entry)
+        await super().add(scope, vector, entry, quota)
 
     async def search(self, scope: Scope, vector: np.ndarray, k: int, now: float) -> list[Candidate]:
         self._fail_if_down()
