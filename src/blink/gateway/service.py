@@ -484,7 +484,11 @@ class Gateway:
         )
         if trace is not None and self.cache is not None and use_cache:
             trace.mark("lookup_start")
-        lookup = await self.cache.lookup(tenant.name, request) if self.cache is not None and use_cache else None
+        lookup = (
+            await self.cache.lookup(tenant.name, request, tenant.limits.cache_entries)
+            if self.cache is not None and use_cache
+            else None
+        )
         if lookup is not None:
             self.metrics.cache_lookups.labels("hit" if lookup.hit is not None else "miss").inc()
             if trace is not None:
