@@ -8,8 +8,8 @@ requests (a ~100-token prompt, 8 tokens out), one at a time, and their time to f
           --typing-sessions (a draft every 1/drafts_per_second s each: pre-loads), while B asks.
 The target (issue 17): B's median first token under flood within 1.5x of idle.
 
-  python -m benchmarks.fairness [--rounds 3] [--asks 6] [--typing-sessions 4]    (from the repository root)
-Writes benchmarks/results/fairness.{md,json}.
+  python -m benchmarks.tenant_flood [--rounds 3] [--asks 6] [--typing-sessions 4]    (from the repository root)
+Writes benchmarks/results/tenant_flood.{md,json}.
 """
 
 from __future__ import annotations
@@ -143,10 +143,10 @@ def main() -> None:
             server.stop()
     result["machine"] = machine()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fairness.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "tenant_flood.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (
         "# One tenant floods, another asks: first-token latency\n\n"
-        f"`python -m benchmarks.fairness --rounds {args.rounds} --asks {args.asks} "
+        f"`python -m benchmarks.tenant_flood --rounds {args.rounds} --asks {args.asks} "
         f"--typing-sessions {args.typing_sessions}` on {result['machine']}\n\n"
         f"Tenant A: {result['flood_streams']} ignore_eos streams (its concurrency limit) and "
         f"{result['typing_sessions']} sessions typing at its draft rate ({result['drafts_sent']} drafts); tenant B: "
@@ -156,7 +156,7 @@ def main() -> None:
         f"| while A floods | {result['median_flood_ms']} ms |\n"
         f"| ratio (target <= 1.5) | {result['ratio']} |\n"
     )
-    (RESULTS / "fairness.md").write_text(table)
+    (RESULTS / "tenant_flood.md").write_text(table)
     print(table)
 
 
