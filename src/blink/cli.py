@@ -243,7 +243,8 @@ def _bad_redis_url(redis: RedisConfig, cache: CacheConfig | None = None) -> str 
 
 
 def _preflight(model: ModelConfig, engine: EngineConfig) -> str | None:
-    """Why the model (or its draft) cannot be served, before anything starts; None if it can."""
+    """Why the model (or its draft, or the --shared-prefixes file) cannot be served, before anything starts; None if
+    it can."""
     from blink.errors import BlinkError
     from blink.models import registry
 
@@ -252,6 +253,10 @@ def _preflight(model: ModelConfig, engine: EngineConfig) -> str | None:
         kind, draft = parse_speculative(engine.speculative)
         if kind == "draft":
             registry.get(draft).locate(model.cache_dir)
+        if engine.shared_prefixes:
+            from blink.worker import shared_prefixes
+
+            shared_prefixes.read(engine.shared_prefixes)
     except BlinkError as exc:
         return exc.message
     except ValueError as exc:

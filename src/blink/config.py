@@ -56,6 +56,11 @@ class EngineConfig:
     kv_cache_mb: int = _help("memory for the paged KV cache, in MiB (all sequences and the prefix cache)", 512)
     block_size: int = _help("tokens per KV cache block", 16)
     prefix_caching: bool = _help("reuse the KV of prompt prefixes already computed", True)
+    shared_prefixes: str = _help(
+        "JSON file with a list of system prompts whose prefix-cache blocks every tenant may share (the rest of the "
+        "cache is partitioned per tenant); empty: none",
+        "",
+    )
     weights: str = _help(
         "weight format of the linear layers (w8a8: int8 weights and activations, fastest on CPU; int8: int8 "
         "weight-only, closest to fp32)",

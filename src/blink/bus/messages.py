@@ -49,7 +49,9 @@ class GenerateRequest:
     open_last: bool = False  # chat: the last message is still being typed; the prompt ends inside it
     affinity: str | None = None  # names the prompt's prefix (a session, a system prompt): replicas report those held
     submitted: float | None = None  # unix time the gateway submitted it (set when tracing: the bus.publish span)
-    tenant: str | None = None  # the tenant it belongs to: its prefix-cache partition and its share of the batch
+    # the tenant it belongs to: its prefix-cache partition and its share of the batch; None: an open server's
+    # single tenant
+    tenant: str | None = None
     v: int = VERSION
 
 

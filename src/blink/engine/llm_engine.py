@@ -1,6 +1,7 @@
 """The engine: synchronous, no I/O. The caller owns the thread.
 
-    engine.add_request(request_id, prompt_token_ids, params, priority=0, deadline=None, prefill_only=False)
+    engine.add_request(request_id, prompt_token_ids, params, priority=0, deadline=None, prefill_only=False,
+                       tenant=None)
     outputs = engine.step()      # schedule -> run -> postprocess: a token for each sequence that got one,
                                  # and a final output for each that expired
     engine.abort(request_id)     # frees the sequence (and its KV blocks) before the next step
@@ -14,6 +15,7 @@ Contract: all three are called from one thread at a time (the replica calls add/
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,10 @@ class LLMEngine:
         config: EngineConfig,
         *,
         proposer: Proposer | None = None,
+        shared_prefixes: Iterable[list[int]] = (),
     ) -> None:
+        """`shared_prefixes`: prompt beginnings (rendered system prompts) whose KV blocks every tenant may share
+        (operator-declared; all other blocks are partitioned per tenant, see kv_cache.py)."""
         torch.set_num_threads(resolve_threads(config.threads))
         self.config = config
         self.max_model_len = min(config.max_model_len, model.config.max_position_embeddings)
@@ -66,7 +71,9 @@ class LLMEngine:
                 f"sequence of --max-model-len {self.max_model_len}; raise it to at least "
                 f"{-(-self.max_model_len // config.block_size) * per_block // 2**20 + 1}"
             )
-        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
+        self.blocks = BlockManager(
+            num_blocks, config.block_size, prefix_caching=config.prefix_caching, shared_prefixes=shared_prefixes
+        )
         self.scheduler = Scheduler(
             self.blocks,
             max_num_seqs=config.max_num_seqs,
@@ -96,12 +103,15 @@ class LLMEngine:
         priority: int = 0,
         deadline: float | None = None,
         prefill_only: bool = False,
+        tenant: str | None = None,
     ) -> None:
         """Queue a request; it joins the running batch at the next step. Raises InvalidRequest for bad input.
         `priority`: lower runs first (0 for live requests; above 0 is background work, which gets only
         `background_chunk_tokens` per step while live streams decode). `deadline`: a time.monotonic() after
         which the request is dropped (finish reason EXPIRED) instead of computed. `prefill_only`: compute the
-        prompt's K/V into the prefix cache and finish (PREFILLED, no token): pre-loading."""
+        prompt's K/V into the prefix cache and finish (PREFILLED, no token): pre-loading. `tenant`: who it
+        belongs to: it finds only its tenant's prefix-cache blocks (and declared shared prefixes), and the batch is
+        shared fairly between tenants (fairness.py); None: an open server's single tenant."""
         if request_id in self._seqs:
             raise InvalidRequest(f"request {request_id!r} is already running")
         if not prompt_token_ids:
@@ -114,7 +124,13 @@ class LLMEngine:
                 param="messages",
             )
         seq = Sequence(
-            request_id, list(prompt_token_ids), params, priority=priority, deadline=deadline, prefill_only=prefill_only
+            request_id,
+            list(prompt_token_ids),
+            params,
+            priority=priority,
+            deadline=deadline,
+            prefill_only=prefill_only,
+            salt=self.blocks.salt(prompt_token_ids, tenant),
         )
         self._seqs[request_id] = seq
         self.runner.add(seq)
@@ -146,6 +162,13 @@ class LLMEngine:
         pending = sum(max(0, len(s.prompt_token_ids) - s.num_computed) for s in live)
         waiting = sum(1 for s in self.scheduler.waiting if s.priority == 0)
         return pending, waiting, max(0, self.config.max_num_seqs - len(self.scheduler.running))
+
+    def cached_tokens(self, token_ids: list[int], tenant: str | None = None) -> int:
+        """How many leading tokens of `token_ids` (whole blocks, all of them) a request of `tenant` starting with
+        them would find in the prefix cache now."""
+        salt = self.blocks.salt(token_ids, tenant)
+        probe = [*token_ids, 0]  # lookup leaves a prompt's last token uncached: let that be one past them
+        return len(self.blocks.lookup(probe, salt)) * self.blocks.block_size
 
     def num_tokens(self, request_id: str) -> tuple[int, int]:
         """(prompt, completion) tokens of a live request; (0, 0) once it is gone."""

@@ -1,9 +1,11 @@
 """Continuous batching with chunked prefill. No torch: it decides who runs how many tokens, the runner runs them.
 
 Each step has a token budget. Running sequences go first, by priority then arrival: a decoding sequence takes one
-token, one still prefilling takes the next chunk of its prompt. Then waiting sequences are admitted in the same
-order, each starting after the longest cached prefix of its tokens (`BlockManager.lookup`), while the budget, the
-batch size and the KV blocks allow. While any sequence is decoding, prompt chunks share a smaller budget
+token, one still prefilling takes the next chunk of its prompt. Then waiting sequences are admitted, by priority,
+then the tenant with the fewest running sequences, then arrival (fairness.py, which also lets a tenant below its
+share of the batch take a slot from the tenant holding the most), each starting after the longest cached prefix of
+its tokens in its tenant's partition (`BlockManager.lookup`), while the budget, the batch size and the KV blocks
+allow. While any sequence is decoding, prompt chunks share a smaller budget
 (`prefill_chunk_tokens`), so a long prompt arriving mid-stream delays the others' next token by one small chunk.
 A chunk's cost grows with the context it attends to, so that budget counts each prompt token as
 1 + context / `PREFILL_ATTENTION_TOKENS` tokens: deep into a long prompt, chunks get smaller, and a step stays about
@@ -16,8 +18,12 @@ work barely touches live inter-token latency); otherwise background steps take `
 request arriving waits one short step). A live request that finds the batch full preempts the latest background
 sequence.
 
-When blocks run out the lowest-priority, latest-arrived running sequence is preempted: its blocks are freed (the
-registered ones stay in the prefix cache) and it waits to be recomputed, instead of the step failing. A sequence
+When blocks run out a running sequence is preempted, instead of the step failing: the lowest-priority one, then the
+one whose tenant holds the most sequences, then the latest to arrive. Preemption is by recompute (as vLLM's): its
+blocks are freed (the registered ones stay in the prefix cache) and it waits, ahead of its tenant's later requests,
+with its prompt and the tokens generated so far; re-admitted, it prefills them all and samples its next token (its
+sampling generator lives in the runner and goes on where it was), so nothing is emitted twice and greedy output
+is what it would have been. A sequence
 whose deadline has passed is finished (EXPIRED) at the next step, waiting or running, and frees its blocks.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from blink.engine.fairness import Shares
 from blink.engine.kv_cache import BlockManager
 from blink.engine.sequence import FinishReason, SeqStatus, Sequence
 
@@ -51,6 +58,14 @@ class ScheduledBatch:
         self.sequences.append(seq)
         self.chunks.append(n)
 
+    def remove(self, seq: Sequence) -> int:
+        """Take `seq` out of the step (it is being preempted); returns the tokens it had, 0 if it was not in."""
+        for i, s in enumerate(self.sequences):
+            if s is seq:
+                del self.sequences[i]
+                return self.chunks.pop(i)
+        return 0
+
 
 # context length at which attending costs a prompt token as much again as its weights (SmolLM2-135M on CPU:
 # ~1.3 ms of attention vs ~1.2 ms of linear layers per token at 1,000 tokens of context)
@@ -70,6 +85,52 @@ def chunk_cost(n: int, start: int) -> int:
 
 def _order(seq: Sequence) -> tuple[int, float]:
     return (seq.priority, seq.arrival)
+
+
+@dataclass
+class _Budget:
+    """What is left of one step's budgets (see the module docstring)."""
+
+    tokens: int  # every token of the step: decodes and prompt chunks
+    prefill: int  # prompt chunks' cost: small while anything decodes
+    background: int  # background prompt chunks' cost
+    background_seqs: int  # background sequences that may still take a chunk
+    decoding: bool  # some running sequence decodes: prompt chunks are weighted and kept within a block
+
+    @classmethod
+    def start(cls, sched: Scheduler) -> _Budget:
+        decoding = any(s.num_computed >= s.num_tokens - 1 for s in sched.running)
+        live_decoding = any(s.priority == 0 and s.num_computed >= s.num_tokens - 1 for s in sched.running)
+        budget = sched.max_num_batched_tokens
+        return cls(
+            tokens=budget,
+            prefill=sched.prefill_chunk_tokens if decoding else budget,
+            background=sched.background_chunk_tokens if live_decoding else sched.background_step_tokens,
+            # each prompt chunk costs a context gather and an attention call per layer besides its tokens: while
+            # live streams decode, one background sequence per step
+            background_seqs=1 if live_decoding else sched.max_num_seqs,
+            decoding=decoding,
+        )
+
+    def allowed(self, seq: Sequence, boosted: bool) -> int:
+        """The cost `seq`'s next prompt chunk may have (below 1: none this step); `boosted`: fairness.py rule 3."""
+        if boosted:
+            return self.tokens
+        if seq.priority == 0:
+            return self.prefill
+        return min(self.prefill, self.background) if self.background_seqs > 0 else 0
+
+    def chunked(self, boosted: bool) -> bool:
+        return self.decoding and not boosted
+
+    def charge(self, seq: Sequence, n: int, cost: int) -> None:
+        """`n` tokens of `seq` joined the step; `cost`: of its prompt chunk, 0 for a decode."""
+        self.tokens -= n
+        if cost:
+            self.prefill -= cost
+            if seq.priority > 0:
+                self.background -= cost
+                self.background_seqs -= 1
 
 
 class Scheduler:
@@ -108,52 +169,54 @@ class Scheduler:
         for seq in [s for s in self.waiting + self.running if s.expired(now)]:
             self.finish(seq, FinishReason.EXPIRED)
             batch.expired.append(seq)
-
         self._make_room_for_live()
-        budget = self.max_num_batched_tokens
-        decoding = any(s.num_computed >= s.num_tokens - 1 for s in self.running)
-        live_decoding = any(s.priority == 0 and s.num_computed >= s.num_tokens - 1 for s in self.running)
-        prefill_budget = self.prefill_chunk_tokens if decoding else budget
-        background_budget = self.background_chunk_tokens if live_decoding else self.background_step_tokens
-        # each prompt chunk costs a context gather and an attention call per layer besides its tokens: while live
-        # streams decode, one background sequence per step
-        background_seqs = 1 if live_decoding else self.max_num_seqs
+        step = _Budget.start(self)
         for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
-                continue
-            remaining = seq.num_tokens - seq.num_computed
-            n, cost = 1, 1
-            if remaining > 1:
-                allowed = prefill_budget if seq.priority == 0 else min(prefill_budget, background_budget)
-                if allowed < 1 or (seq.priority > 0 and background_seqs < 1):
-                    continue
-                n, cost = self._chunk(
-                    min(remaining, budget), allowed, seq.num_computed, decoding, self.blocks.block_size
-                )
-            if n < 1 or n > budget:
-                continue
-            if not self._allocate_preempting(seq, seq.num_computed + n, batch):
-                continue
-            batch.add(seq, n)
-            budget -= n
-            if remaining > 1:
-                prefill_budget -= cost
-                if seq.priority > 0:
-                    background_budget -= cost
-                    background_seqs -= 1
+            if seq.status is SeqStatus.RUNNING:  # else preempted earlier in this loop
+                self._continue(seq, step, batch)
+        if not batch.preempted:  # blocks ran short for the running ones: nobody new joins
+            self._admit(step, batch)
+        return batch
 
-        while self.waiting and not batch.preempted and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            allowed = min(budget, prefill_budget if seq.priority == 0 else min(prefill_budget, background_budget))
-            if allowed < 1 or (seq.priority > 0 and background_seqs < 1):
-                break
+    def _continue(self, seq: Sequence, step: _Budget, batch: ScheduledBatch) -> None:
+        """Schedule a running sequence: its next token, or its prompt's next chunk."""
+        remaining = seq.num_tokens - seq.num_computed
+        n, cost = 1, 1
+        if remaining > 1:
+            boosted = self._shares().boosted(seq, self.running)
+            allowed = step.allowed(seq, boosted)
+            if allowed < 1:
+                return
+            n, cost = self._chunk(min(remaining, step.tokens), allowed, seq.num_computed, step.chunked(boosted))
+        if n < 1 or n > step.tokens:
+            return
+        if self._allocate_preempting(seq, seq.num_computed + n, step, batch):
+            batch.add(seq, n)
+            step.charge(seq, n, cost if remaining > 1 else 0)
+
+    def _admit(self, step: _Budget, batch: ScheduledBatch) -> None:
+        """Admit waiting sequences, fairest first (fairness.py), while the budget, the slots and the blocks allow;
+        a live one whose tenant is below its share may take a slot or blocks from the tenant holding the most."""
+        while self.waiting:
+            shares = self._shares()
+            seq = min(self.waiting, key=shares.rank)
+            if len(self.running) >= self.max_num_seqs:
+                if not self._preempt_for_share(seq, shares, step, batch):
+                    return
+                continue
+            boosted = shares.boosted(seq, self.running)
+            allowed = min(step.tokens, step.allowed(seq, boosted))
+            if allowed < 1:
+                return
             tokens = seq.token_ids
-            prefix = self.blocks.lookup(tokens)
+            prefix = self.blocks.lookup(tokens, seq.salt)
             cached = len(prefix) * self.blocks.block_size
-            n, cost = self._chunk(min(len(tokens) - cached, budget), allowed, cached, decoding, self.blocks.block_size)
-            if not self.blocks.allocate(seq.request_id, cached + n, prefix):
-                break
-            self.waiting.pop(0)
+            n, cost = self._chunk(min(len(tokens) - cached, step.tokens), allowed, cached, step.chunked(boosted))
+            if not self.blocks.allocate(seq.request_id, cached + n, prefix, seq.salt):
+                if not self._preempt_for_share(seq, shares, step, batch):
+                    return
+                continue
+            self.waiting.remove(seq)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = cached
             if seq.priority == 0:
@@ -162,12 +225,21 @@ class Scheduler:
             seq.set_status(SeqStatus.RUNNING)
             bisect.insort(self.running, seq, key=_order)
             batch.add(seq, n)
-            budget -= n
-            prefill_budget -= cost
-            if seq.priority > 0:
-                background_budget -= cost
-                background_seqs -= 1
-        return batch
+            step.charge(seq, n, cost)
+
+    def _shares(self) -> Shares:
+        return Shares.of(self.running, self.waiting, self.max_num_seqs)
+
+    def _preempt_for_share(self, seq: Sequence, shares: Shares, step: _Budget, batch: ScheduledBatch) -> bool:
+        """Free a slot and its blocks for waiting `seq` from the tenant holding the most (fairness.py, rule 2),
+        taking the victim out of this step's batch if it was in. False if `seq`'s tenant has no claim."""
+        victim = shares.victim(seq, self.running)
+        if victim is None:
+            return False
+        step.tokens += batch.remove(victim)
+        self._preempt(victim)
+        batch.preempted.append(victim)
+        return True
 
     def _make_room_for_live(self) -> None:
         """Live requests waiting for a slot of a full batch take the slots of background sequences (latest
@@ -177,14 +249,14 @@ class Scheduler:
         for victim in [s for s in reversed(self.running) if s.priority > 0][: max(0, short)]:
             self._preempt(victim)
 
-    @staticmethod
-    def _chunk(limit: int, prefill_budget: int, start: int, decoding: bool, block_size: int) -> tuple[int, int]:
+    def _chunk(self, limit: int, prefill_budget: int, start: int, decoding: bool) -> tuple[int, int]:
         """(tokens, cost) of the next prompt chunk: at most `limit` tokens; while streams decode, weighted by
         the context it attends to (see chunk_for), and within one KV block: the runner attends a chunk block by
         block, each block one attention call over the whole context, whatever its number of tokens."""
         if not decoding:
             n = min(limit, prefill_budget)
             return n, n
+        block_size = self.blocks.block_size
         n, cost = chunk_for(prefill_budget, start)
         if n > block_size - start % block_size:
             n = block_size - start % block_size
@@ -193,13 +265,13 @@ class Scheduler:
             return limit, max(limit, round(limit * cost / n))
         return n, cost
 
-    def _allocate_preempting(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
-        """Blocks for `seq` up to `num_tokens`, preempting lower-ranked running sequences (or `seq` itself, when
-        it is the lowest) until they fit. False if `seq` itself was preempted."""
+    def _allocate_preempting(self, seq: Sequence, num_tokens: int, step: _Budget, batch: ScheduledBatch) -> bool:
+        """Blocks for `seq` up to `num_tokens`, preempting running sequences until they fit: background work first,
+        then the tenant holding the most, then the latest to arrive (fairness.py's rank). A victim already in this
+        step's batch leaves it. False if `seq` itself ranked last and was preempted."""
         while not self.blocks.allocate(seq.request_id, num_tokens):
-            victim = self.running[-1]
-            if victim in batch.sequences:  # already scheduled this step: never take blocks from under it
-                victim = seq
+            victim = max(self.running, key=self._shares().rank)
+            step.tokens += batch.remove(victim)
             self._preempt(victim)
             batch.preempted.append(victim)
             if victim is seq:

@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from blink.engine.kv_cache import UNSALTED, CacheSalt
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -65,6 +67,7 @@ class Sequence:
     priority: int = 0  # lower runs first: live requests 0, background prefill work above
     prefill_only: bool = False  # compute the prompt's K/V for the prefix cache, sample nothing (pre-loading)
     deadline: float | None = None  # time.monotonic() after which nobody waits for it
+    salt: CacheSalt = UNSALTED  # its tenant and prefix-cache partition (BlockManager.salt)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
@@ -80,6 +83,11 @@ class Sequence:
         if new not in _TRANSITIONS[self.status]:
             raise RuntimeError(f"{self.request_id}: illegal transition {self.status.value} -> {new.value}")
         self.status = new
+
+    @property
+    def tenant(self) -> str | None:
+        """Who it belongs to: its share of the batch (the scheduler's fairness) and its prefix-cache partition."""
+        return self.salt.tenant
 
     @property
     def num_tokens(self) -> int:

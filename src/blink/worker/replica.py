@@ -42,6 +42,7 @@ from blink.models import loader, native, quant, registry
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
 from blink.telemetry import tracing
+from blink.worker import shared_prefixes
 from blink.worker.load import LoadEstimator, Queue
 from blink.worker.output import TextOutput
 from blink.worker.prompt import prompt_ids
@@ -95,7 +96,8 @@ class Replica:
         self._active: dict[str, _Active] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._preloads: dict[str, str] = {}  # session id -> its pre-load's request id, while it runs
-        self._prefixes: OrderedDict[str, list[int]] = OrderedDict()  # affinity key -> its prompt's first block (+1)
+        # affinity key -> its request's tenant and its prompt's first block (+1)
+        self._prefixes: OrderedDict[str, tuple[str | None, list[int]]] = OrderedDict()
         self._stopping = asyncio.Event()
         self.load = LoadEstimator()  # prefill and finish rates of live requests: the queue wait heartbeats carry
         self._drain_until = 0.0  # monotonic time a stopping replica stops finishing its requests
@@ -140,18 +142,19 @@ class Replica:
         bs = self.engine.blocks.block_size
         if req.affinity is None or len(prompt) <= bs:
             return
-        self._prefixes[req.affinity] = prompt[: bs + 1]
+        self._prefixes[req.affinity] = (req.tenant, prompt[: bs + 1])
         self._prefixes.move_to_end(req.affinity)
         while len(self._prefixes) > REMEMBERED_PREFIXES:
             self._prefixes.popitem(last=False)
 
     def _held_prefixes(self) -> tuple[str, ...]:
         """The affinity keys (newest first, at most HEARTBEAT_PREFIXES) whose prompt's first block is still in
-        the prefix cache: a request with that key would find it there."""
+        the prefix cache: a request with that key (of the same tenant) would find it there. Each is looked up in
+        its own tenant's partition, so another tenant's blocks never make a key look held."""
         assert self.engine is not None
         held = []
-        for key, tokens in reversed(self._prefixes.items()):
-            if self.engine.blocks.lookup(tokens):
+        for key, (tenant, tokens) in reversed(self._prefixes.items()):
+            if self.engine.cached_tokens(tokens, tenant):
                 held.append(key)
                 if len(held) == HEARTBEAT_PREFIXES:
                     break
@@ -224,7 +227,11 @@ class Replica:
             kernel = native.describe() if self.engine_config.native_kernels else "torch ops (--no-native-kernels)"
             log.info("replica %s: w8a8 layers run on %s", self.replica_id, kernel)
         proposer = self._proposer(model)
-        self.engine = LLMEngine(model, self.tokenizer.stop_token_ids, self.engine_config, proposer=proposer)
+        path = self.engine_config.shared_prefixes
+        shared = shared_prefixes.tokenize(shared_prefixes.read(path), self.tokenizer) if path else []
+        self.engine = LLMEngine(
+            model, self.tokenizer.stop_token_ids, self.engine_config, proposer=proposer, shared_prefixes=shared
+        )
 
     def _proposer(self, target: LlamaModel) -> Proposer | None:
         """The --speculative proposer: none, prompt lookup, or a draft model loaded like the target."""
@@ -316,7 +323,7 @@ class Replica:
             prompt = full = prompt_ids(self.tokenizer, req)
             if req.prefill_only:
                 await self._replace_preload(req)
-                prompt = self._preload_prompt(prompt)
+                prompt = self._preload_prompt(prompt, req.tenant)
                 if not prompt:  # nothing left to compute: every full block is cached already
                     self._forget_preload(req)
                     self._remember_prefix(req, full)
@@ -334,6 +341,7 @@ class Replica:
                 deadline=deadline,
                 priority=req.priority,
                 prefill_only=req.prefill_only,
+                tenant=req.tenant,
             )
         except BlinkError as exc:
             await self.bus.publish(
@@ -365,16 +373,15 @@ class Replica:
             await self.bus.publish(Finished(previous, FinishStatus.CANCELLED))
         self._preloads[req.session_id] = req.request_id
 
-    def _preload_prompt(self, prompt: list[int]) -> list[int]:
+    def _preload_prompt(self, prompt: list[int], tenant: str | None) -> list[int]:
         """What a pre-load computes: at most --preload-max-tokens (its cap on speculative KV), and only whole
         blocks, since only whole blocks enter the prefix cache (a partial one would be recomputed at submit);
-        empty if those blocks are all cached already."""
+        empty if those blocks are all cached already (in `tenant`'s partition)."""
         assert self.engine is not None
         bs = self.engine.blocks.block_size
         limit = min(self.engine_config.preload_max_tokens, self.engine.max_model_len - 1, len(prompt))
         prompt = prompt[: limit // bs * bs]
-        cached = len(self.engine.blocks.lookup([*prompt, 0])) * bs  # the probe token: lookup keeps one uncached
-        return prompt if cached < len(prompt) else []
+        return prompt if self.engine.cached_tokens(prompt, tenant) < len(prompt) else []
 
     def _forget_preload(self, req: GenerateRequest) -> None:
         if req.session_id is not None and self._preloads.get(req.session_id) == req.request_id:

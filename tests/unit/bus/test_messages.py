@@ -17,6 +17,7 @@ from blink.bus import messages as m
             messages=({"role": "user", "content": "hi"},),
             traceparent="00-abc-def-01",
         ),
+        m.GenerateRequest("r", "model", m.Sampling(), prompt="hi", tenant="acme", priority=1, prefill_only=True),
         m.Cancel("r", "model"),
         m.Accepted("r", "rep", 12),
         m.TokenEvent("r", 3, "héllo", 4),
@@ -35,3 +36,10 @@ def test_unknown_kind_and_newer_version_are_rejected() -> None:
     raw["v"] = m.VERSION + 1
     with pytest.raises(ValueError):
         m.from_dict(raw)
+
+
+def test_a_request_from_an_older_gateway_has_no_tenant() -> None:
+    raw = m.to_dict(m.GenerateRequest("r", "model", m.Sampling(), prompt="hi"))
+    del raw["tenant"]
+    msg = m.from_dict(raw)
+    assert isinstance(msg, m.GenerateRequest) and msg.tenant is None

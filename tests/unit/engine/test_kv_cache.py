@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from blink.engine.kv_cache import BlockManager
+from blink.engine.kv_cache import BlockManager, CacheSalt
 
 BS = 4
 
 
-def filled(bm: BlockManager, rid: str, tokens: list[int]) -> list[int]:
-    """Allocate for `tokens` (sharing whatever prefix is cached), mark all computed; return the block table."""
-    prefix = bm.lookup(tokens)
-    assert bm.allocate(rid, len(tokens), prefix)
+def filled(bm: BlockManager, rid: str, tokens: list[int], tenant: str | None = None) -> list[int]:
+    """Allocate for `tokens` (sharing whatever prefix is cached in the tenant's partition), mark all computed;
+    return the block table."""
+    salt = bm.salt(tokens, tenant)
+    prefix = bm.lookup(tokens, salt)
+    assert bm.allocate(rid, len(tokens), prefix, salt)
     bm.commit(rid, tokens, len(tokens))
     return list(bm.table(rid))
 
@@ -122,3 +124,40 @@ def test_prefix_caching_off_shares_nothing() -> None:
     bm = BlockManager(4, BS, prefix_caching=False)
     filled(bm, "a", [1, 2, 3, 4, 5])
     assert bm.lookup([1, 2, 3, 4, 5]) == [] and bm.num_cached_blocks == 0
+
+
+def test_the_same_tokens_under_two_tenants_share_nothing() -> None:
+    bm = BlockManager(10, BS)
+    tokens = list(range(1, 10))  # 2 full blocks
+    a = filled(bm, "a", tokens, "tenant-a")
+    assert bm.lookup(tokens, bm.salt(tokens, "tenant-b")) == []
+    assert bm.lookup(tokens) == []  # nor does a request without a tenant (unsalted) find them
+    b = filled(bm, "b", tokens, "tenant-b")
+    assert not set(a) & set(b)  # B computed its own copy
+    assert [blk.block_id for blk in bm.lookup(tokens, bm.salt(tokens, "tenant-a"))] == a[:2]
+    assert [blk.block_id for blk in bm.lookup(tokens, bm.salt(tokens, "tenant-b"))] == b[:2]
+
+
+def test_a_tenant_finds_its_own_blocks_again() -> None:
+    bm = BlockManager(10, BS)
+    first = filled(bm, "a1", [*range(1, 9), 50], "tenant-a")
+    bm.free("a1")
+    again = filled(bm, "a2", [*range(1, 9), 60], "tenant-a")
+    assert again[:2] == first[:2]
+
+
+def test_a_declared_shared_prefix_is_shared_across_tenants_and_the_block_after_it_is_not() -> None:
+    system = list(range(100, 110))  # 10 tokens: 2 whole blocks shared, its last 2 tokens in a salted block
+    bm = BlockManager(20, BS, shared_prefixes=[system])
+    assert bm.salt([*system, 1, 2], "tenant-a") == CacheSalt("tenant-a", 2)
+    assert bm.salt([*system[:9], 1, 2, 3], "tenant-a") == CacheSalt("tenant-a", 0)  # not the whole shared prefix
+    assert bm.salt(system[:9], "tenant-a") == CacheSalt("tenant-a", 2)  # a beginning of it (a pre-load cut short)
+    assert bm.salt([*system, 1, 2], None) == CacheSalt()
+    tail = [1, 2, 3, 4, 5, 6]  # with system's last 2 tokens: the third and fourth blocks
+    a = filled(bm, "a", [*system, *tail, 9], "tenant-a")
+    prompt_b = [*system, *tail, 8]
+    hit = bm.lookup(prompt_b, bm.salt(prompt_b, "tenant-b"))
+    assert [blk.block_id for blk in hit] == a[:2]  # the shared blocks only, not the third (same tokens, salted)
+    b = filled(bm, "b", prompt_b, "tenant-b")
+    assert b[:2] == a[:2] and not set(b[2:]) & set(a)
+    assert len(bm.lookup(prompt_b, bm.salt(prompt_b, "tenant-a"))) == 4  # A's own chain is intact

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from blink.bus.memory import MemoryBus
 from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, ReplicaState, Sampling, TokenEvent
@@ -15,13 +17,13 @@ from blink.worker.replica import Replica
 MODEL = "smollm2-135m-instruct"
 
 
-def with_replica(body: Callable[[MemoryBus, Replica], Awaitable[None]]) -> None:
+def with_replica(body: Callable[[MemoryBus, Replica], Awaitable[None]], **engine: Any) -> None:
     async def main() -> None:
         bus = MemoryBus()
         replica = Replica(
             bus,
             ModelConfig(cache_dir=default_cache_dir()),
-            EngineConfig(max_num_seqs=4, warmup_steps=1),
+            EngineConfig(**{"max_num_seqs": 4, "warmup_steps": 1, **engine}),
             progress=False,
         )
         task = asyncio.create_task(replica.run())
@@ -117,3 +119,35 @@ def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(model_dir: 
         assert cached[0] == 0 and cached[1] > 0 and cached[1] % 16 == 0
 
     with_replica(body)
+
+
+def test_tenants_share_only_the_declared_system_prompt_and_preload_into_their_own_partition(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    system = "You are the help desk of a bicycle shop. Answer in one short sentence, politely. " * 2
+    (tmp_path / "shared.json").write_text(json.dumps([system]))
+    messages = ({"role": "system", "content": system}, {"role": "user", "content": "Do you repair wheels? " * 4})
+
+    async def body(bus: MemoryBus, replica: Replica) -> None:
+        async def finish(req: GenerateRequest) -> Finished:
+            finished = [e async for e in events(bus, req)][-1]
+            assert isinstance(finished, Finished) and finished.status is not FinishStatus.ERROR
+            return finished
+
+        def chat(rid: str, tenant: str, **kw: Any) -> GenerateRequest:
+            return GenerateRequest(rid, MODEL, Sampling(max_tokens=2, temperature=0), messages, tenant=tenant, **kw)
+
+        assert replica.engine is not None and replica.tokenizer is not None
+        shared = replica.tokenizer.encode_chat([messages[0]], add_generation_prompt=False)
+        a = await finish(chat("a1", "a", affinity="conv-a"))
+        assert replica._held_prefixes() == ("conv-a",)
+        b = await finish(chat("b1", "b"))
+        assert a.cached_tokens == 0 and b.cached_tokens == len(shared) // 16 * 16 > 0  # the system turn only
+        again = await finish(chat("a2", "a"))
+        assert again.cached_tokens == (again.prompt_tokens - 1) // 16 * 16 > b.cached_tokens
+        # a pre-load for tenant c computes c's own blocks: a's and b's are not "already cached" for it
+        pre = await finish(chat("c-pre", "c", priority=1, prefill_only=True, session_id="s"))
+        assert pre.prompt_tokens > 0
+        assert (await finish(chat("c1", "c"))).cached_tokens == again.cached_tokens
+
+    with_replica(body, shared_prefixes=str(tmp_path / "shared.json"))

@@ -1,0 +1,85 @@
+"""Tenants in the engine, on the real default model: the prefix cache partitioned per tenant (with declared shared
+prefixes), and fair preemption that changes no greedy token."""
+
+from __future__ import annotations
+
+from blink.engine.llm_engine import LLMEngine, StepOutput
+from blink.engine.sequence import SamplingParams
+from tests.unit.engine.test_engine import no_blocks_held, small_engine
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0)
+SYSTEM = "You are a terse assistant who answers questions about European geography in a single sentence. " * 2
+
+
+def chat(tok, system: str, user: str) -> list[int]:  # type: ignore[no-untyped-def]
+    return list(tok.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": user}]))
+
+
+def finish(engine: LLMEngine, request_id: str, prompt: list[int], tenant: str | None) -> StepOutput:
+    engine.add_request(request_id, prompt, GREEDY, tenant=tenant)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert outs[-1].finished and outs[-1].request_id == request_id
+    return outs[-1]
+
+
+def test_a_tenant_never_finds_another_tenants_prefix_blocks(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    _, tok = model_and_tokenizer
+    prompt = chat(tok, SYSTEM, "Capital of Spain?")
+    engine = small_engine(model_and_tokenizer)
+    assert finish(engine, "a1", prompt, "tenant-a").cached_tokens == 0
+    assert engine.cached_tokens(prompt, "tenant-b") == 0 and engine.cached_tokens(prompt) == 0
+    assert finish(engine, "b1", prompt, "tenant-b").cached_tokens == 0
+    assert finish(engine, "a2", prompt, "tenant-a").cached_tokens == (len(prompt) - 1) // 16 * 16 > 0
+    assert finish(engine, "open", prompt, None).cached_tokens == 0  # nor does a request without a tenant
+
+
+def test_a_declared_shared_system_prompt_is_reused_across_tenants_and_nothing_after_it(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, tok = model_and_tokenizer
+    shared = list(tok.encode_chat([{"role": "system", "content": SYSTEM}], add_generation_prompt=False))
+    prompt = chat(tok, SYSTEM, "Capital of Spain? " * 3)
+    assert prompt[: len(shared)] == shared  # the system turn renders the same alone and before a user turn
+    cold = small_engine(model_and_tokenizer, prefix_caching=False).generate(prompt, GREEDY)
+    engine = LLMEngine(model, tok.stop_token_ids, small_engine(model_and_tokenizer).config, shared_prefixes=[shared])
+    finish(engine, "a", prompt, "tenant-a")
+    engine.add_request("b", prompt, GREEDY, tenant="tenant-b")
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert [o.token_id for o in outs] == cold
+    assert outs[-1].cached_tokens == len(shared) // 16 * 16 > 0  # not the user turn, though its tokens are a's too
+    assert finish(engine, "a2", prompt, "tenant-a").cached_tokens == (len(prompt) - 1) // 16 * 16
+
+
+def test_a_sequence_preempted_for_another_tenant_gives_the_same_greedy_tokens(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    _, tok = model_and_tokenizer
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = {
+        "a0": chat(tok, "Be brief.", "Name a colour."),
+        "a1": chat(tok, "Be brief.", "Count to five."),
+        "b0": chat(tok, "Be kind.", "What is the capital of Italy?"),
+    }
+    roomy = small_engine(model_and_tokenizer)
+    expected = {rid: roomy.generate(p, params, request_id=rid) for rid, p in prompts.items()}
+    engine = small_engine(model_and_tokenizer, max_num_seqs=2)
+    engine.add_request("a0", prompts["a0"], params, tenant="a")
+    engine.add_request("a1", prompts["a1"], params, tenant="a")
+    got: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for o in engine.step():
+            assert o.token_id is not None
+            got.setdefault(o.request_id, []).append(o.token_id)
+
+    for _ in range(6):
+        step()
+    engine.add_request("b0", prompts["b0"], params, tenant="b")
+    step()
+    assert {s.request_id for s in engine.scheduler.running} == {"a0", "b0"}  # a1 gave its slot to b0
+    a1 = engine.scheduler.waiting[0]
+    assert a1.request_id == "a1" and a1.num_preemptions == 1 and len(a1.output_token_ids) == 6
+    while engine.has_work():
+        step()
+    assert got == expected
+    assert no_blocks_held(engine)
