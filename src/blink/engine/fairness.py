@@ -11,8 +11,10 @@ then arrival. Three rules, each only about live work (background work is never f
    counts falls with each move). The victim is recomputed later (the scheduler's recompute preemption).
 3. First token: a prompt whose tenant has nothing else running, in a batch whose other live sequences all belong
    to tenants over their share, is prefilled with the step's whole budget instead of `prefill_chunk_tokens`
-   chunks, so a flood of streams does not hold one request's first token back for many steps; only the flooding
-   tenants' inter-token delay pays for it, once per such prompt.
+   chunks, and the step that admits it is its own (the other live sequences sit it out, unless it does not fit
+   after all), so a flood of streams holds one request's first token back neither for many steps nor by the
+   flood's own decode step. The flooding tenants pay for it, once per such prompt: one of their inter-token gaps
+   grows by that prefill.
 """
 
 from __future__ import annotations

@@ -171,12 +171,20 @@ class Scheduler:
             batch.expired.append(seq)
         self._make_room_for_live()
         step = _Budget.start(self)
-        for seq in list(self.running):
-            if seq.status is SeqStatus.RUNNING:  # else preempted earlier in this loop
-                self._continue(seq, step, batch)
+        sitting_out = self._sitting_out()
+        self._continue_all(step, batch, sitting_out)
         if not batch.preempted:  # blocks ran short for the running ones: nobody new joins
             self._admit(step, batch)
+        if sitting_out and all(s.tenant in sitting_out for s in batch.sequences if s.priority == 0):
+            self._continue_all(step, batch, set())  # the newcomer did not fit after all: nobody sits out for nothing
         return batch
+
+    def _continue_all(self, step: _Budget, batch: ScheduledBatch, sitting_out: set[str | None]) -> None:
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or any(s is seq for s in batch.sequences):
+                continue  # preempted earlier in this loop, or scheduled already
+            if not (seq.priority == 0 and seq.tenant in sitting_out):
+                self._continue(seq, step, batch)
 
     def _continue(self, seq: Sequence, step: _Budget, batch: ScheduledBatch) -> None:
         """Schedule a running sequence: its next token, or its prompt's next chunk."""
@@ -226,6 +234,18 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_order)
             batch.add(seq, n)
             step.charge(seq, n, cost)
+
+    def _sitting_out(self) -> set[str | None]:
+        """The tenants whose live sequences sit this step out (fairness.py, rule 3): all of them, when the next
+        live request to admit will be prefilled whole and has a slot (free, or one its tenant may take)."""
+        shares = self._shares()
+        live = [s for s in self.waiting if s.priority == 0]
+        seq = min(live, key=shares.rank) if live else None
+        if seq is None or not shares.boosted(seq, self.running):
+            return set()
+        if len(self.running) >= self.max_num_seqs and shares.victim(seq, self.running) is None:
+            return set()
+        return {s.tenant for s in self.running if s.priority == 0}
 
     def _shares(self) -> Shares:
         return Shares.of(self.running, self.waiting, self.max_num_seqs)

@@ -63,7 +63,7 @@ def test_a_tenant_with_nothing_running_takes_a_slot_from_the_tenant_holding_the_
     sched.add(seq("b0", "b"))
     batch = run(sched)
     assert batch.preempted == [a[3]]  # the latest of the tenant holding the most
-    assert chunks(batch) == {"a0": 1, "a1": 1, "a2": 1, "b0": 4}
+    assert chunks(batch) == {"b0": 4}  # a step of its own (rule 3)
     # recompute preemption: its blocks are freed, it waits with its tokens so far and nothing is emitted again
     assert a[3].status is SeqStatus.WAITING and a[3].num_computed == 0 and sched.blocks.table("a3") == []
     assert a[3].output_token_ids == generated and a[3].token_ids == a[3].prompt_token_ids + generated
@@ -120,7 +120,8 @@ def test_the_prompt_of_a_tenant_with_nothing_running_skips_the_small_chunks_when
     run(sched)
     sched.add(seq("b0", "b", 30))
     batch = run(sched)
-    assert chunks(batch)["b0"] == 30  # the whole prompt in one step, not 4-token chunks
+    assert chunks(batch) == {"b0": 30}  # the whole prompt in one step of its own, not 4-token chunks
+    assert chunks(run(sched)) == {"a0": 1, "a1": 1, "a2": 1, "b0": 1}  # and then everyone decodes again
 
 
 def test_a_tenant_within_its_share_keeps_the_decoders_small_chunks() -> None:
@@ -129,3 +130,13 @@ def test_a_tenant_within_its_share_keeps_the_decoders_small_chunks() -> None:
     run(sched)
     sched.add(seq("b0", "b", 30))
     assert chunks(run(sched))["b0"] <= BS
+
+
+def test_nobody_sits_out_for_a_newcomer_that_does_not_fit() -> None:
+    sched = Scheduler(BlockManager(4, BS), max_num_seqs=2, max_num_batched_tokens=64, prefill_chunk_tokens=8)
+    sched.add(seq("a0", "a", 7))
+    run(sched)
+    sched.add(seq("b0", "b", 20))  # 5 blocks: more than the pool; with c, a is over its share of 2 / 3
+    sched.add(seq("c0", "c"))
+    for _ in range(3):
+        assert chunks(run(sched)) == {"a0": 1}  # a keeps decoding
