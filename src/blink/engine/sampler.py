@@ -24,7 +24,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [V] -> the distribution a non-greedy row samples from, [V], summing to 1."""
-    logits = logits / p.temperature
+    logits = (logits - logits.max()) / p.temperature  # softmax's own shift, first: no overflow at any temperature
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -32,7 +32,9 @@ def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly before each token
-        sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)  # the first token is always kept
+        drop = before >= p.top_p
+        drop[0] = False  # the most likely token always stays (a top_p below float32's range would drop it too)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         probs = probs / probs.sum()
     return probs

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from blink.engine.kv_cache import UNSALTED, CacheSalt
 
 
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
@@ -32,7 +35,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below SAMPLING_EPS the distribution is argmax's to within float precision (vLLM's rule too), and
+        # dividing logits by such a temperature would overflow
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 class SeqStatus(enum.Enum):

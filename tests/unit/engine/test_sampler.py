@@ -44,3 +44,13 @@ def test_top_k_and_top_p_restrict_the_choice() -> None:
 def test_invalid_parameters_are_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p"), [(1.1e-308, 1.0), (1e-5, 1.0), (2e-5, 1.0), (1.0, 3.2e-139), (1.9, 1e-300)]
+)
+def test_extreme_but_valid_settings_sample_a_real_token(temperature: float, top_p: float) -> None:
+    """A client's temperature or top_p near 0 once made a NaN distribution and failed the whole engine step."""
+    logits = torch.randn(2, 50, generator=gen(3)) * 30
+    params = [SamplingParams(temperature=temperature, top_p=top_p)] * 2
+    assert sample(logits, params, [gen(1), gen(2)]) == logits.argmax(-1).tolist()
