@@ -115,6 +115,22 @@ class GatewayConfig:
     session_ttl_s: float = _help(
         "a realtime session (settings, conversation) is kept this long after its last use", 3600.0
     )
+    allowed_origins: str = _help(
+        "web pages whose WebSocket handshakes are accepted, comma-separated origins (https://app.example:8443); "
+        "'*': any. Empty: pages of this server and of loopback addresses (localhost, 127.0.0.1, [::1]); a "
+        "handshake with no Origin (not a browser) is always accepted, one from another page gets 403",
+        "",
+    )
+    allowed_hosts: str = _help(
+        "Host header names accepted, comma-separated ('*.example.com' for subdomains; '*': any), a defence "
+        "against DNS rebinding; others get 400. Empty: localhost, 127.0.0.1, [::1] and --host",
+        "",
+    )
+    cors_origins: str = _help(
+        "web pages allowed to call the HTTP API from browser scripts (CORS), comma-separated origins; '*': any. "
+        "Empty: CORS off",
+        "",
+    )
 
 
 CACHE_TURNS = ("first", "all")

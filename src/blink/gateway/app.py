@@ -11,13 +11,19 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from blink.config import GatewayConfig
 from blink.errors import BlinkError, InvalidRequest, MethodNotAllowed, NotFound
+from blink.gateway import browser
 from blink.gateway.documents import DocumentRoutes
 from blink.gateway.openai_http import OpenAIRoutes
+from blink.gateway.openapi import openapi_endpoint
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import api_key, error_response
@@ -26,11 +32,43 @@ from blink.telemetry.metrics import CONTENT_TYPE
 # Starlette's own errors (routing), in blink's error shape; any other is a 400
 _HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
 
+# what a page allowed by --cors-origins may send, and read of the answers
+CORS_METHODS = ("GET", "POST", "DELETE")
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID", "traceparent")
+CORS_EXPOSED_HEADERS = (
+    *(f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset") for unit in ("requests", "tokens")),
+    "Retry-After",
+    "X-Blink-Cache",
+)
+
+
+def middleware(config: GatewayConfig) -> list[Middleware]:
+    """The app's middleware, outermost first, all pure ASGI (they sit on the streaming path). ValueError names a
+    flag whose value they cannot take.
+
+    Host first (a rebound name is refused before anything else runs), then CORS (its preflights carry no
+    credentials, so it stays outside anything that checks them), then the WebSocket Origin check."""
+    stack = [Middleware(TrustedHostMiddleware, allowed_hosts=browser.trusted_hosts(config), www_redirect=False)]
+    cors = browser.split_list(config.cors_origins)
+    if cors:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=cors,
+                allow_methods=CORS_METHODS,
+                allow_headers=CORS_REQUEST_HEADERS,
+                expose_headers=CORS_EXPOSED_HEADERS,
+            )
+        )
+    stack.append(Middleware(browser.OriginCheck, allowed=browser.allowed_origins(config)))
+    return stack
+
 
 def create_app(
     gateway: Gateway, lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None
 ) -> Starlette:
-    """Build the app around `gateway`. `lifespan` starts and stops what the gateway talks to (bus, replicas)."""
+    """Build the app around `gateway`. `lifespan` starts and stops what the gateway talks to (bus, replicas).
+    ValueError: a browser-facing flag (--allowed-hosts, --allowed-origins) has a value that is not one."""
     routes_api = OpenAIRoutes(gateway)
 
     async def healthz(request: Request) -> Response:
@@ -99,6 +137,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            Route("/openapi.json", openapi_endpoint),
             Route("/v1/models", routes_api.models),
             Route("/v1/chat/completions", routes_api.chat_completions, methods=["POST"]),
             Route("/v1/completions", routes_api.completions, methods=["POST"]),
@@ -107,6 +146,7 @@ def create_app(
             *documents,
         ],
         exception_handlers={BlinkError: on_blink_error, HTTPException: on_http_error},
+        middleware=middleware(gateway.config),
         lifespan=lifespan,
     )
     app.state.gateway = gateway
