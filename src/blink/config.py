@@ -116,9 +116,9 @@ class GatewayConfig:
         "a realtime session (settings, conversation) is kept this long after its last use", 3600.0
     )
     allowed_origins: str = _help(
-        "web pages whose WebSocket handshakes are accepted, comma-separated origins (https://app.example:8443); "
-        "'*': any. Empty: pages of this server and of loopback addresses (localhost, 127.0.0.1, [::1]); a "
-        "handshake with no Origin (not a browser) is always accepted, one from another page gets 403",
+        "web pages that may open WebSockets besides this server's own, comma-separated origins "
+        "(https://app.example:8443); '*': any. Empty: pages of loopback addresses (localhost, 127.0.0.1, [::1], any "
+        "port). A handshake with no Origin (not a browser) is always accepted, one from another page gets 403",
         "",
     )
     allowed_hosts: str = _help(
