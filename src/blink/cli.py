@@ -276,7 +276,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
 
     try:
         app = create_app(gateway, lifespan)
-    except ValueError as exc:  # a browser-facing flag (--allowed-hosts, --allowed-origins) that is not one
+    except ValueError as exc:  # a browser-facing flag (--allowed-hosts, --allowed-origins, ...) that is not one
         print(f"blink: {exc}", file=sys.stderr)
         return 2
     warning = wildcard_bind_warning(gw)

@@ -49,7 +49,7 @@ def middleware(config: GatewayConfig) -> list[Middleware]:
     Host first (a rebound name is refused before anything else runs), then CORS (its preflights carry no
     credentials, so it stays outside anything that checks them), then the WebSocket Origin check."""
     stack = [Middleware(TrustedHostMiddleware, allowed_hosts=browser.trusted_hosts(config), www_redirect=False)]
-    cors = browser.split_list(config.cors_origins)
+    cors = browser.cors_origins(config)
     if cors:
         stack.append(
             Middleware(
@@ -68,7 +68,8 @@ def create_app(
     gateway: Gateway, lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None
 ) -> Starlette:
     """Build the app around `gateway`. `lifespan` starts and stops what the gateway talks to (bus, replicas).
-    ValueError: a browser-facing flag (--allowed-hosts, --allowed-origins) has a value that is not one."""
+    ValueError: a browser-facing flag (--allowed-hosts, --allowed-origins, --cors-origins) holds a value that is
+    not one."""
     routes_api = OpenAIRoutes(gateway)
 
     async def healthz(request: Request) -> Response:

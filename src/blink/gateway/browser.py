@@ -50,15 +50,23 @@ def normalize_origin(origin: str) -> str | None:
     return f"{parts.scheme}://{_bracket(parts.hostname)}{tail}"
 
 
-def allowed_origins(config: GatewayConfig) -> tuple[str, ...]:
-    """--allowed-origins, normalized ('*' kept); ValueError names an entry that is not an origin."""
+def parse_origins(value: str, flag: str) -> tuple[str, ...]:
+    """A comma-separated list of origins, normalized ('*' kept); ValueError names an entry that is not one."""
     out = []
-    for item in split_list(config.allowed_origins):
+    for item in split_list(value):
         origin = "*" if item == "*" else normalize_origin(item)
         if origin is None:
-            raise ValueError(f"--allowed-origins: {item!r} is not an origin (scheme://host[:port])")
+            raise ValueError(f"{flag}: {item!r} is not an origin (scheme://host[:port])")
         out.append(origin)
     return tuple(out)
+
+
+def allowed_origins(config: GatewayConfig) -> tuple[str, ...]:
+    return parse_origins(config.allowed_origins, "--allowed-origins")
+
+
+def cors_origins(config: GatewayConfig) -> tuple[str, ...]:
+    return parse_origins(config.cors_origins, "--cors-origins")
 
 
 def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:

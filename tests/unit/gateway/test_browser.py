@@ -74,13 +74,17 @@ def test_trusted_hosts_are_loopback_the_bound_address_and_the_flag() -> None:
     ]
     assert browser.wildcard_bind_warning(GatewayConfig(host="0.0.0.0")) is not None
     assert browser.wildcard_bind_warning(GatewayConfig(host="0.0.0.0", allowed_hosts="*")) is None
+    assert browser.cors_origins(GatewayConfig(cors_origins="https://App.example/, *")) == ("https://app.example", "*")
 
 
-@pytest.mark.parametrize("config", [GatewayConfig(allowed_hosts="api*.example"), GatewayConfig(allowed_origins="x")])
+@pytest.mark.parametrize(
+    "config",
+    [GatewayConfig(allowed_hosts="api*.ex"), GatewayConfig(allowed_origins="x"), GatewayConfig(cors_origins="a/b")],
+)
 def test_a_browser_flag_that_is_not_one_is_a_value_error(config: GatewayConfig) -> None:
     from blink.bus.memory import MemoryBus
 
-    with pytest.raises(ValueError, match="--allowed-"):
+    with pytest.raises(ValueError, match=r"-origins|--allowed-hosts"):
         create_app(Gateway(MemoryBus(), config, [MODEL]))
 
 
