@@ -181,3 +181,19 @@ def test_deep_json_and_odd_headers_are_400_not_500(serve: Serve) -> None:
 
     asyncio.run(main())
     assert not server.errors
+
+
+def test_json_that_cannot_be_hashed_where_a_name_is_expected_is_a_400(serve: Serve) -> None:
+    # found by benchmarks/fuzz.py: a content part's type of [] reached `in TEXT_PARTS` (a set): internal_error
+    server = serve()
+    item = {"type": "message", "role": "user", "content": [{"type": [], "text": "x"}]}
+
+    async def main() -> None:
+        async with connect(server.ws_url) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+            event = json.loads(await ws.recv())
+            assert event["type"] == "error" and event["error"]["code"] == "invalid_request", event
+
+    asyncio.run(main())
+    assert not server.errors
