@@ -334,6 +334,7 @@ def _tracing(service: str) -> bool:
 
 def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     from blink.gateway.app import create_app
+    from blink.gateway.browser import wildcard_bind_warning
     from blink.gateway.service import Gateway
     from blink.gateway.sessions import RedisSessions
     from blink.preload.store import MemoryContextStore, TenantStores
@@ -382,10 +383,18 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
         await gateway.session_store.close()
         await bus.close()
 
+    try:
+        app = create_app(gateway, lifespan)
+    except ValueError as exc:  # a browser-facing flag (--allowed-hosts, --allowed-origins, ...) that is not one
+        print(f"blink: {exc}", file=sys.stderr)
+        return 2
+    warning = wildcard_bind_warning(gw)
+    if warning is not None:
+        log.warning("%s", warning)
     if not _tracing("blink-gateway" if not local else "blink"):
         return 2
     try:
-        http_server(create_app(gateway, lifespan), gateway, log_level=log_level).run()
+        http_server(app, gateway, log_level=log_level).run()
     finally:
         from blink.telemetry import tracing
 

@@ -120,6 +120,22 @@ class GatewayConfig:
     session_ttl_s: float = _help(
         "a realtime session (settings, conversation) is kept this long after its last use", 3600.0
     )
+    allowed_origins: str = _help(
+        "web pages that may open WebSockets besides this server's own, comma-separated origins "
+        "(https://app.example:8443); '*': any. Empty: pages of loopback addresses (localhost, 127.0.0.1, [::1], any "
+        "port). A handshake with no Origin (not a browser) is always accepted, one from another page gets 403",
+        "",
+    )
+    allowed_hosts: str = _help(
+        "Host header names accepted, comma-separated ('*.example.com' for subdomains; '*': any), a defence "
+        "against DNS rebinding; others get 400. Empty: localhost, 127.0.0.1, [::1] and --host",
+        "",
+    )
+    cors_origins: str = _help(
+        "web pages allowed to call the HTTP API from browser scripts (CORS), comma-separated origins; '*': any. "
+        "Empty: CORS off",
+        "",
+    )
     api_keys: str = _help(
         "the API keys file (`blink keys add`; also BLINK_API_KEYS): each key names a tenant and its limits; a "
         "change to the file takes effect at once. Empty: no keys, blink runs open as one tenant (loopback only)",

@@ -3,11 +3,15 @@
     BlinkError                      500 server_error / internal_error
     ├── InvalidRequest              400 invalid_request_error / invalid_request (and the codes in WS_ONLY_CODES)
     │   ├── ContextLengthExceeded   400 invalid_request_error / context_length_exceeded
-    │   └── RequestTooLarge         413 invalid_request_error / request_too_large
+    │   ├── RequestTooLarge         413 invalid_request_error / request_too_large
+    │   └── UnsupportedMediaType    415 invalid_request_error / unsupported_media_type (a body not application/json)
     ├── AuthenticationError         401 invalid_request_error / invalid_api_key
     ├── PermissionDenied            403 invalid_request_error / permission_denied (an admin operation)
+    ├── OriginNotAllowed            403 invalid_request_error / origin_not_allowed (a WebSocket from another site)
     ├── NotFound                    404 invalid_request_error / not_found (an unknown path)
     ├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
+    ├── OriginNotAllowed            403 invalid_request_error / origin_not_allowed (a WebSocket handshake from a
+    │                               web page of a site not allowed: --allowed-origins)
     ├── ModelNotFound               404 invalid_request_error / model_not_found
     ├── NotReady                    503 server_error / model_not_ready
     │   └── ShuttingDown            503 server_error / server_shutdown
@@ -73,6 +77,17 @@ class PermissionDenied(BlinkError):
     status = 403
     type = "invalid_request_error"
     code = "permission_denied"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class OriginNotAllowed(BlinkError):
+    status = 403
+    type = "invalid_request_error"
+    code = "origin_not_allowed"
 
 
 class NotFound(BlinkError):
@@ -175,6 +190,8 @@ CODES: dict[str, type[BlinkError]] = {
             RequestTooLarge,
             AuthenticationError,
             PermissionDenied,
+            UnsupportedMediaType,
+            OriginNotAllowed,
             NotFound,
             MethodNotAllowed,
             ModelNotFound,

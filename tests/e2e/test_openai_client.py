@@ -115,7 +115,8 @@ def test_malformed_bodies_get_openai_style_400(server: Server, body: bytes, code
 
 
 def test_oversized_body_is_413(server: Server) -> None:
-    r = httpx.post(f"{server.base}/v1/completions", content=b"x" * (2 << 20))
+    big = b"x" * (2 << 20)
+    r = httpx.post(f"{server.base}/v1/completions", content=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from blink.engine.kv_cache import UNSALTED, CacheSalt
 
-
 SAMPLING_EPS = 1e-5
 
 

@@ -13,16 +13,21 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from blink.config import GatewayConfig
 from blink.errors import BlinkError, CacheUnavailable, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
+from blink.gateway import browser
 from blink.gateway.auth import AuthMiddleware, tenant_of
 from blink.gateway.documents import DocumentRoutes
 from blink.gateway.keys import Tenant
 from blink.gateway.limits import ConnectionCap
 from blink.gateway.openai_http import OpenAIRoutes
+from blink.gateway.openapi import openapi_endpoint
 from blink.gateway.realtime import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import error_response
@@ -33,6 +38,42 @@ log = logging.getLogger("blink.gateway")
 
 # Starlette's own errors (routing), in blink's error shape; any other is a 400
 _HTTP_ERRORS: dict[int, type[BlinkError]] = {404: NotFound, 405: MethodNotAllowed}
+
+# what a page allowed by --cors-origins may send, and read of the answers
+CORS_METHODS = ("GET", "POST", "DELETE")
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID", "traceparent")
+CORS_EXPOSED_HEADERS = (
+    *(f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset") for unit in ("requests", "tokens")),
+    "Retry-After",
+    "X-Blink-Cache",
+)
+
+
+def middleware(config: GatewayConfig, gateway: Gateway) -> list[Middleware]:
+    """The app's middleware, outermost first, all pure ASGI (they sit on the streaming path). ValueError names a
+    flag whose value they cannot take.
+
+    The connection cap first (cheapest), then Host (a rebound name is refused before anything else runs), then
+    CORS (its preflights carry no credentials, so it stays outside anything that checks them), then the WebSocket
+    Origin check, then the API key."""
+    stack = [
+        Middleware(ConnectionCap, limit=config.max_connections),
+        Middleware(TrustedHostMiddleware, allowed_hosts=browser.trusted_hosts(config), www_redirect=False),
+    ]
+    cors = browser.cors_origins(config)
+    if cors:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=cors,
+                allow_methods=CORS_METHODS,
+                allow_headers=CORS_REQUEST_HEADERS,
+                expose_headers=CORS_EXPOSED_HEADERS,
+            )
+        )
+    stack.append(Middleware(browser.OriginCheck, allowed=browser.allowed_origins(config)))
+    stack.append(Middleware(AuthMiddleware, auth=gateway.auth))
+    return stack
 
 
 def _cache_tenants(gateway: Gateway, caller: Tenant, params: Mapping[str, str]) -> list[str]:
@@ -50,7 +91,9 @@ def _cache_tenants(gateway: Gateway, caller: Tenant, params: Mapping[str, str]) 
 def create_app(
     gateway: Gateway, lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None
 ) -> Starlette:
-    """Build the app around `gateway`. `lifespan` starts and stops what the gateway talks to (bus, replicas)."""
+    """Build the app around `gateway`. `lifespan` starts and stops what the gateway talks to (bus, replicas).
+    ValueError: a browser-facing flag (--allowed-hosts, --allowed-origins, --cors-origins) holds a value that is
+    not one."""
     routes_api = OpenAIRoutes(gateway)
 
     async def healthz(request: Request) -> Response:
@@ -123,6 +166,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            Route("/openapi.json", openapi_endpoint),
             Route("/v1/models", routes_api.models),
             Route("/v1/chat/completions", routes_api.chat_completions, methods=["POST"]),
             Route("/v1/completions", routes_api.completions, methods=["POST"]),
@@ -131,10 +175,7 @@ def create_app(
             *documents,
         ],
         exception_handlers={BlinkError: on_blink_error, HTTPException: on_http_error},
-        middleware=[
-            Middleware(ConnectionCap, limit=gateway.config.max_connections),
-            Middleware(AuthMiddleware, auth=gateway.auth),
-        ],
+        middleware=middleware(gateway.config, gateway),
         lifespan=lifespan,
     )
     app.state.gateway = gateway

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,12 +29,17 @@ from blink.gateway.resume import ResponseLog
 from blink.gateway.service import Gateway, Generation
 from blink.gateway.wire import error_body, sse
 
+_EVENT_INDEX = re.compile(r"-?[0-9]{1,18}")  # ASCII digits (str.isdigit() also takes "²", which int() refuses)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    """The request's body, a JSON object of at most `limit` bytes sent as application/json (the Content-Type is
+    checked before the body is read)."""
+    v.check_json_media_type(request.headers.get("content-type"))
+    declared = request.headers.get("content-length", "")
+    # ASCII digits only (isdigit() alone takes "²", which int() refuses), and no int() of thousands of digits
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise RequestTooLarge(f"the request body is larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -226,7 +232,7 @@ class OpenAIRoutes:
         if last is None:
             return None
         response_id, _, index = last.strip().rpartition(":")
-        if not response_id or not index.lstrip("-").isdigit():
+        if not response_id or not _EVENT_INDEX.fullmatch(index):
             raise InvalidRequest(
                 "'Last-Event-ID' must be an event id of a blink stream: '<response id>:<index>'", param="Last-Event-ID"
             )

@@ -57,7 +57,7 @@ from blink.preload.store import ContextStore, ScoredChunk, context_block
 log = logging.getLogger("blink.gateway.realtime")
 
 DEFAULT_TEMPERATURE = 1.0  # as on HTTP (OpenAI's chat default)
-TEXT_PARTS = {"input_text", "text", "output_text"}
+TEXT_PARTS = ("input_text", "text", "output_text")  # a tuple: `x in` must not hash client JSON (a list)
 ROLES = {"system", "user", "assistant"}
 MAX_TOP_K = 20
 PRELOAD_PRIORITY = 1  # background: below every live request

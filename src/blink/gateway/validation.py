@@ -7,19 +7,57 @@ import math
 from typing import Any
 
 from blink.bus.messages import Sampling
-from blink.errors import InvalidRequest
+from blink.errors import InvalidRequest, UnsupportedMediaType
 
 MAX_STOP_STRINGS = 4
+MAX_JSON_DEPTH = 64  # blink's own requests nest 4 deep
+
+
+def nesting_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep the lists and dicts of the parsed JSON `value` nest (a scalar: 0), counted up to `limit + 1`
+    (deeper is not walked). Level by level, not recursive: any depth is safe."""
+    depth, level = 0, [value] if isinstance(value, list | dict) else []
+    while level and depth <= limit:
+        depth += 1
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, list | dict)
+        ]
+    return depth
 
 
 def parse_object(raw: str | bytes, what: str = "body") -> dict[str, Any]:
+    """`raw` (bytes: UTF-8, or the UTF-16/32 that json.loads detects) as a JSON object. Anything else, and arrays
+    or objects nested deeper than MAX_JSON_DEPTH, are InvalidRequest `invalid_json` (NaN and Infinity are read,
+    as json.loads does: the checks of numbers refuse them)."""
+    too_deep = InvalidRequest(f"the {what} nests arrays and objects deeper than {MAX_JSON_DEPTH}", code="invalid_json")
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass") if isinstance(raw, bytes) else raw
+        value = json.loads(text)
+    except RecursionError:  # json.loads recurses once per level: this is nested far past the bound
+        raise too_deep from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise InvalidRequest(f"the {what} is not valid JSON: {exc}", code="invalid_json") from None
+    # few brackets (the common case) cannot nest deep: no walk
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and nesting_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(value, dict):
         raise InvalidRequest(f"the {what} must be a JSON object", code="invalid_json")
     return value
+
+
+def check_json_media_type(content_type: str | None) -> None:
+    """A request body's Content-Type must be application/json (a `charset` parameter may only say UTF-8): a
+    form or text/plain, which a web page may send to any site without asking, is UnsupportedMediaType."""
+    media_type, *params = (content_type or "").split(";")
+    charset = next((p.partition("=")[2] for p in params if p.strip().lower().startswith("charset=")), "utf-8")
+    if media_type.strip().lower() != "application/json" or charset.strip().strip('"').lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"request bodies must be JSON with 'Content-Type: application/json', not {content_type!r}",
+            param="Content-Type",
+        )
 
 
 def get_str(
@@ -47,16 +85,22 @@ def get_bool(obj: dict[str, Any], key: str, default: bool) -> bool:
 def get_number(
     obj: dict[str, Any], key: str, lo: float, hi: float, *, integer: bool = False, param: str | None = None
 ) -> Any:
-    """The value of `key` if present (None otherwise), checked to be a number in [lo, hi]."""
+    """The value of `key` if present (None otherwise), checked to be a number in [lo, hi]; with `integer`, an int
+    (JSON has one number type: 2.0 is the integer 2, as JSON Schema says)."""
     name = param or key
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not _integral(value)):
         raise InvalidRequest(f"'{name}' must be {'an integer' if integer else 'a number'}", param=name)
-    if not math.isfinite(value) or not lo <= value <= hi:
+    # an int is compared exactly: math.isfinite() would overflow on one of 400 digits
+    if (isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
         raise InvalidRequest(f"'{name}' must be between {lo:g} and {hi:g}, got {value}", param=name)
-    return value
+    return int(value) if integer else value
+
+
+def _integral(value: int | float) -> bool:
+    return isinstance(value, int) or value.is_integer()
 
 
 def get_stop(obj: dict[str, Any]) -> tuple[str, ...]:

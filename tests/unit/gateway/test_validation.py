@@ -31,3 +31,12 @@ def test_sampling_defaults_and_stop_lists() -> None:
             v.get_stop({"stop": stop})
     with pytest.raises(InvalidRequest):
         v.get_sampling({"top_p": 0}, max_tokens_keys=(), max_model_len=100, default_temperature=1.0)
+
+
+def test_integers_may_be_written_as_integral_floats_and_any_size_is_a_400() -> None:
+    assert v.get_number({"n": 2.0}, "n", 1, 4, integer=True) == 2
+    assert type(v.get_number({"n": 2.0}, "n", 1, 4, integer=True)) is int
+    for value in (10**400, -(10**400), 1e300):  # an int of 400 digits overflowed math.isfinite: a 500
+        with pytest.raises(InvalidRequest) as err:
+            v.get_number({"seed": value}, "seed", -(1 << 63), (1 << 63) - 1, integer=True)
+        assert err.value.param == "seed"
