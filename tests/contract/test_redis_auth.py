@@ -143,7 +143,7 @@ def test_an_unreachable_redis_is_reported_to_clients_without_its_host(caplog: py
                 await sessions.create(SESSION, SessionRecord("alice", {}))
             assert_anonymous(caught.value.message, port)
             transport = httpx.ASGITransport(app=create_app(gateway))
-            async with httpx.AsyncClient(transport=transport, base_url="http://blink") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
                 answer = await client.delete("/v1/cache")
             assert answer.status_code == 503 and answer.json()["error"]["code"] == "cache_unavailable"
             assert_anonymous(answer.text, port)

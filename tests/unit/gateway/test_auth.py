@@ -29,7 +29,9 @@ def keyed(serve: Serve, tmp_path: Path) -> tuple[LiveServer, dict[str, str], Pat
 def test_http_needs_a_known_key_and_health_stays_open(keyed: tuple[LiveServer, dict[str, str], Path]) -> None:
     server, keys, _ = keyed
     url = f"{server.base}/v1/chat/completions"
-    for headers in ({}, bearer("junk"), bearer(keys["acme"][:-1] + "0"), {"Authorization": keys["acme"]}):
+    key = keys["acme"]
+    wrong = key[:-1] + ("1" if key.endswith("0") else "0")  # one hex digit off
+    for headers in ({}, bearer("junk"), bearer(wrong), {"Authorization": key}):
         reply = httpx.post(url, json=CHAT, headers=headers, timeout=10)
         assert reply.status_code == 401, headers
         assert reply.json()["error"]["code"] == "invalid_api_key"
