@@ -10,7 +10,8 @@ then arrival. Three rules, each only about live work (background work is never f
    makes every such move narrow the gap, so two tenants never take a slot back and forth (the sum of the squared
    counts falls with each move). The victim is recomputed later (the scheduler's recompute preemption).
 3. First token: a prompt whose tenant has nothing else running, in a batch whose other live sequences all belong
-   to tenants over their share, is prefilled with the step's whole budget instead of `prefill_chunk_tokens`
+   to tenants at or over their share (a tenant using all its concurrency limit, 8 of a 16-sequence batch against
+   one other tenant, is a flood too), is prefilled with the step's whole budget instead of `prefill_chunk_tokens`
    chunks, and the step that admits it is its own (the other live sequences sit it out, unless it does not fit
    after all), so a flood of streams holds one request's first token back neither for many steps nor by the
    flood's own decode step. The flooding tenants pay for it, once per such prompt: one of their inter-token gaps
@@ -66,4 +67,4 @@ class Shares:
         if seq.priority > 0:
             return False
         others = [s for s in running if s.priority == 0 and s is not seq]
-        return bool(others) and all(s.tenant != seq.tenant and self.over(s.tenant) for s in others)
+        return bool(others) and all(s.tenant != seq.tenant and not self.below(s.tenant) for s in others)

@@ -34,14 +34,14 @@ def flood(sched: Scheduler, tenant: str, count: int) -> list[Sequence]:
 
 
 def test_the_tenant_with_the_fewest_running_sequences_is_admitted_first() -> None:
-    sched = make(seqs=4)
+    sched = make(seqs=5)  # a's 2 are below its share (2.5): no step of b0's own (rule 3)
     flood(sched, "a", 2)
-    later = [seq("a2", "a"), seq("a3", "a"), seq("b0", "b")]
+    later = [seq("a2", "a"), seq("a3", "a"), seq("a4", "a"), seq("b0", "b")]
     for s in later:
         sched.add(s)
     batch = run(sched)
     assert list(chunks(batch)) == ["a0", "a1", "b0", "a2"]  # b0 came last but its tenant had nothing running
-    assert [s.request_id for s in sched.waiting] == ["a3"]  # within a tenant: arrival order
+    assert [s.request_id for s in sched.waiting] == ["a3", "a4"]  # within a tenant: arrival order
 
 
 def test_a_single_tenant_is_admitted_in_arrival_order_as_before() -> None:
@@ -111,7 +111,8 @@ def test_a_tenant_below_its_share_takes_kv_blocks_from_the_tenant_holding_the_mo
     sched.add(seq("b0", "b", 3))
     batch = run(sched)  # a's decodes fit their blocks; b0 needs one more than there is
     assert batch.preempted == [a[3]]
-    assert chunks(batch) == {"a0": 1, "a1": 1, "a2": 1, "b0": 3}
+    assert chunks(batch) == {"b0": 3}  # and a, at its share, sits this step out (rule 3)
+    assert chunks(run(sched)) == {"a0": 1, "a1": 1, "a2": 1, "b0": 1}
 
 
 def test_the_prompt_of_a_tenant_with_nothing_running_skips_the_small_chunks_when_the_others_are_over_share() -> None:
