@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any
 import httpx
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blink.errors import CODES
@@ -224,6 +226,15 @@ class Realtime:
                 return
 
 
+@contextlib.contextmanager
+def quiet_reprs() -> Iterator[None]:
+    """Hypothesis warns when it builds the repr of a large generated input (as it does on stopping a run early,
+    and more under CI=true, its CI profile); the inputs are large on purpose, and warnings are errors in tests."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Generating overly large repr", category=HypothesisWarning)
+        yield
+
+
 def fuzz_websocket(url: str, report: Report, events: int, run_seed: int, until: float) -> None:
     client = Realtime(url, report)
 
@@ -241,7 +252,7 @@ def fuzz_websocket(url: str, report: Report, events: int, run_seed: int, until: 
             raise Enough
         client.send(frames)
 
-    with contextlib.suppress(Enough):
+    with contextlib.suppress(Enough), quiet_reprs():
         run()
     client.close()
 
@@ -309,7 +320,7 @@ def fuzz_http(base: str, report: Report, bodies: int, run_seed: int, until: floa
             response = case.call(base_url=base, session=session, timeout=120)
             record(case.as_curl_command(), response.status_code, response.text)
 
-    with contextlib.suppress(Enough):
+    with contextlib.suppress(Enough), quiet_reprs():
         run()
     raw_client.close()
 

@@ -51,7 +51,10 @@ def test_each_conversations_turns_stay_on_the_replica_that_took_its_first(serve:
 
 
 def test_a_replica_whose_heartbeat_holds_the_prefix_gets_it_unless_much_busier(serve: Serve) -> None:
-    request = GenerateRequest("r1", MODEL, Sampling(), messages=({"role": "user", "content": "hello"},))
+    # as the gateway names it: the request of the open server's one tenant
+    request = GenerateRequest(
+        "r1", MODEL, Sampling(), messages=({"role": "user", "content": "hello"},), tenant="default"
+    )
     key = affinity_key(request)
     holder = FakeReplica(MODEL, replica_id="holder", prefixes=(key,))
     other = FakeReplica(MODEL, replica_id="other")
