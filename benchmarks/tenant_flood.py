@@ -131,11 +131,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--asks", type=int, default=6, help="B's requests per phase and round")
     parser.add_argument("--typing-sessions", type=int, default=4)
+    parser.add_argument(
+        "--serve-flags", default="", help="more `blink serve` flags, one string (e.g. '--speculative off')"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         file = KeyFile(Path(tmp) / "keys.json")
         keys = {"a": file.add("a")[1], "b": file.add("b")[1]}
-        server = Server(Path(tmp) / "serve.log", "--api-keys", str(file.path))
+        server = Server(Path(tmp) / "serve.log", "--api-keys", str(file.path), *args.serve_flags.split())
         try:
             server.wait_ready()
             result = asyncio.run(run(server, keys, args))
