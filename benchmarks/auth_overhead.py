@@ -16,7 +16,6 @@ Writes benchmarks/results/auth_overhead.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.common import write_report
 from blink.config import GatewayConfig
 from blink.gateway.keys import KeyFile
 from blink.gateway.limits import Limiter
@@ -99,8 +99,6 @@ def main() -> None:
         micro = in_process(args.calls, Path(tmp))
         e2e = end_to_end(args.requests, Path(tmp))
     result = {"in_process": micro, "end_to_end": e2e, "requests": args.requests, "calls": args.calls}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "auth_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (
         "# API keys and limits: overhead on first-token latency\n\n"
         f"`python -m benchmarks.auth_overhead --requests {args.requests} --calls {args.calls}`\n\n"
@@ -111,8 +109,7 @@ def main() -> None:
         f"| first chunk, gateway with keys and limits, median | {e2e['keys_ms']:.2f} ms |\n"
         f"| overhead (difference of medians) | {e2e['overhead_ms']:.3f} ms |\n"
     )
-    (RESULTS / "auth_overhead.md").write_text(table)
-    print(table)
+    write_report(RESULTS, "auth_overhead", table, result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import connect
 
-from benchmarks.common import machine
+from benchmarks.common import machine, write_report
 from blink.config import TenantLimits
 from blink.gateway.keys import KeyFile
 from tests.e2e.conftest import MODEL, Server
@@ -145,8 +145,6 @@ def main() -> None:
         finally:
             server.stop()
     result["machine"] = machine()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tenant_flood.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (
         "# One tenant floods, another asks: first-token latency\n\n"
         f"`python -m benchmarks.tenant_flood --rounds {args.rounds} --asks {args.asks} "
@@ -159,8 +157,7 @@ def main() -> None:
         f"| while A floods | {result['median_flood_ms']} ms |\n"
         f"| ratio (target <= 1.5) | {result['ratio']} |\n"
     )
-    (RESULTS / "tenant_flood.md").write_text(table)
-    print(table)
+    write_report(RESULTS, "tenant_flood", table, result)
 
 
 if __name__ == "__main__":
