@@ -35,6 +35,7 @@ class ResponseStream(Protocol):
 class Bus(Protocol):
     reclaims: bool  # True when a dead replica's requests are re-delivered to another replica of the pool
     heartbeat_timeout: float  # seconds after its last heartbeat that a replica counts as gone
+    step_poll_s: float  # how often a replica looks for work while its engine steps (a newcomer may call it off)
 
     async def start(self) -> None: ...
 

@@ -61,6 +61,7 @@ class MemoryResponseStream:
 
 class MemoryBus:
     reclaims: bool = False  # one process: its replicas die with it
+    step_poll_s: float = 0.002  # a look is a few dict reads
 
     def __init__(self, *, max_pending: int = 256, stream_events: int = 1024, heartbeat_timeout: float = 10.0) -> None:
         self.max_pending = max_pending

@@ -129,6 +129,7 @@ class ReplicaStatus:
     kv_blocks_total: int = 0
     background_prefill_tokens: int = 0  # prompt tokens computed for pre-loads since start
     background_tokens_used: int = 0  # of those, tokens a live request then found in the cache
+    interrupted_steps: int = 0  # engine steps called off for another tenant's newcomer since start
     speculative: str = "off"  # the replica's --speculative
     spec_proposed: int = 0  # guessed tokens verified since start, and of those accepted
     spec_accepted: int = 0

@@ -138,6 +138,7 @@ class RedisBus:
     """
 
     reclaims: bool = True
+    step_poll_s: float = 0.01  # a look is a round trip to Redis
 
     def __init__(
         self,

@@ -10,11 +10,13 @@ With a proposer (speculative decoding, see speculative.py), a step may emit seve
 StepOutput per token, in order.
 
 Contract: all three are called from one thread at a time (the replica calls add/abort between steps).
+`engine.interrupt_for(tenant)` is the exception: any thread may call it while a step runs (see its docstring).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ import torch
 
 from blink.config import EngineConfig, resolve_threads
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import DECODE_KEY_QUANTUM, ModelRunner, PagedKVCache, key_span
+from blink.engine.runner import DECODE_KEY_QUANTUM, ModelRunner, PagedKVCache, StepInterrupted, key_span
 from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
 from blink.engine.speculative import AdaptiveSpeculation, Proposal, Proposer, StepCost
@@ -43,6 +45,14 @@ class StepOutput:
     prefill_s: float  # first scheduled -> first token
     spec_proposed: int = 0  # speculative decoding: guesses proposed for this request so far, and accepted
     spec_accepted: int = 0
+
+
+@dataclass(frozen=True)
+class _StepView:
+    """Who holds the running step's batch, for `interrupt_for` on another thread (an immutable snapshot)."""
+
+    counts: Counter[str | None]  # live running sequences per tenant
+    tenants: frozenset[str | None]  # tenants with live work, running or waiting
 
 
 class LLMEngine:
@@ -87,6 +97,9 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self.background_prefill_tokens = 0  # prompt tokens computed for prefill-only sequences (pre-loading)
+        self.interrupted_steps = 0  # steps called off for a newcomer (interrupt_for)
+        self._view: _StepView | None = None  # set while an interruptible step runs
+        self._last_interrupted = False
         # speculative decoding: off without a proposer; the policy needs step costs (measure_step_cost)
         self.proposer = proposer
         self.step_cost = StepCost()
@@ -155,6 +168,28 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def interrupt_for(self, tenant: str | None) -> bool:
+        """A live request of `tenant` has arrived while a step runs: call the step off (from any thread) when
+        fairness.py's rule 3 will give that request a step of its own, that is when `tenant` has no live work in
+        the engine and every tenant that has holds at least its share of the batch counting the newcomer's
+        tenant (or the step is background work only). The step ends at its next layer among the first three
+        quarters (runner.py) and is run again after the newcomer's; the flood pays for the part it had done.
+        The step after a called-off one can't be called off, so a stream of newcomers costs the others at
+        most half their steps. Returns whether the step was called off (False: none runs, or no claim)."""
+        view = self._view
+        if view is None or tenant in view.tenants:
+            return False
+        tenants = len(view.tenants) + 1
+        if any(count * tenants < self.config.max_num_seqs for count in view.counts.values()):
+            return False
+        self.runner.interrupt.set()
+        return True
+
+    def _snapshot(self) -> _StepView:
+        live = [s for s in self.scheduler.running if s.priority == 0]
+        waiting = [s.tenant for s in self.scheduler.waiting if s.priority == 0]
+        return _StepView(Counter(s.tenant for s in live), frozenset([*(s.tenant for s in live), *waiting]))
+
     def live_backlog(self) -> tuple[int, int, int]:
         """The live (priority 0) work ahead of a new request: (prompt tokens not yet computed, sequences waiting,
         batch slots free)."""
@@ -186,7 +221,18 @@ class LLMEngine:
         tables = [self.blocks.table(seq.request_id) for seq in batch.sequences]
         proposals = self._speculate(batch) if self.proposer else None
         started = time.perf_counter()
-        tokens = self.runner.run(batch, tables, proposals)
+        interruptible = not self._last_interrupted
+        if interruptible:
+            self.runner.interrupt.clear()
+            self._view = self._snapshot()
+        try:
+            tokens = self.runner.run(batch, tables, proposals, interruptible=interruptible)
+        except StepInterrupted:
+            self._called_off(batch, proposals)
+            return outputs
+        finally:
+            self._view = None
+        self._last_interrupted = False
         elapsed = time.perf_counter() - started
         if self.proposer and all(n == 1 for n in batch.chunks):  # decode only: what the policy predicts
             guesses = [len(p.tokens) if p else 0 for p in proposals] if proposals else [0] * len(batch.sequences)
@@ -228,6 +274,14 @@ class LLMEngine:
                 self._finish(seq, FinishReason.PREFILLED)
                 outputs.append(self._output(seq, None, FinishReason.PREFILLED))
         return outputs
+
+    def _called_off(self, batch: ScheduledBatch, proposals: list[Proposal | None] | None) -> None:
+        """The step was interrupted: nothing moved (runner.py); give back the blocks its guesses took."""
+        self.interrupted_steps += 1
+        self._last_interrupted = True
+        for seq, proposal in zip(batch.sequences, proposals or [], strict=False):
+            if proposal and proposal.tokens:
+                self.blocks.trim(seq.request_id, seq.num_computed + 1)
 
     def _speculate(self, batch: ScheduledBatch) -> list[Proposal | None] | None:
         """Guesses for the batch's decoding sequences, as many as the policy finds worth their rows, with the

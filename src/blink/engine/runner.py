@@ -9,10 +9,17 @@ arithmetic per row does not depend on the other rows (the C kernel reading the c
 `_NativeDecodeRows`, or SDPA over gathered keys, `_DecodeRows`), each prompt chunk in groups aligned to KV
 blocks. Both int8 weight formats are batch-invariant too, so a token's logits never depend on its step's company:
 speculative decoding and plain decoding give the same greedy tokens.
+
+A step can be called off partway (`ModelRunner.interrupt`, set from another thread): attention checks it before
+each of the first three quarters of the layers and raises `StepInterrupted`. Nothing of the step counts then: the
+K/V it wrote lie past every sequence's `num_computed`, in blocks no other sequence reads, and are written again
+when the step is run again; no token was sampled, so no random stream moved.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +31,10 @@ from blink.engine.sequence import Sequence
 from blink.engine.speculative import Proposal, verify
 from blink.models import native
 from blink.models.llama import LlamaModel
+
+
+class StepInterrupted(Exception):
+    """The step was called off partway (see the module docstring)."""
 
 
 class PagedKVCache:
@@ -165,8 +176,10 @@ class PagedAttention:
         slot_mapping: torch.Tensor,
         chunks: list[_Chunk],
         decode: _DecodeRows | _NativeDecodeRows | None,
+        stop: Callable[[int], bool] | None = None,
     ) -> None:
         self.cache, self.slot_mapping, self.chunks, self.decode = cache, slot_mapping, chunks, decode
+        self.stop = stop  # layer -> whether the step is called off before it
         # prompt rows attend one KV block at a time, as if the whole block were in the step: the block's rows as
         # queries (rows outside this chunk padded), the keys up to the block's end (positions not computed yet are
         # masked), so a row's arithmetic depends on its position only, never on how its prompt was chunked: a
@@ -191,6 +204,8 @@ class PagedAttention:
                 lo = hi
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.stop is not None and self.stop(layer):
+            raise StepInterrupted
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [slots, KVH, D]
         kc.index_copy_(0, self.slot_mapping, k)
         vc.index_copy_(0, self.slot_mapping, v)
@@ -224,6 +239,12 @@ class ModelRunner:
         self.block_size = block_size
         self._offsets = torch.arange(block_size)
         self._generators: dict[str, torch.Generator | None] = {}
+        # set from any thread to call off the step running (if it is interruptible and not too far along)
+        self.interrupt = threading.Event()
+        self._cut = (3 * model.config.num_hidden_layers) // 4  # past it, finishing costs less than a redo
+
+    def _stop(self, layer: int) -> bool:
+        return layer < self._cut and self.interrupt.is_set()
 
     def add(self, seq: Sequence) -> None:
         gen = None
@@ -253,13 +274,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, batch: ScheduledBatch, tables: list[list[int]], guesses: list[list[int]] | None = None
+        self,
+        batch: ScheduledBatch,
+        tables: list[list[int]],
+        guesses: list[list[int]] | None = None,
+        *,
+        interruptible: bool = False,
     ) -> tuple[torch.Tensor, list[slice | None]]:
         """Forward `batch.chunks[i]` tokens of each `batch.sequences[i]` (block table `tables[i]`) from its
         `num_computed`, and for a decoding sequence with `guesses[i]` those guesses after its last token (the table
         must hold them). Returns the logits of the rows to sample from and, per sequence, its rows in them: the
         last row of a chunk that reaches the sequence's end, all 1 + k rows of a verification, None for a
-        sequence still partway through its prompt or prefill-only. Does not touch `num_computed`."""
+        sequence still partway through its prompt or prefill-only. Does not touch `num_computed`. `interruptible`:
+        `interrupt` may call it off (StepInterrupted)."""
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -307,20 +334,27 @@ class ModelRunner:
         elif decode_rows:
             heads = self.model.config.num_attention_heads
             decode = _DecodeRows(self.kv, decode_starts, decode_rows, decode_context, heads)
-        backend = PagedAttention(self.kv, torch.tensor(slot_mapping), chunks, decode)
+        backend = PagedAttention(
+            self.kv, torch.tensor(slot_mapping), chunks, decode, self._stop if interruptible else None
+        )
         logits = self.model(
             torch.tensor(ids), torch.tensor(positions), backend, torch.tensor(sample_rows, dtype=torch.long)
         )
         return logits, where
 
     def run(
-        self, batch: ScheduledBatch, tables: list[list[int]], proposals: list[Proposal | None] | None = None
+        self,
+        batch: ScheduledBatch,
+        tables: list[list[int]],
+        proposals: list[Proposal | None] | None = None,
+        *,
+        interruptible: bool = False,
     ) -> list[list[int]]:
         """Forward the batch (see `forward`) and pick tokens: per sequence, [] while its prompt is partway or it
         is prefill-only, one sampled token, or for a sequence with a proposal the 1 to k + 1 tokens its
         verification emits."""
         guesses = [p.tokens if p else [] for p in proposals] if proposals else None
-        logits, where = self.forward(batch, tables, guesses)
+        logits, where = self.forward(batch, tables, guesses, interruptible=interruptible)
         out: list[list[int]] = [[] for _ in batch.sequences]
         plain = [i for i, w in enumerate(where) if w is not None and not (guesses and guesses[i])]
         if plain:

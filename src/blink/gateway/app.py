@@ -112,6 +112,7 @@ def create_app(
                 "kv_blocks_total": r.kv_blocks_total,
                 "background_prefill_tokens": r.background_prefill_tokens,
                 "background_tokens_used": r.background_tokens_used,
+                "interrupted_steps": r.interrupted_steps,
                 "speculative": {"mode": r.speculative, "proposed": r.spec_proposed, "accepted": r.spec_accepted},
                 "heartbeat_at": r.sent,
             }

@@ -4,6 +4,9 @@
 
 The loop alternates between taking work from the bus (requests, cancels) and one `engine.step()` on the
 replica's own engine thread, so a cancel that arrives during a step frees its sequence before the next one.
+While a step runs the loop keeps taking work off the bus (every `bus.step_poll_s`), held until the step ends; a
+live request that fairness.py's rule 3 will give a step of its own calls the running step off
+(`engine.interrupt_for`), so one tenant's long flood steps don't hold another tenant's first token back.
 Every torch call (load, warm-up, steps) runs on that one thread: torch's OpenMP pool belongs to the thread that
 uses it, and hopping between executor threads measured ~45% slower decode steps on 2 cores. The replica never
 waits on a client: a slow or vanished consumer makes `publish` return False and the request is dropped.
@@ -32,6 +35,7 @@ from blink.bus.messages import (
     ReplicaState,
     ReplicaStatus,
     TokenEvent,
+    WorkMessage,
 )
 from blink.config import EngineConfig, ModelConfig, parse_speculative
 from blink.engine.llm_engine import LLMEngine, StepOutput
@@ -99,6 +103,7 @@ class Replica:
         # affinity key -> its request's tenant and its prompt's first block (+1)
         self._prefixes: OrderedDict[str, tuple[str | None, list[int]]] = OrderedDict()
         self._stopping = asyncio.Event()
+        self._inbox: list[WorkMessage] = []  # taken off the bus while a step ran: started after it
         self.load = LoadEstimator()  # prefill and finish rates of live requests: the queue wait heartbeats carry
         self._drain_until = 0.0  # monotonic time a stopping replica stops finishing its requests
         self.ready = asyncio.Event()  # set once the model is loaded and warmed
@@ -128,6 +133,7 @@ class Replica:
                 kv_blocks_in_use=engine.blocks.num_blocks - engine.blocks.num_free_blocks if engine else 0,
                 kv_blocks_total=engine.blocks.num_blocks if engine else 0,
                 background_prefill_tokens=engine.background_prefill_tokens if engine else 0,
+                interrupted_steps=engine.interrupted_steps if engine else 0,
                 background_tokens_used=engine.scheduler.background_tokens_used if engine else 0,
                 speculative=self.engine_config.speculative,
                 spec_proposed=engine.speculation.proposed if engine else 0,
@@ -190,7 +196,12 @@ class Replica:
     async def _release(self) -> None:
         """The requests still held when the replica stops: handed back (the bus re-delivers them once this
         replica's STOPPED heartbeat is out; nothing is published, so their clients' streams stay open), or, on a
-        bus that cannot, ended as cancelled."""
+        bus that cannot, ended as cancelled. So are those taken off the bus during the last step."""
+        held = [m for m in self._inbox if isinstance(m, GenerateRequest)]
+        self._inbox = []
+        if not (self.bus.reclaims and self._stopping.is_set()):
+            for req in held:
+                await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
         if not self._active:
             return
         if self.engine is not None and self.bus.reclaims and self._stopping.is_set():
@@ -289,12 +300,12 @@ class Replica:
         engine = self.engine
         assert engine is not None
         while not self._stopping.is_set() or (self._active and time.monotonic() < self._drain_until):
-            # take only what the engine can start soon: the rest stays on the bus, where the gateway's
-            # --max-pending-requests bound applies and another replica may take it; a draining replica takes
-            # nothing new (cancels still reach it)
-            room = 0 if self._stopping.is_set() else max(0, self.engine_config.max_num_seqs - engine.num_waiting)
-            work = await self.bus.receive(
-                self.model_name, self.replica_id, wait=0 if engine.has_work() else 0.2, max_requests=room
+            work, self._inbox = self._inbox, []
+            work += await self.bus.receive(
+                self.model_name,
+                self.replica_id,
+                wait=0 if engine.has_work() or work else 0.2,
+                max_requests=self._room(engine, work),
             )
             for msg in work:
                 if isinstance(msg, Cancel):
@@ -304,7 +315,7 @@ class Replica:
             if not engine.has_work():
                 continue
             try:
-                outputs = await self._on_engine_thread(engine.step)
+                outputs = await self._step(engine)
             except Exception as exc:  # a bug or resource failure in one step must not kill the replica
                 log.exception("engine step failed")
                 for request_id in list(self._active):
@@ -312,6 +323,29 @@ class Replica:
                 continue
             for out in outputs:
                 await self._emit(out)
+
+    def _room(self, engine: LLMEngine, held: list[WorkMessage]) -> int:
+        """New requests to take off the bus: only what the engine can start soon (the rest stays on the bus,
+        where the gateway's --max-pending-requests bound applies and another replica may take it); none while
+        draining (cancels still reach it)."""
+        if self._stopping.is_set():
+            return 0
+        waiting = engine.num_waiting + sum(1 for m in held if isinstance(m, GenerateRequest))
+        return max(0, self.engine_config.max_num_seqs - waiting)
+
+    async def _step(self, engine: LLMEngine) -> list[StepOutput]:
+        """One engine step, taking work off the bus meanwhile (held in the inbox until it ends)."""
+        step = asyncio.ensure_future(self._on_engine_thread(engine.step))
+        poll = self.bus.step_poll_s
+        while not (await asyncio.wait({step}, timeout=poll))[0]:
+            work = await self.bus.receive(
+                self.model_name, self.replica_id, wait=0, max_requests=self._room(engine, self._inbox)
+            )
+            self._inbox += work
+            for msg in work:
+                if isinstance(msg, GenerateRequest) and msg.priority == 0 and not msg.prefill_only:
+                    engine.interrupt_for(msg.tenant)
+        return step.result()
 
     async def _start(self, req: GenerateRequest) -> None:
         assert self.engine is not None and self.tokenizer is not None

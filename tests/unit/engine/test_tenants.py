@@ -1,11 +1,16 @@
 """Tenants in the engine, on the real default model: the prefix cache partitioned per tenant (with declared shared
-prefixes), and fair preemption that changes no greedy token."""
+prefixes), fair preemption that changes no greedy token, and steps called off for another tenant's newcomer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
+
 from blink.engine.llm_engine import LLMEngine, StepOutput
 from blink.engine.sequence import SamplingParams
-from tests.unit.engine.test_engine import no_blocks_held, small_engine
+from blink.engine.speculative import NgramProposer
+from tests.unit.engine.test_engine import no_blocks_held, run_all, small_engine
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0)
 SYSTEM = "You are a terse assistant who answers questions about European geography in a single sentence. " * 2
@@ -83,3 +88,58 @@ def test_a_sequence_preempted_for_another_tenant_gives_the_same_greedy_tokens(mo
         step()
     assert got == expected
     assert no_blocks_held(engine)
+
+
+def _call_off_in_layer_0(engine: LLMEngine, tenant: str, when: Callable[[int], bool], answers: list[bool]):  # type: ignore[no-untyped-def]
+    """While a step runs (inside its first layer, on the engine's thread), a live request of `tenant` arrives at
+    the steps `when` picks: what `interrupt_for` answers goes to `answers`. Returns the hook's handle."""
+    steps = iter(range(1_000_000))
+
+    def hook(*_: object) -> None:
+        if when(next(steps)):
+            answers.append(engine.interrupt_for(tenant))
+
+    return engine.runner.model.layers[0].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_steps_called_off_for_a_newcomer_change_no_token_and_never_two_in_a_row(  # type: ignore[no-untyped-def]
+    model_and_tokenizer, speculative: bool
+) -> None:
+    model, tok = model_and_tokenizer
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    prompts = {"a0": chat(tok, "Be brief.", "Count to ten."), "a1": chat(tok, "Be brief.", "Say hello twice.")}
+    roomy = small_engine(model_and_tokenizer)
+    expected = {rid: roomy.generate(p, params, request_id=rid) for rid, p in prompts.items()}
+    config = small_engine(model_and_tokenizer, max_num_seqs=2, speculative_policy="always").config
+    engine = LLMEngine(model, tok.stop_token_ids, config, proposer=NgramProposer() if speculative else None)
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, params, tenant="a")
+    answers: list[bool] = []
+    handle = _call_off_in_layer_0(engine, "b", lambda _: True, answers)  # at every step
+    try:
+        got = run_all(engine)
+    finally:
+        handle.remove()
+    assert got == expected
+    assert answers.count(True) == engine.interrupted_steps > 5  # a's 2 of 2 slots: at its share beside b
+    assert "True, True" not in repr(answers)  # the step after a called-off one runs to its end
+    assert no_blocks_held(engine)
+
+
+def test_only_a_newcomer_that_fairness_gives_its_own_step_calls_one_off(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    _, tok = model_and_tokenizer
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = small_engine(model_and_tokenizer, max_num_seqs=4)
+    assert not engine.interrupt_for("b")  # no step runs
+    engine.add_request("a0", chat(tok, "Be brief.", "Count to ten."), params, tenant="a")
+    answers: dict[str, list[bool]] = {"a": [], "b": []}
+    hooks = [_call_off_in_layer_0(engine, t, lambda i: i == 1, answers[t]) for t in ("a", "b")]
+    try:
+        run_all(engine)
+    finally:
+        for h in hooks:
+            h.remove()
+    # a holds 1 of 4 slots, below its share of 2 beside b: b's request just joins the next step; a's own
+    # requests never call its steps off
+    assert answers == {"a": [False], "b": [False]} and engine.interrupted_steps == 0

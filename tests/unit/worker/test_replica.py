@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -151,3 +152,47 @@ def test_tenants_share_only_the_declared_system_prompt_and_preload_into_their_ow
         assert (await finish(chat("c1", "c"))).cached_tokens == again.cached_tokens
 
     with_replica(body, shared_prefixes=str(tmp_path / "shared.json"))
+
+
+def test_a_step_running_when_another_tenants_request_arrives_is_called_off_for_it(model_dir: Path) -> None:
+    """Tenant a holds every slot; b's request arrives while a's step is in its first layer (held there until the
+    request is in): the replica takes it off the bus during the step and calls the step off, and nobody's tokens
+    change. Without the replica looking at the bus mid-step, the held step would time out uncalled."""
+
+    async def body(bus: MemoryBus, replica: Replica) -> None:
+        engine = replica.engine
+        assert engine is not None
+        greedy = Sampling(max_tokens=12, temperature=0, ignore_eos=True)
+        alone = {}
+        for rid in ("a0", "a1", "b0"):
+            got = [e async for e in events(bus, GenerateRequest(f"{rid}-alone", MODEL, greedy, prompt=f"Story {rid}:"))]
+            alone[rid] = "".join(e.text for e in got if isinstance(e, TokenEvent))
+        held, hold = threading.Event(), threading.Event()
+
+        def layer_0(*_: object) -> None:
+            if hold.is_set():
+                hold.clear()
+                held.set()
+                engine.runner.interrupt.wait(30)
+
+        a = [events(bus, GenerateRequest(f"a{i}", MODEL, greedy, prompt=f"Story a{i}:", tenant="a")) for i in (0, 1)]
+        firsts = []
+        for it in a:
+            assert isinstance(await anext(it), Accepted)
+            firsts.append(await anext(it))
+        handle = engine.runner.model.layers[0].register_forward_hook(layer_0)
+        try:
+            hold.set()
+            await asyncio.to_thread(held.wait, 30)
+            b = [e async for e in events(bus, GenerateRequest("b0", MODEL, greedy, prompt="Story b0:", tenant="b"))]
+            rest = [[e async for e in it] for it in a]
+        finally:
+            handle.remove()
+        assert engine.interrupted_steps == 1
+        assert "".join(e.text for e in b if isinstance(e, TokenEvent)) == alone["b0"]
+        for i, (first, events_a) in enumerate(zip(firsts, rest, strict=True)):
+            assert isinstance(events_a[-1], Finished) and events_a[-1].completion_tokens == 12
+            assert "".join(e.text for e in [first, *events_a] if isinstance(e, TokenEvent)) == alone[f"a{i}"]
+        assert not engine.has_work()
+
+    with_replica(body, max_num_seqs=2)
