@@ -180,7 +180,16 @@ class CacheConfig:
         "benchmarks/results/semantic_cache.md)",
         0.85,
     )
-    cache_verify: bool = _help("also require the two queries to agree on numbers, negations, opposites and names", True)
+    cache_verify: bool = _help(
+        "also require the two queries to agree on numbers, negations, opposites, names, roles and conditions, and the "
+        "judge (a model of the pair fitted on Quora question pairs) to accept the candidate",
+        True,
+    )
+    cache_false_hit_rate: float = _help(
+        "the judge's target false-hit rate: the share of questions that need another answer (related questions, "
+        "often a word apart) that may get a cached one; lower: fewer hits (see `blink cache-eval`)",
+        0.01,
+    )
     cache_ttl_s: float = _help("seconds a cached answer lives", 86400.0)
     cache_max_entries: int = _help("cached answers kept in all (least recently used go first)", 10000)
     cache_turns: str = _help(

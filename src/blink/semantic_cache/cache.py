@@ -22,8 +22,9 @@ kept in the Lookup for `store`); storing past it evicts the tenant's own least r
 another tenant's, and a full index evicts from the tenant holding the most (semantic_cache/index.py states
 the rule). `snapshot` (shown on the open /readyz) counts over all tenants and names none.
 
-A hit: the best candidates (up to CANDIDATES) at or above the threshold are verified in order
-(semantic_cache/verify.py); the first that agrees is the hit. The backend going away (CacheUnavailable) makes
+A hit: the best candidates (up to CANDIDATES) at or above the threshold are verified in order: verify.py's rules
+(numbers, negation, names, roles, conditions) and then judge.py's model of the pair at the operator's target
+false-hit rate; the first that passes both is the hit. The backend going away (CacheUnavailable) makes
 lookups misses and stores no-ops, with a warning; the cache retries after a back-off (1 s, doubling to 10 s).
 """
 
@@ -46,6 +47,7 @@ from blink.config import CacheConfig
 from blink.errors import CacheUnavailable
 from blink.semantic_cache.embedder import Embedder
 from blink.semantic_cache.index import Entry, Scope, VectorIndex
+from blink.semantic_cache.judge import Judge
 from blink.semantic_cache.verify import disagreement
 
 log = logging.getLogger("blink.semantic_cache")
@@ -81,6 +83,7 @@ class Lookup:
     lookup_ms: float = 0.0
     embed_ms: float = 0.0
     rejected: int = 0  # candidates above the threshold that verification refused
+    best_score: float | None = None  # the judge's highest log-odds among them (cache-eval's curve)
     quota: int = 0  # entries the tenant's answers may hold (0: no quota of its own), for `store`
 
     def timings(self) -> dict[str, Any]:
@@ -115,6 +118,7 @@ class SemanticCache:
             raise ValueError(f"cache_threshold must be in (0, 1], got {config.cache_threshold}")
         if config.cache_ttl_s <= 0:
             raise ValueError(f"cache_ttl_s must be positive, got {config.cache_ttl_s}")
+        self.judge = Judge(config.cache_false_hit_rate)  # ValueError outside (0, 1)
         self.index = index
         self._embedder = embedder
         self.config = config
@@ -160,6 +164,11 @@ class SemanticCache:
         self._down_until = self._clock() + self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_S[1])
 
+    def fits(self, query: str) -> bool:
+        """Whether the embedder reads all of `query` (a longer one is never cached); False before it is loaded."""
+        embedder = self._embedder()
+        return embedder is not None and embedder.fits(query)
+
     async def lookup(self, tenant: str, request: GenerateRequest, quota: int = 0) -> Lookup | None:
         """The request's cache key with its hit, if any. None when the request is not cacheable, its query is
         longer than the embedder reads, the embedder is not loaded yet, or the backend is down (a miss that will
@@ -192,9 +201,15 @@ class SemanticCache:
                 break
             if max_tokens is not None and candidate.entry.completion_tokens > max_tokens:
                 continue
-            if self.config.cache_verify and disagreement(query, candidate.entry.query) is not None:
-                lookup.rejected += 1
-                continue
+            if self.config.cache_verify:
+                if disagreement(query, candidate.entry.query) is not None:
+                    lookup.rejected += 1
+                    continue
+                score = self.judge.score(query, candidate.entry.query, candidate.similarity)
+                lookup.best_score = score if lookup.best_score is None else max(lookup.best_score, score)
+                if score < self.judge.threshold:
+                    lookup.rejected += 1
+                    continue
             lookup.hit = Hit(candidate.entry, candidate.similarity)
             self._background(self.index.touch(scope, candidate.entry.id))
             break

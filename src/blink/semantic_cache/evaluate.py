@@ -4,6 +4,9 @@ Each line is {"a": text, "b": text, "label": 1 | 0} (1: b may be answered with a
 scope of its own (its own tenant), so a pair is judged alone: `a` is stored as a first-turn chat question, then
 `b` is looked up with the same settings. A hit on a positive pair is a true hit, on a negative a false hit.
 Lookup latency is the whole lookup as a request pays it: embedding `b`, searching, verifying.
+
+With verification on it also prints the precision/recall curve over the judge's operating points (judge.py):
+what these pairs would give at each target false-hit rate, and where the configured one sits.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import numpy as np
 
 from blink.bus.messages import GenerateRequest, Sampling
 from blink.config import CacheConfig, RedisConfig
+from blink.semantic_cache import judge_weights
 from blink.semantic_cache.cache import SemanticCache
 from blink.semantic_cache.embedder import load_embedder
 from blink.semantic_cache.index import VectorIndex
@@ -63,10 +68,14 @@ def _request(text: str) -> GenerateRequest:
 async def evaluate(pairs: list[Pair], cache: SemanticCache) -> dict[str, Any]:
     """Store each a, look up each b; the figures `blink cache-eval` prints."""
     hits = {0: 0, 1: 0}
-    rejected = 0
+    scored: list[tuple[int, float]] = []  # (label, the judge's score) of pairs past the gate and the rules
+    rejected = too_long = 0
     latency, embedding = [], []
     for i, pair in enumerate(pairs):
         tenant = f"cache-eval-{i}"
+        if not _fit(cache, pair):
+            too_long += 1  # longer than the embedder reads: never cached, so neither a hit nor a miss
+            continue
         stored = await cache.lookup(tenant, _request(pair.a))
         if stored is None or not await cache.store(stored, f"answer {i}", 1):
             raise RuntimeError("the cache did not store an entry; is its backend up?")
@@ -77,11 +86,14 @@ async def evaluate(pairs: list[Pair], cache: SemanticCache) -> dict[str, Any]:
         embedding.append(found.embed_ms)
         hits[pair.label] += found.hit is not None
         rejected += found.rejected
-    positives = sum(p.label for p in pairs)
-    negatives = len(pairs) - positives
+        if found.best_score is not None:
+            scored.append((pair.label, found.best_score))
+    positives = sum(p.label for p in pairs) - sum(1 for p in pairs if p.label and not _fit(cache, p))
+    negatives = len(pairs) - too_long - positives
     lat = np.array(latency)
     return {
-        "pairs": len(pairs),
+        "pairs": len(pairs) - too_long,
+        "too_long": too_long,
         "positives": positives,
         "negatives": negatives,
         "threshold": cache.config.cache_threshold,
@@ -95,7 +107,32 @@ async def evaluate(pairs: list[Pair], cache: SemanticCache) -> dict[str, Any]:
         "rejected_by_verification": rejected,
         "lookup_ms": {q: round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)},
         "embedding_share": round(float(np.sum(embedding) / np.sum(lat)), 3),
+        "false_hit_rate_target": cache.config.cache_false_hit_rate,
+        "curve": _curve(scored, positives, negatives, cache.judge.threshold) if cache.config.cache_verify else [],
     }
+
+
+def _curve(scored: list[tuple[int, float]], positives: int, negatives: int, default: float) -> list[dict[str, Any]]:
+    """These pairs' figures at each of the judge's operating points (its measured rate: `target`)."""
+    out = []
+    for threshold, rate, _ in judge_weights.CURVE:
+        true = sum(1 for label, score in scored if label == 1 and score >= threshold)
+        false = sum(1 for label, score in scored if label == 0 and score >= threshold)
+        out.append(
+            {
+                "target": rate,
+                "threshold": threshold,
+                "default": threshold == default,
+                "recall": true / positives if positives else None,
+                "false_hit_rate": false / negatives if negatives else None,
+                "precision": true / (true + false) if true + false else None,
+            }
+        )
+    return out
+
+
+def _fit(cache: SemanticCache, pair: Pair) -> bool:
+    return cache.fits(pair.a) and cache.fits(pair.b)
 
 
 def _index(config: CacheConfig, redis: RedisConfig, size: int) -> VectorIndex:
@@ -117,7 +154,8 @@ def _report(result: dict[str, Any]) -> str:
     lat = result["lookup_ms"]
     return "\n".join(
         [
-            f"pairs {result['pairs']} ({result['positives']} positive, {result['negatives']} negative); "
+            f"pairs {result['pairs']} ({result['positives']} positive, {result['negatives']} negative; "
+            f"{result['too_long']} left out, longer than the embedder reads); "
             f"threshold {result['threshold']}, verification {'on' if result['verify'] else 'off'}, "
             f"index {result['index']}",
             f"hit rate on positives    {pct(result['hit_rate_positives'])}",
@@ -126,8 +164,24 @@ def _report(result: dict[str, Any]) -> str:
             f"{result['false_hits']} false; {result['rejected_by_verification']} candidates refused by verification)",
             f"lookup latency           p50 {lat[50]} ms, p90 {lat[90]} ms, p99 {lat[99]} ms "
             f"(embedding {100 * result['embedding_share']:.0f}% of it)",
+            *_curve_lines(result["curve"], pct),
         ]
     )
+
+
+def _curve_lines(curve: list[dict[str, Any]], pct: Callable[[float | None], str]) -> list[str]:
+    if not curve:
+        return []
+    lines = ["", "--cache-false-hit-rate  recall on these  false hits on these  precision on these"]
+    step = max(1, len(curve) // 15)
+    for i, point in enumerate(curve):
+        if point["default"] or i % step == 0:
+            mark = "  <- configured" if point["default"] else ""
+            lines.append(
+                f"{point['target']:<23} {pct(point['recall']):>15}  {pct(point['false_hit_rate']):>19}  "
+                f"{pct(point['precision']):>17}{mark}"
+            )
+    return lines
 
 
 def run(path: Path, config: CacheConfig, redis: RedisConfig, cache_dir: Path, as_json: bool) -> int:

@@ -10,6 +10,11 @@ None. The checks, each symmetric:
   opposites   no word in one text whose opposite is in the other and not in the first (higher / lower)
   names       every name in one text (a capitalised word not starting a sentence, an acronym, a weekday or a
               month) appears in the other, in any case ("France" matches "france's")
+  roles       the same words in another order are another question ("Why do Poles dislike Russians?" / "Why do
+              Russians dislike Poles?"), unless the moved words sit around "and", "or", "vs" or "between"
+              ("Telegram and WhatsApp" / "WhatsApp and Telegram")
+  conditions  a condition one text adds ("... in Minnesota for business?" / "... in Minnesota?"): a preposition
+              followed by words the other text has none of
 Measured on ../shared/data/paraphrase (benchmarks/results/semantic_cache.md): it removes most false hits among
 close pairs (dates, prices, counts, opposites) at a small cost in recall.
 """
@@ -167,6 +172,74 @@ def _names(words: list[tuple[str, bool]]) -> set[str]:
     return out
 
 
+SYMMETRIC = _wordset("and or vs versus between & , /")
+PREPOSITIONS = _wordset(
+    "for in under with without by during after before near on at from over below above within per via against "
+    "among across through until since"
+)
+FILLER = _wordset(
+    "a an the is are was were be been being do does did of and or it its this that these those some any "
+    "me my i you your one someone there their them they we us our what how why which who whom when where can "
+    "could should would will shall may might must much many very really more most best good ways way get to like "
+    "so if than then just also all"
+)
+
+
+def _content(words: list[str]) -> list[str]:
+    return [w for w in words if w not in FILLER and w not in PREPOSITIONS]
+
+
+DIRECTIONAL = _wordset("to from into onto for with than against over toward towards")
+
+
+def _roles_swapped(qp: list[str], cp: list[str]) -> bool:
+    """Two content words of both texts in opposite orders, each time with a content word or a directional word
+    between them ("poles dislike russians" / "russians dislike poles", "celsius to fahrenheit" / "fahrenheit to
+    celsius"); "the bubble burst in the bay area" / "the bubble in the bay area burst" moves words without
+    swapping roles. Not around a symmetric word ("and")."""
+    q, c = qp[:40], cp[:40]
+    if set(_content(q)) != set(_content(c)) or q == c or any(w in SYMMETRIC for w in (*q, *c)):
+        return False
+    qi: dict[str, int] = {}
+    ci: dict[str, int] = {}
+    for order, words in ((qi, q), (ci, c)):
+        for i, w in enumerate(words):
+            if w not in FILLER and w not in PREPOSITIONS:
+                order.setdefault(w, i)
+
+    def linked(words: list[str], i: int, j: int) -> bool:
+        between = words[min(i, j) + 1 : max(i, j)]
+        return any(w in DIRECTIONAL or (w not in FILLER and w not in PREPOSITIONS) for w in between)
+
+    names = list(qi)
+    for i, x in enumerate(names):
+        for y in names[i + 1 :]:
+            if (qi[x] - qi[y]) * (ci[x] - ci[y]) < 0 and linked(q, qi[x], qi[y]) and linked(c, ci[x], ci[y]):
+                return True
+    return False
+
+
+def _added_condition(qp: list[str], cp: list[str]) -> str | None:
+    """One text is the other plus a condition: all the other's content words, and a preposition followed (up to
+    the next one) by content words the other has none of."""
+    for own, other in ((qp, cp), (cp, qp)):
+        others = set(other)
+        if not set(_content(other)) <= set(own):
+            continue
+        for i, word in enumerate(own):
+            if word not in PREPOSITIONS or word in others:
+                continue
+            phrase = []
+            for w in own[i + 1 :]:
+                if w in PREPOSITIONS:
+                    break
+                if w not in FILLER:
+                    phrase.append(w)
+            if phrase and not any(w in others for w in phrase):
+                return f"{word} {' '.join(phrase)}"
+    return None
+
+
 def disagreement(query: str, candidate: str) -> str | None:
     """Why `candidate`'s answer may not answer `query` (a short reason), or None when no check objects."""
     qw, cw = _words(query), _words(candidate)
@@ -186,4 +259,8 @@ def disagreement(query: str, candidate: str) -> str | None:
         missing = names - other
         if missing:
             return f"name {sorted(missing)[0]!r} not in both"
+    if _roles_swapped(qp, cp):
+        return "roles swapped"
+    if (phrase := _added_condition(qp, cp)) is not None:
+        return f"condition {phrase!r} in one only"
     return None

@@ -49,7 +49,11 @@ def chat(*messages: tuple[str, str], model: str = "m", **sampling: Any) -> Gener
 def make(config: CacheConfig | None = None, index: Any = None, clock: Any = None) -> SemanticCache:
     embedder = FakeEmbedder()
     kwargs = {"clock": clock} if clock else {}
-    return SemanticCache(index or MemoryIndex(100, DIM), lambda: embedder, config or CacheConfig(), **kwargs)
+    cache = SemanticCache(index or MemoryIndex(100, DIM), lambda: embedder, config or CacheConfig(), **kwargs)
+    # the stand-in's similarities are not the model's, which the judge was fitted on: here it accepts whatever
+    # passes the threshold and the rules (test_probes.py and test_judge.py test it on the real embedder)
+    cache.judge.threshold = float("-inf")
+    return cache
 
 
 async def remember(cache: SemanticCache, key: str, request: GenerateRequest, answer: str = "A", quota: int = 0) -> None:
