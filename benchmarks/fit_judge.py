@@ -70,7 +70,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 30)
 
 
 def _tuple(name: str, items: object) -> str:
-    return f"{name} = (\n" + "".join(f"    {item!r},\n" for item in items) + ")"  # type: ignore[attr-defined]
+    # json.dumps: double quotes, as the formatter writes them (tuples of numbers print the same either way)
+    rows = "".join(f"    {json.dumps(item) if isinstance(item, str) else repr(item)},\n" for item in items)  # type: ignore[attr-defined]
+    return f"{name} = (\n{rows})"
 
 
 def main() -> None:

@@ -4,17 +4,17 @@ measured on its held-out part (2928 duplicates, 4918 non-duplicates), gate 0.85.
 """
 
 FEATURES = (
-    'cosine',
-    'word jaccard',
-    'content-word jaccard',
-    'content words only on the side with fewer',
-    'content words only on the side with more',
-    'shared content words out of order',
-    'different question word',
-    'length difference (words)',
-    'length (words, both)',
-    'different pronouns',
-    'same words, other order',
+    "cosine",
+    "word jaccard",
+    "content-word jaccard",
+    "content words only on the side with fewer",
+    "content words only on the side with more",
+    "shared content words out of order",
+    "different question word",
+    "length difference (words)",
+    "length (words, both)",
+    "different pronouns",
+    "same words, other order",
 )
 MEAN = (
     0.900536,

@@ -189,7 +189,7 @@ def _content(words: list[str]) -> list[str]:
     return [w for w in words if w not in FILLER and w not in PREPOSITIONS]
 
 
-DIRECTIONAL = _wordset("to from into onto for with than against over toward towards")
+DIRECTIONAL = _wordset("to from into onto for with than against over toward towards before after instead rather")
 
 
 def _roles_swapped(qp: list[str], cp: list[str]) -> bool:
