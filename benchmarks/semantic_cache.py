@@ -6,7 +6,11 @@ latency:   10,000 entries in one scope (the worst case: every lookup searches th
            and for each embedding runtime; plus the embedding's share.
 precision: benchmarks/data/paraphrase/pairs.jsonl (benchmarks/cache_pairs.py) through the cache's own lookup,
            at several thresholds with and without verification: hit rate on positives (recall), false-hit rate
-           on the hard negatives, precision of hits. Vectors are computed once per runtime, in batches.
+           on the hard negatives, precision of hits. Vectors are computed once per runtime. Then, with default
+           settings, each source alone (STS-B with its hard negatives, the GPTCache paraphrases) and the part of
+           ../shared/data/paraphrase/qqp-dev.jsonl the judge was not fitted on (benchmarks/fit_judge.py: its
+           duplicates against its close non-duplicates, word-Jaccard >= 0.6), with the curve over
+           --cache-false-hit-rate.
 ttft:      a real `blink serve` and a `websockets` client: time from response.create to the first delta for a
            question the model answers (miss) and then for a paraphrase of it (hit), over 10 questions.
 
@@ -38,8 +42,9 @@ from blink.bus.messages import GenerateRequest, Sampling
 from blink.config import CacheConfig, default_cache_dir
 from blink.semantic_cache.cache import SemanticCache
 from blink.semantic_cache.embedder import Embedder, load_embedder
-from blink.semantic_cache.evaluate import evaluate, read_pairs
+from blink.semantic_cache.evaluate import Pair, evaluate, read_pairs
 from blink.semantic_cache.index import Entry, VectorIndex
+from blink.semantic_cache.judge import FEATURES, features
 from blink.semantic_cache.memory import MemoryIndex
 from blink.semantic_cache.redis import RedisIndex
 from tests.redis_server import RedisServer
@@ -158,8 +163,16 @@ class Precomputed:
 
     def __init__(self, inner: Embedder, texts: list[str]) -> None:
         self.name, self.dim = inner.name, inner.dim
-        self._vectors = {text: inner.embed([text])[0] for text in dict.fromkeys(texts)}
-        self._fits = {text: inner.fits(text) for text in self._vectors}
+        self._inner = inner
+        self._vectors: dict[str, np.ndarray] = {}
+        self._fits: dict[str, bool] = {}
+        self.add(texts)
+
+    def add(self, texts: list[str]) -> None:
+        for text in dict.fromkeys(texts):
+            if text not in self._vectors:
+                self._vectors[text] = self._inner.embed([text])[0]
+                self._fits[text] = self._inner.fits(text)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return np.stack([self._vectors[t] for t in texts])
@@ -180,7 +193,35 @@ def bench_precision() -> dict[str, Any]:
                 result = asyncio.run(evaluate(pairs, cache))
                 rows.append({"runtime": runtime, **{k: v for k, v in result.items() if k != "lookup_ms"}})
                 print(rows[-1], flush=True)
-    return {"pairs": len(pairs), "rows": rows}
+    embedder = Precomputed(load_embedder("onnx-int8", default_cache_dir(), 1), [])
+    sets: dict[str, list[Pair]] = {}
+    for line in PAIRS.read_text().splitlines():
+        raw = json.loads(line)
+        sets.setdefault(raw["source"], []).append(Pair(raw["a"], raw["b"], raw["label"]))
+    sets["qqp-dev, held out"] = qqp_held_out()
+    by_source = {}
+    for name, subset in sets.items():
+        embedder.add([t for p in subset for t in (p.a, p.b)])
+        cache = SemanticCache(MemoryIndex(len(subset) + 1, embedder.dim), lambda e=embedder: e, CacheConfig())
+        result = asyncio.run(evaluate(subset, cache))
+        by_source[name] = {k: v for k, v in result.items() if k != "lookup_ms"}
+        print(name, {k: v for k, v in result.items() if k not in ("lookup_ms", "curve")}, flush=True)
+    return {"pairs": len(pairs), "rows": rows, "sets": by_source}
+
+
+def qqp_held_out() -> list[Pair]:
+    """fit_judge's held-out part of qqp-dev: its duplicates and its close non-duplicates (word-Jaccard >= 0.6)."""
+    from benchmarks.fit_judge import DEFAULT_PAIRS, held_out
+
+    out = []
+    for line in DEFAULT_PAIRS.read_text().splitlines():
+        raw = json.loads(line)
+        if not held_out(raw["a"], raw["b"]):
+            continue
+        close = features(raw["a"], raw["b"], 0.0)[FEATURES.index("word jaccard")] >= 0.6
+        if raw["label"] == 1 or close:
+            out.append(Pair(raw["a"], raw["b"], raw["label"]))
+    return out
 
 
 INSTRUCTIONS = "Answer in one or two short sentences."
@@ -288,6 +329,27 @@ def report(data: dict[str, Any]) -> str:
             hits = f"{100 * r['precision']:.2f}% | {r['true_hits']} / {r['false_hits']}"
             lines.append(f"| {r['runtime']} | {r['threshold']} | {verify} | {rates} | {hits} |")
         lines.append("")
+        for name, r in data["precision"].get("sets", {}).items():
+            lines += [
+                f"### {name}: {r['positives']} duplicates, {r['negatives']} non-duplicates; default settings "
+                f"(threshold {r['threshold']}, verification on, --cache-false-hit-rate {r['false_hit_rate_target']})",
+                "",
+                f"Recall {100 * r['hit_rate_positives']:.1f}%, "
+                f"false-hit rate {100 * r['false_hit_rate_negatives']:.2f}%, "
+                f"precision {100 * (r['precision'] or 0):.2f}% "
+                f"({r['true_hits']} true, {r['false_hits']} false hits).",
+                "",
+                "| --cache-false-hit-rate | recall | false-hit rate | precision |",
+                "|---|---|---|---|",
+            ]
+            for point in r["curve"][::6] + [c for c in r["curve"] if c["default"]]:
+                mark = " (default)" if point["default"] else ""
+                precision = "-" if point["precision"] is None else f"{100 * point['precision']:.2f}%"
+                lines.append(
+                    f"| {point['target']}{mark} | {100 * point['recall']:.1f}% | "
+                    f"{100 * point['false_hit_rate']:.2f}% | {precision} |"
+                )
+            lines.append("")
     if "ttft" in data:
         t = data["ttft"]
         lines += [
