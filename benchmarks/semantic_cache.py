@@ -92,7 +92,7 @@ async def latency_of(
 ) -> dict[str, Any]:
     """Fill `index` with `texts` (one scope), then time LOOKUPS lookups of `qs` through the cache."""
     cache = SemanticCache(index, lambda: embedder, CacheConfig(cache_max_entries=ENTRIES + 10))
-    key = cache.key(None, request(texts[0]))
+    key = cache.key("bench", request(texts[0]))  # the scope the lookups below search
     assert key is not None
     now = time.time()
     for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
@@ -334,20 +334,19 @@ def report(data: dict[str, Any]) -> str:
                 f"### {name}: {r['positives']} duplicates, {r['negatives']} non-duplicates; default settings "
                 f"(threshold {r['threshold']}, verification on, --cache-false-hit-rate {r['false_hit_rate_target']})",
                 "",
-                f"Recall {100 * r['hit_rate_positives']:.1f}%, "
-                f"false-hit rate {100 * r['false_hit_rate_negatives']:.2f}%, "
-                f"precision {100 * (r['precision'] or 0):.2f}% "
+                f"Recall {_pct(r['hit_rate_positives'], 1)}, "
+                f"false-hit rate {_pct(r['false_hit_rate_negatives'])}, "
+                f"precision {_pct(r['precision'])} "
                 f"({r['true_hits']} true, {r['false_hits']} false hits).",
                 "",
                 "| --cache-false-hit-rate | recall | false-hit rate | precision |",
                 "|---|---|---|---|",
             ]
-            for point in r["curve"][::6] + [c for c in r["curve"] if c["default"]]:
+            for point in [c for i, c in enumerate(r["curve"]) if i % 6 == 0 or c["default"]]:
                 mark = " (default)" if point["default"] else ""
-                precision = "-" if point["precision"] is None else f"{100 * point['precision']:.2f}%"
                 lines.append(
-                    f"| {point['target']}{mark} | {100 * point['recall']:.1f}% | "
-                    f"{100 * point['false_hit_rate']:.2f}% | {precision} |"
+                    f"| {point['target']}{mark} | {_pct(point['recall'], 1)} | "
+                    f"{_pct(point['false_hit_rate'])} | {_pct(point['precision'])} |"
                 )
             lines.append("")
     if "ttft" in data:
@@ -368,6 +367,10 @@ def report(data: dict[str, Any]) -> str:
         ratio = t["median_ratio"]
         lines += ["", f"Median hit / miss: {ratio:.3f}x over {t['hits']} pairs." if ratio else "No hits.", ""]
     return "\n".join(lines)
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def main() -> None:
