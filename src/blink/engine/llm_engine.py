@@ -25,9 +25,10 @@ import torch
 from blink.config import EngineConfig, resolve_threads
 from blink.engine.kv_cache import BlockManager
 from blink.engine.runner import DECODE_KEY_QUANTUM, ModelRunner, PagedKVCache, StepInterrupted, key_span
+from blink.engine.sampler import Proposal
 from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
-from blink.engine.speculative import AdaptiveSpeculation, Proposal, Proposer, StepCost
+from blink.engine.speculative import AdaptiveSpeculation, Proposer, StepCost
 from blink.errors import ContextLengthExceeded, InvalidRequest
 from blink.models.llama import LlamaModel
 
@@ -211,6 +212,7 @@ class LLMEngine:
         return (len(seq.prompt_token_ids), len(seq.output_token_ids)) if seq else (0, 0)
 
     def step(self) -> list[StepOutput]:
+        """Schedule -> propose -> run -> commit: one forward over the scheduled tokens."""
         now = time.monotonic()
         batch = self.scheduler.schedule(now)
         outputs = [self._expired(seq) for seq in batch.expired]
@@ -218,8 +220,18 @@ class LLMEngine:
             return outputs
         for seq in batch.sequences:
             seq.first_scheduled = seq.first_scheduled or now
-        tables = [self.blocks.table(seq.request_id) for seq in batch.sequences]
         proposals = self._speculate(batch) if self.proposer else None
+        tokens = self._run(batch, proposals)
+        if tokens is None:  # called off (interrupt_for): nothing moved
+            return outputs
+        for i, (seq, n, emitted) in enumerate(zip(batch.sequences, batch.chunks, tokens, strict=True)):
+            outputs += self._commit(seq, n, emitted, proposals[i] if proposals else None)
+        return outputs
+
+    def _run(self, batch: ScheduledBatch, proposals: list[Proposal | None] | None) -> list[list[int]] | None:
+        """The batch's forward and sampling (see runner.run); None if it was called off. Feeds the measured
+        step time to the speculation policy."""
+        tables = [self.blocks.table(seq.request_id) for seq in batch.sequences]
         started = time.perf_counter()
         interruptible = not self._last_interrupted
         if interruptible:
@@ -229,50 +241,53 @@ class LLMEngine:
             tokens = self.runner.run(batch, tables, proposals, interruptible=interruptible)
         except StepInterrupted:
             self._called_off(batch, proposals)
-            return outputs
+            return None
         finally:
             self._view = None
         self._last_interrupted = False
-        elapsed = time.perf_counter() - started
         if self.proposer and all(n == 1 for n in batch.chunks):  # decode only: what the policy predicts
-            guesses = [len(p.tokens) if p else 0 for p in proposals] if proposals else [0] * len(batch.sequences)
-            span = max(key_span(s.num_computed + 1 + k) for s, k in zip(batch.sequences, guesses, strict=True))
-            seqs = len(batch.sequences)
-            self.step_cost.observe(seqs, seqs + sum(guesses), elapsed, span)
-            delivered = sum(len(t) for t in tokens)
-            planned_span = max(key_span(s.num_tokens) for s in batch.sequences)  # as `_speculate` saw it
-            self.speculation.observe_step(seqs, planned_span, any(guesses), delivered, elapsed)
+            self._observe(batch, proposals, tokens, time.perf_counter() - started)
+        return tokens
+
+    def _observe(
+        self, batch: ScheduledBatch, proposals: list[Proposal | None] | None, tokens: list[list[int]], elapsed: float
+    ) -> None:
+        guesses = [len(p.tokens) if p else 0 for p in proposals] if proposals else [0] * len(batch.sequences)
+        span = max(key_span(s.num_computed + 1 + k) for s, k in zip(batch.sequences, guesses, strict=True))
+        seqs = len(batch.sequences)
+        self.step_cost.observe(seqs, seqs + sum(guesses), elapsed, span)
+        delivered = sum(len(t) for t in tokens)
+        planned_span = max(key_span(s.num_tokens) for s in batch.sequences)  # as `_speculate` saw it
+        self.speculation.observe_step(seqs, planned_span, any(guesses), delivered, elapsed)
+
+    def _commit(self, seq: Sequence, n: int, emitted: list[int], proposal: Proposal | None) -> list[StepOutput]:
+        """Advance `seq` by its `n` computed tokens (and its kept guesses), register the blocks that filled up,
+        and turn its emitted tokens into outputs."""
         bs = self.blocks.block_size
-        for i, (seq, n, emitted) in enumerate(zip(batch.sequences, batch.chunks, tokens, strict=True)):
-            proposal = proposals[i] if proposals else None
-            if seq.prefill_only:
-                self.background_prefill_tokens += n
-            before = seq.num_computed
-            if proposal and proposal.tokens:
-                accepted = len(emitted) - 1  # the kept guesses; their K/V are computed, the rejected ones' are not
-                self.speculation.record(seq, len(proposal.tokens), accepted)
-                n += accepted
-            seq.num_computed += n
-            if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse, now,
-                # before a token that ends the request frees its blocks (the emitted tokens' K/V come next step)
-                known = min(seq.num_computed, seq.num_tokens)
-                self.blocks.commit(seq.request_id, seq.token_ids, known, speculative=seq.prefill_only)
-            finished = False
-            for token in emitted:
-                out = self._postprocess(seq, token)
-                outputs.append(out)
-                if out.finished:  # a stop token or max_tokens inside the kept guesses: the rest is dropped
-                    finished = True
-                    break
-            if finished:
-                continue
-            if seq.num_computed // bs > before // bs:  # and the blocks of accepted guesses, now in token_ids
-                self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, speculative=seq.prefill_only)
-            if proposal and proposal.tokens:
-                self.blocks.trim(seq.request_id, seq.num_computed)  # the rejected guesses' blocks
-            if seq.prefill_only and seq.num_computed == seq.num_tokens:
-                self._finish(seq, FinishReason.PREFILLED)
-                outputs.append(self._output(seq, None, FinishReason.PREFILLED))
+        if seq.prefill_only:
+            self.background_prefill_tokens += n
+        before = seq.num_computed
+        if proposal and proposal.tokens:
+            accepted = len(emitted) - 1  # the kept guesses; their K/V are computed, the rejected ones' are not
+            self.speculation.record(seq, len(proposal.tokens), accepted)
+            n += accepted
+        seq.num_computed += n
+        if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse, now,
+            # before a token that ends the request frees its blocks (the emitted tokens' K/V come next step)
+            known = min(seq.num_computed, seq.num_tokens)
+            self.blocks.commit(seq.request_id, seq.token_ids, known, speculative=seq.prefill_only)
+        outputs = []
+        for token in emitted:
+            outputs.append(self._postprocess(seq, token))
+            if outputs[-1].finished:  # a stop token or max_tokens inside the kept guesses: the rest is dropped
+                return outputs
+        if seq.num_computed // bs > before // bs:  # and the blocks of accepted guesses, now in token_ids
+            self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, speculative=seq.prefill_only)
+        if proposal and proposal.tokens:
+            self.blocks.trim(seq.request_id, seq.num_computed)  # the rejected guesses' blocks
+        if seq.prefill_only and seq.num_computed == seq.num_tokens:
+            self._finish(seq, FinishReason.PREFILLED)
+            outputs.append(self._output(seq, None, FinishReason.PREFILLED))
         return outputs
 
     def _called_off(self, batch: ScheduledBatch, proposals: list[Proposal | None] | None) -> None:

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blink.engine.sampler import sample
+from blink.engine.sampler import Proposal, sample, verify
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import Sequence
-from blink.engine.speculative import Proposal, verify
 from blink.models import native
 from blink.models.llama import LlamaModel
 

@@ -3,10 +3,15 @@
 For a row with temperature T, top-k K and top-p P: p = softmax(logits / T); keep the K most likely tokens;
 keep the smallest set of the most likely tokens whose mass reaches P; renormalise; draw one with the row's
 own generator, so a seeded request gives the same tokens whatever else is in the batch. T = 0 is argmax.
-`probabilities` is that distribution (speculative decoding's verification compares it with the proposer's).
+`probabilities` is that distribution. `verify` is speculative decoding's acceptance of a proposer's guesses
+(speculative.py proposes them): greedy keeps a guess while it is the argmax, sampling accepts it with
+probability min(1, p / q) and draws the first rejected one from the residual, so output is distributed as plain
+sampling's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,3 +48,47 @@ def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def draw(probs: torch.Tensor, gen: torch.Generator | None) -> int:
     """One token from `probs` [V] (need not be normalised)."""
     return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+@dataclass
+class Proposal:
+    tokens: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None  # [len(tokens), V]: the distributions they were drawn from; None: one-hot
+
+    def truncate(self, k: int) -> Proposal:
+        return Proposal(self.tokens[:k], None if self.probs is None else self.probs[:k])
+
+
+def verify(logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator | None) -> list[int]:
+    """logits [k + 1, V] of the target at the last token and each of the k guesses -> the tokens to emit: the
+    kept guesses and one token from the target (1 to k + 1 tokens)."""
+    guesses = proposal.tokens
+    assert logits.shape[0] == len(guesses) + 1, "one row per guess, and one for the token before them"
+    if params.greedy:
+        best = logits.argmax(dim=-1).tolist()
+        out: list[int] = []
+        for guess, target in zip(guesses, best, strict=False):
+            if guess != target:
+                break
+            out.append(guess)
+        out.append(best[len(out)])
+        return out
+    out = []
+    for i, guess in enumerate(guesses):
+        p = probabilities(logits[i], params)
+        q_guess = 1.0 if proposal.probs is None else float(proposal.probs[i, guess])
+        u = float(torch.rand((), generator=gen))
+        if q_guess > 0 and u * q_guess <= float(p[guess]):  # accept with probability min(1, p / q)
+            out.append(guess)
+            continue
+        if proposal.probs is None:
+            residual = p.clone()
+            residual[guess] = 0.0
+        else:
+            residual = (p - proposal.probs[i]).clamp_(min=0.0)
+        if float(residual.sum()) <= 0.0:  # p <= q everywhere can only mean p == q (rounding): p itself
+            residual = p
+        out.append(draw(residual, gen))
+        return out
+    out.append(draw(probabilities(logits[len(guesses)], params), gen))
+    return out

@@ -31,24 +31,17 @@ import time
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from blink.config import EngineConfig
-from blink.engine.sampler import draw, probabilities
+from blink.engine.kv_cache import BlockManager
+from blink.engine.runner import ModelRunner, PagedKVCache
+from blink.engine.sampler import Proposal, draw, probabilities
+from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import SamplingParams, Sequence
 from blink.models.llama import LlamaModel
-
-
-@dataclass
-class Proposal:
-    tokens: list[int] = field(default_factory=list)
-    probs: torch.Tensor | None = None  # [len(tokens), V]: the distributions they were drawn from; None: one-hot
-
-    def truncate(self, k: int) -> Proposal:
-        return Proposal(self.tokens[:k], None if self.probs is None else self.probs[:k])
 
 
 class Proposer(Protocol):
@@ -72,41 +65,6 @@ class Proposer(Protocol):
     def remove(self, request_id: str) -> None:
         """The sequence is gone: drop any state kept for it."""
         ...
-
-
-def verify(logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator | None) -> list[int]:
-    """logits [k + 1, V] of the target at the last token and each of the k guesses -> the tokens to emit: the
-    kept guesses and one token from the target (1 to k + 1 tokens)."""
-    guesses = proposal.tokens
-    assert logits.shape[0] == len(guesses) + 1, "one row per guess, and one for the token before them"
-    if params.greedy:
-        best = logits.argmax(dim=-1).tolist()
-        out: list[int] = []
-        for guess, target in zip(guesses, best, strict=False):
-            if guess != target:
-                break
-            out.append(guess)
-        out.append(best[len(out)])
-        return out
-    out = []
-    for i, guess in enumerate(guesses):
-        p = probabilities(logits[i], params)
-        q_guess = 1.0 if proposal.probs is None else float(proposal.probs[i, guess])
-        u = float(torch.rand((), generator=gen))
-        if q_guess > 0 and u * q_guess <= float(p[guess]):  # accept with probability min(1, p / q)
-            out.append(guess)
-            continue
-        if proposal.probs is None:
-            residual = p.clone()
-            residual[guess] = 0.0
-        else:
-            residual = (p - proposal.probs[i]).clamp_(min=0.0)
-        if float(residual.sum()) <= 0.0:  # p <= q everywhere can only mean p == q (rounding): p itself
-            residual = p
-        out.append(draw(residual, gen))
-        return out
-    out.append(draw(probabilities(logits[len(guesses)], params), gen))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,8 +134,6 @@ class DraftModelProposer:
     proposes_first = False
 
     def __init__(self, model: LlamaModel, config: EngineConfig, *, vocab_size: int, catch_up_tokens: int = 256) -> None:
-        from blink.engine.kv_cache import BlockManager
-        from blink.engine.runner import ModelRunner, PagedKVCache  # the runner imports this module
 
         dtype = model.embed_tokens.weight.dtype
         num_blocks = config.kv_cache_mb * 2**20 // PagedKVCache.bytes_per_block(model, config.block_size, dtype)
@@ -212,7 +168,6 @@ class DraftModelProposer:
         return shadow
 
     def propose(self, seqs: list[Sequence], lengths: list[int]) -> list[Proposal]:
-        from blink.engine.scheduler import ScheduledBatch
 
         out = [Proposal() for _ in seqs]
         guessing: list[tuple[int, Sequence, int]] = []  # (index, shadow, guesses wanted)
@@ -266,7 +221,6 @@ class DraftModelProposer:
         return total
 
     def measure(self, counts: list[int], context: int) -> None:
-        from blink.engine.scheduler import ScheduledBatch
 
         def run(count: int, rows: int, span: int) -> None:
             shadows = [Sequence(f"measure-{j}", [0] * context, SamplingParams(), [0]) for j in range(count)]

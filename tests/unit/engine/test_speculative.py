@@ -8,16 +8,15 @@ import torch
 
 from blink.config import EngineConfig
 from blink.engine.llm_engine import LLMEngine
+from blink.engine.sampler import Proposal, verify
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import SamplingParams, Sequence
 from blink.engine.speculative import (
     AdaptiveSpeculation,
     DraftModelProposer,
     NgramProposer,
-    Proposal,
     StepCost,
     ngram_lookup,
-    verify,
 )
 from blink.models import quant
 from blink.models.llama import CausalAttention, LlamaConfig, LlamaModel
