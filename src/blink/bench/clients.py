@@ -27,7 +27,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
-from blink.bench.workload import Job, documents
+from blink.bench.workload import Job, Stage, documents
 from blink.config import BenchConfig
 
 DOCUMENT_TOP_K = 2  # retrieval chunks of a session that opened a document
@@ -318,3 +318,16 @@ def _error_code(text: str) -> str:
 
 
 DRIVERS: dict[str, Callable[[Target, BenchConfig], Driver]] = {"ws": WsDriver, "sse": SseDriver}
+
+
+@dataclass
+class Run:
+    """One target's measured sessions."""
+
+    target: Target
+    results: list[Result]
+    wall_s: float  # the clock's start to the last session's end
+    stages: list[Stage] = field(default_factory=list)  # closed loop only
+    planned: int | None = None  # open loop: the sessions the arrivals asked for
+    started: str = ""  # ISO time of the clock's start
+    load: tuple[float, ...] = ()  # the machine's load average (1, 5, 15 min) before the warm-up

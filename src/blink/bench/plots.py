@@ -1,6 +1,6 @@
-"""The HTML report: one self-contained file (inline SVG, no script, no dependency), with the table and four plots:
-TTFT and inter-token latency over the run (one dot per response; dashed lines between ramp stages) and their
-CDFs (one line per target)."""
+"""The HTML report's four plots, inline SVG (no script, no dependency): TTFT and inter-token latency over the run
+(one dot per response; dashed lines between ramp stages) and their CDFs (one line per target). report.render puts
+them in one self-contained page with the tables."""
 
 from __future__ import annotations
 
@@ -9,13 +9,8 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from blink.bench.clients import Outcome
-
-if TYPE_CHECKING:
-    from blink.bench.report import Summary
-    from blink.bench.runner import Run
+from blink.bench.clients import Outcome, Run
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 WIDTH, HEIGHT = 640, 320
@@ -143,31 +138,3 @@ def charts(runs: Sequence[Run]) -> list[str]:
         chart("CDF of time to first token", "TTFT (ms)", "share of responses", ttft_cdf, lines=True),
         chart("CDF of inter-token latency", "gap between deltas (ms)", "share of gaps", itl_cdf, lines=True),
     ]
-
-
-def render(head: Sequence[str], runs: Sequence[Run], summaries: Sequence[Summary]) -> str:
-    from blink.bench.report import stage_rows, table_rows
-
-    def table(rows: list[list[str]]) -> str:
-        th = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-        return f"<table><tr>{th}</tr>{body}</table>"
-
-    title = "blink bench: " + " vs ".join(s.label for s in summaries)
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:24px;max-width:1320px}}"
-        "table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}svg{margin:4px}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        *(f"<p>{html.escape(line)}</p>" for line in head),
-        table(table_rows(summaries)),
-    ]
-    for s in summaries:
-        if s.error_kinds:
-            kinds = ", ".join(f"{k} {n}" for k, n in sorted(s.error_kinds.items()))
-            parts.append(f"<p>Errors of {html.escape(s.label)}: {html.escape(kinds)}</p>")
-        if s.stages:
-            parts += [f"<h3>Stages of {html.escape(s.label)}</h3>", table(stage_rows(s))]
-    parts += ["<div>", *charts(runs), "</div></body></html>"]
-    return "\n".join(parts)

@@ -14,6 +14,7 @@ Percentiles interpolate linearly between order statistics; with a few dozen samp
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
 import platform
@@ -21,13 +22,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from blink.bench.clients import Outcome, Result
+from blink.bench.clients import Outcome, Result, Run
+from blink.bench.plots import charts
 from blink.config import BenchConfig
-
-if TYPE_CHECKING:
-    from blink.bench.runner import Run
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -235,8 +234,6 @@ def describe(cfg: BenchConfig, runs: Sequence[Run]) -> list[str]:
 
 def write(out: Path, name: str, cfg: BenchConfig, runs: Sequence[Run], summaries: Sequence[Summary]) -> list[Path]:
     """Writes NAME.md, NAME.html and NAME.json into `out` (made if missing); returns their paths."""
-    from blink.bench.plots import render
-
     out.mkdir(parents=True, exist_ok=True)
     head = describe(cfg, runs)
     md = [f"# blink bench: {' vs '.join(s.label for s in summaries)}", "", *head, "", markdown_table(summaries)]
@@ -273,3 +270,29 @@ def to_json(cfg: BenchConfig, runs: Sequence[Run], summaries: Sequence[Summary])
             for run, s in zip(runs, summaries, strict=True)
         ],
     }
+
+
+def render(head: Sequence[str], runs: Sequence[Run], summaries: Sequence[Summary]) -> str:
+    def table(rows: list[list[str]]) -> str:
+        th = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+        return f"<table><tr>{th}</tr>{body}</table>"
+
+    title = "blink bench: " + " vs ".join(s.label for s in summaries)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:24px;max-width:1320px}}"
+        "table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}svg{margin:4px}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        *(f"<p>{html.escape(line)}</p>" for line in head),
+        table(table_rows(summaries)),
+    ]
+    for s in summaries:
+        if s.error_kinds:
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(s.error_kinds.items()))
+            parts.append(f"<p>Errors of {html.escape(s.label)}: {html.escape(kinds)}</p>")
+        if s.stages:
+            parts += [f"<h3>Stages of {html.escape(s.label)}</h3>", table(stage_rows(s))]
+    parts += ["<div>", *charts(runs), "</div></body></html>"]
+    return "\n".join(parts)

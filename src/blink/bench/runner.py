@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,25 +25,12 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from blink.bench import report
-from blink.bench.clients import DRIVERS, Driver, Outcome, Result, Target
+from blink.bench.clients import DRIVERS, Driver, Outcome, Result, Run, Target
 from blink.bench.workload import Sessions, Stage, TraceRow, load_trace, open_loop, parse_ramp
 from blink.config import BenchConfig
 
 PROGRESS_PERIOD_S = 0.5
 BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| {n}/{total} s{postfix}"  # tqdm adds ": " and ", "
-
-
-@dataclass
-class Run:
-    """One target's measured sessions."""
-
-    target: Target
-    results: list[Result]
-    wall_s: float  # the clock's start to the last session's end
-    stages: list[Stage] = field(default_factory=list)  # closed loop only
-    planned: int | None = None  # open loop: the sessions the arrivals asked for
-    started: str = ""  # ISO time of the clock's start
-    load: tuple[float, ...] = ()  # the machine's load average (1, 5, 15 min) before the warm-up
 
 
 class _Live:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from blink.bench import plots, report
-from blink.bench.clients import Outcome, Result, Target
-from blink.bench.runner import Run
+from blink.bench.clients import Outcome, Result, Run, Target
 from blink.bench.workload import Stage
 from blink.config import BenchConfig
 
