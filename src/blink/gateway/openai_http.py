@@ -245,7 +245,7 @@ def _api(chat: bool) -> str:
     return "chat.completions" if chat else "completions"
 
 
-def _event_stream(entry: ResponseLog, after: int, headers: dict[str, str]) -> StreamingResponse:
+def _event_stream(entry: ResponseLog[Generation], after: int, headers: dict[str, str]) -> StreamingResponse:
     return StreamingResponse(
         _follow(entry, after),
         media_type="text/event-stream",
@@ -288,7 +288,7 @@ async def _closing_chunks(gen: Generation, *, base: dict[str, Any], include_usag
     return out
 
 
-async def _follow(entry: ResponseLog, after: int) -> AsyncIterator[bytes]:
+async def _follow(entry: ResponseLog[Generation], after: int) -> AsyncIterator[bytes]:
     """The SSE events of a stream after delta index `after` (-1 also sends the opening chunk), live. A client
     that disconnects ends only this reader (the generator is closed): the response runs on for a resume."""
     base, chat = entry.meta["base"], entry.api == _api(True)

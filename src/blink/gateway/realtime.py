@@ -488,7 +488,7 @@ class RealtimeSession:
         finally:
             self._generation = None
 
-    async def _follow(self, entry: ResponseLog, after: int, first: tuple[dict[str, Any], ...] = ()) -> None:
+    async def _follow(self, entry: ResponseLog[Generation], after: int, first: tuple[dict[str, Any], ...] = ()) -> None:
         """Send `first`, the response's deltas after `after`, live, then its closing events. A socket that closes
         under us ends only this reader: the response runs on, for a resume (gateway/resume.py)."""
         entry.attach()
@@ -529,7 +529,7 @@ class RealtimeSession:
         self._cancel_requested = False
         self._task = asyncio.create_task(self._resume(entry, -1 if after is None else int(after)))
 
-    async def _resume(self, entry: ResponseLog, after: int) -> None:
+    async def _resume(self, entry: ResponseLog[Generation], after: int) -> None:
         self._generation = entry.generation
         try:
             await self._follow(entry, after)

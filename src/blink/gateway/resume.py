@@ -20,23 +20,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar
 
 from blink.errors import NotFound
 
-if TYPE_CHECKING:
-    from blink.gateway.service import Generation
-
 log = logging.getLogger("blink.gateway.resume")
 
-Finish = Callable[["Generation"], Awaitable[list[Any]]]
+
+class Generation(Protocol):
+    """What a log drives (service.Generation; a protocol here, so this module needs nothing of the service)."""
+
+    request_id: str
+
+    def deltas(self) -> AsyncIterator[str]: ...
+
+    async def close(self) -> None: ...
+
+    async def cancel(self, reason: str) -> None: ...
 
 
-class ResponseLog:
-    def __init__(
-        self, registry: Responses, generation: Generation, tenant: str | None, api: str, meta: dict[str, Any]
-    ) -> None:
+G = TypeVar("G", bound=Generation)
+Finish = Callable[[G], Awaitable[list[Any]]]  # the generation -> the API's closing events
+Background = Callable[[Coroutine[Any, Any, Any]], None]  # runs a coroutine detached (the gateway's `background`)
+
+
+class ResponseLog(Generic[G]):
+    def __init__(self, registry: Responses, generation: G, tenant: str | None, api: str, meta: dict[str, Any]) -> None:
         self.registry = registry
         self.generation = generation
         self.response_id = generation.request_id
@@ -54,7 +64,7 @@ class ResponseLog:
     def done(self) -> bool:
         return self.final is not None
 
-    async def run(self, finish: Finish) -> None:
+    async def run(self, finish: Finish[G]) -> None:
         gen = self.generation
         try:
             async for text in gen.deltas():
@@ -111,26 +121,24 @@ class ResponseLog:
         self._orphaned = None
         if not self.done and not self.readers:
             log.debug("response %s: no client for %.1f s; cancelled", self.response_id, self.registry.window)
-            self.registry.gateway.background(self.generation.cancel("disconnect"))
+            self.registry.background(self.generation.cancel("disconnect"))
 
 
 class Responses:
     """The resumable responses of one gateway, by response id."""
 
-    def __init__(self, gateway: Any, window: float) -> None:
-        self.gateway = gateway
+    def __init__(self, background: Background, window: float) -> None:
+        self.background = background
         self.window = window  # seconds a response waits for a client to come back
-        self._logs: dict[str, ResponseLog] = {}
+        self._logs: dict[str, ResponseLog[Any]] = {}
 
-    def start(
-        self, generation: Generation, tenant: str | None, finish: Finish, *, api: str, **meta: Any
-    ) -> ResponseLog:
+    def start(self, generation: G, tenant: str | None, finish: Finish[G], *, api: str, **meta: Any) -> ResponseLog[G]:
         entry = ResponseLog(self, generation, tenant, api, meta)
         self._logs[entry.response_id] = entry
         entry.pump = asyncio.get_running_loop().create_task(entry.run(finish))
         return entry
 
-    def get(self, response_id: str, tenant: str | None, api: str) -> ResponseLog:
+    def get(self, response_id: str, tenant: str | None, api: str) -> ResponseLog[Any]:
         """The log of a running (or recently ended) response of `tenant` started over `api`; NotFound otherwise
         (another tenant's response is not found either: its existence is not revealed; nor is another API's)."""
         entry = self._logs.get(response_id)
@@ -143,7 +151,7 @@ class Responses:
             )
         return entry
 
-    def expire_later(self, entry: ResponseLog) -> None:
+    def expire_later(self, entry: ResponseLog[Any]) -> None:
         def forget() -> None:
             if self._logs.get(entry.response_id) is entry:
                 del self._logs[entry.response_id]

@@ -367,7 +367,7 @@ class Gateway:
         self.cache = cache  # the semantic cache; None: disabled
         self.sessions: dict[str, Any] = {}  # realtime sessions by id, while their connection is open
         self.session_store: SessionStore = session_store or MemorySessions(config.session_ttl_s)
-        self.responses = Responses(self, config.resume_window_s)  # streamed responses, resumable for a while
+        self.responses = Responses(self.background, config.resume_window_s)  # streamed responses, resumable for a while
         self.metrics = Metrics(bus.replicas, self._unaccepted)
         self.models = models
         self.default_model = models[0]
