@@ -68,6 +68,7 @@ def _request(text: str) -> GenerateRequest:
 async def evaluate(pairs: list[Pair], cache: SemanticCache) -> dict[str, Any]:
     """Store each a, look up each b; the figures `blink cache-eval` prints."""
     hits = {0: 0, 1: 0}
+    counts = {0: 0, 1: 0}  # pairs judged (those the embedder reads whole), by label
     scored: list[tuple[int, float]] = []  # (label, the judge's score) of pairs past the gate and the rules
     rejected = too_long = 0
     latency, embedding = [], []
@@ -84,12 +85,12 @@ async def evaluate(pairs: list[Pair], cache: SemanticCache) -> dict[str, Any]:
         latency.append((time.perf_counter() - started) * 1000)
         assert found is not None
         embedding.append(found.embed_ms)
+        counts[pair.label] += 1
         hits[pair.label] += found.hit is not None
         rejected += found.rejected
         if found.best_score is not None:
             scored.append((pair.label, found.best_score))
-    positives = sum(p.label for p in pairs) - sum(1 for p in pairs if p.label and not _fit(cache, p))
-    negatives = len(pairs) - too_long - positives
+    positives, negatives = counts[1], counts[0]
     lat = np.array(latency)
     return {
         "pairs": len(pairs) - too_long,
