@@ -178,6 +178,8 @@ WS_ONLY_CODES = (
     "response_cancel_not_active",
     "unknown_session",
     "conversation_full",
+    "audio_not_supported",  # an audio event or modality: blink serves text
+    "unsupported_item_position",  # conversation.item.create's previous_item_id other than the last item
 )
 
 CODES: dict[str, type[BlinkError]] = {
@@ -208,6 +210,7 @@ CODES: dict[str, type[BlinkError]] = {
     "invalid_json": InvalidRequest,
     "response_not_found": NotFound,  # nothing to resume under that id (for this key, on this gateway)
     "session_not_found": NotFound,  # no realtime session to continue under that id (for this key)
+    "item_not_found": NotFound,  # no conversation item under that id in this session
     **dict.fromkeys(WS_ONLY_CODES, InvalidRequest),
 }
 

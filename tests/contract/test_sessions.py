@@ -80,6 +80,19 @@ def test_a_session_round_trips_for_its_tenant_only(stores: Stores) -> None:
     run(stores, body)
 
 
+def test_deleting_an_item_removes_that_item_only(stores: Stores) -> None:
+    async def body(store: SessionStore) -> None:
+        await store.create(GOOD, SessionRecord("alice", {"model": "m"}))
+        for item_id in ("item-1", "item-2", "item-3"):
+            await store.append_item(GOOD, {"id": item_id, "text": "same"})
+        await store.delete_item(GOOD, "item-2")
+        await store.delete_item(GOOD, "item-9")  # none such: nothing changes
+        got = await store.load(GOOD, "alice")
+        assert got is not None and [i["id"] for i in got.items] == ["item-1", "item-3"]
+
+    run(stores, body)
+
+
 MALFORMED = [
     f"{GOOD}:items",  # the items list of a real session
     "x:items",
@@ -107,6 +120,7 @@ def test_a_malformed_session_id_is_refused_and_touches_no_key(stores: Stores, wa
             lambda: store.load(wanted, "alice"),
             lambda: store.save_settings(wanted, {"model": "x"}),
             lambda: store.append_item(wanted, {"id": "item-2"}),
+            lambda: store.delete_item(wanted, "item-1"),
             lambda: store.create(wanted, SessionRecord("alice", {})),
         ]
         for call in calls:

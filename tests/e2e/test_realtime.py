@@ -39,7 +39,7 @@ async def ask(ws: ClientConnection, text: str, **response: Any) -> None:
             }
         )
     )
-    await until(ws, "conversation.item.created")
+    await until(ws, "conversation.item.done")
     await ws.send(json.dumps({"type": "response.create", "response": response}))
 
 

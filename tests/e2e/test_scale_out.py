@@ -185,7 +185,7 @@ def test_two_gateways_on_one_redis_share_a_realtime_session(tmp_path: Path, mode
             async def turn(ws: ClientConnection, text: str) -> dict[str, Any]:
                 item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
                 await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-                await until(ws, "conversation.item.created")
+                await until(ws, "conversation.item.done")
                 await ws.send(json.dumps({"type": "response.create"}))
                 done, _ = await until(ws, "response.done")
                 return done["response"]  # type: ignore[no-any-return]
@@ -249,7 +249,7 @@ def test_a_sessions_turns_go_to_the_worker_that_holds_its_prefix(tmp_path: Path,
                         content = [{"type": "input_text", "text": question}]
                         item = {"type": "message", "role": "user", "content": content}
                         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-                        await until(ws, "conversation.item.created")
+                        await until(ws, "conversation.item.done")
                         await ws.send(json.dumps({"type": "response.create"}))
                         done, _ = await until(ws, "response.done")
                         usages.append(done["response"]["usage"])

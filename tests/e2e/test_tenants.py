@@ -88,7 +88,7 @@ async def type_and_ask(srv: Server, key: str, question: str) -> tuple[str, str]:
             await ws.send(json.dumps({"type": "input_text.draft", "text": " ".join(words[:i])}))
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-        await until(ws, "conversation.item.created")
+        await until(ws, "conversation.item.done")
         await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 6}}))
         done, _ = await until(ws, "response.done")
         return created["session"]["id"], done["response"]["id"]

@@ -82,7 +82,7 @@ def test_a_response_through_redis_and_a_worker_is_one_trace_whose_spans_add_up(
                     content = [{"type": "input_text", "text": "Say something about rivers."}]
                     item = {"type": "message", "role": "user", "content": content}
                     await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
-                    await until(ws, "conversation.item.created")
+                    await until(ws, "conversation.item.done")
                     started = time.monotonic()
                     await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 24}}))
                     done, _ = await until(ws, "response.done")

@@ -180,7 +180,7 @@ class WsDriver(_Base):
             content = [{"type": "input_text", "text": job.prompt}]
             item = {"type": "message", "role": "user", "content": content}
             await _send(ws, {"type": "conversation.item.create", "item": item, "event_id": "item"})
-            await _expect(ws, "conversation.item.created")
+            await _expect(ws, "conversation.item.done")
             submitted = time.perf_counter()
             result.submit_s = submitted - t0
             await _send(ws, {"type": "response.create", "event_id": "create"})

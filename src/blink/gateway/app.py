@@ -28,7 +28,7 @@ from blink.gateway.keys import Tenant
 from blink.gateway.limits import ConnectionCap
 from blink.gateway.openai_http import OpenAIRoutes
 from blink.gateway.openapi import openapi_endpoint
-from blink.gateway.realtime import realtime_endpoint
+from blink.gateway.realtime.session import realtime_endpoint
 from blink.gateway.service import Gateway
 from blink.gateway.wire import error_response
 from blink.semantic_cache.cache import SemanticCache

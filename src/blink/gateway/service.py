@@ -381,6 +381,10 @@ class Gateway:
     def ready_replicas(self, model: str | None = None) -> list[Any]:
         return [r for r in self.bus.replicas() if r.state is ReplicaState.READY and (model is None or r.model == model)]
 
+    @property
+    def has_documents(self) -> bool:
+        return self.store is not None
+
     def max_model_len(self, model: str) -> int:
         lengths = [r.max_model_len for r in self.ready_replicas(model)]
         return min(lengths) if lengths else 1 << 20

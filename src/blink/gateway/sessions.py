@@ -60,6 +60,10 @@ class SessionStore(Protocol):
 
     async def append_item(self, session_id: str, item: dict[str, Any]) -> None: ...
 
+    async def delete_item(self, session_id: str, item_id: str) -> None:
+        """Remove the item with id `item_id` from the conversation (nothing if it has none)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -101,6 +105,11 @@ class MemorySessions:
         record = self._get(session_id)
         if record is not None:
             record.items.append(item)
+
+    async def delete_item(self, session_id: str, item_id: str) -> None:
+        record = self._get(session_id)
+        if record is not None:
+            record.items = [i for i in record.items if i.get("id") != item_id]
 
     async def close(self) -> None:
         self._records.clear()
@@ -177,6 +186,19 @@ class RedisSessions:
 
         def build(pipe: Any) -> None:
             pipe.rpush(items, json.dumps(item))
+            pipe.expire(items, self.ttl)
+            pipe.expire(key, self.ttl)
+
+        await self._run(build)
+
+    async def delete_item(self, session_id: str, item_id: str) -> None:
+        key, items = self._keys(session_id)
+        (raw_items,) = await self._run(lambda pipe: pipe.lrange(items, 0, -1))
+        doomed = [raw for raw in raw_items if json.loads(raw).get("id") == item_id]
+
+        def build(pipe: Any) -> None:
+            for raw in doomed:  # by value: an item appended meanwhile is not moved or lost
+                pipe.lrem(items, 1, raw)
             pipe.expire(items, self.ttl)
             pipe.expire(key, self.ttl)
 

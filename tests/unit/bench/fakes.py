@@ -27,7 +27,7 @@ async def realtime(mode: str, received: list[dict[str, Any]]) -> AsyncIterator[s
             if kind == "session.update":
                 await ws.send(json.dumps({"type": "session.updated", "session": event["session"]}))
             elif kind == "conversation.item.create":
-                await ws.send(json.dumps({"type": "conversation.item.created", "item": event["item"]}))
+                await ws.send(json.dumps({"type": "conversation.item.done", "item": event["item"]}))
             elif kind == "response.create" and mode == "refuse":
                 error = {"code": "overloaded", "message": "busy", "event_id": event["event_id"]}
                 await ws.send(json.dumps({"type": "error", "error": error}))

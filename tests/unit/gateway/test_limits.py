@@ -143,7 +143,7 @@ def test_sessions_and_conversations_are_bounded_per_tenant(
             async with connect(server.ws_url, additional_headers=bearer(keys["other"])) as other:
                 assert (await recv(other))["type"] == "session.created"
             await send(ws, user_item("one"))
-            await until(ws, "conversation.item.created")
+            await until(ws, "conversation.item.done")
             await send(ws, {"type": "response.create"})
             _, seen = await until(ws, "response.done")
             limits = [e for e in seen if e["type"] == "rate_limits.updated"]

@@ -54,7 +54,7 @@ def test_an_event_over_the_limit_in_utf8_bytes_gets_an_error_event_not_a_close(s
             error = await recv(ws)
             assert error["type"] == "error" and error["error"]["code"] == "request_too_large"
             await send(ws, user_item("€" * 100))  # 300 bytes: fine, and the session is still open
-            assert (await recv(ws))["type"] == "conversation.item.created"
+            assert (await recv(ws))["type"] == "conversation.item.added"
 
     asyncio.run(main())
 
@@ -71,7 +71,7 @@ def test_an_event_far_over_the_limit_closes_with_1009_and_the_server_lives_on(se
         ws, _ = await open_session(server)
         async with ws:
             await send(ws, user_item("hello"))
-            assert (await recv(ws))["type"] == "conversation.item.created"
+            assert (await recv(ws))["type"] == "conversation.item.added"
 
     asyncio.run(main())
     assert httpx.get(f"{server.base}/healthz").status_code == 200
@@ -86,7 +86,7 @@ def test_response_create_runs_on_the_model_it_names(serve: Serve) -> None:
         ws, _ = await open_session(server)
         async with ws:
             await send(ws, user_item("hi"))
-            await until(ws, "conversation.item.created")
+            await until(ws, "conversation.item.done")
             await send(ws, {"type": "response.create", "response": {"model": OTHER}})
             await until(ws, "response.done")
             await send(ws, {"type": "response.create", "event_id": "evt_9", "response": {"model": "nope"}})
@@ -115,7 +115,7 @@ def test_session_update_checks_max_output_tokens_against_the_model_it_switches_t
             error = await recv(ws)
             assert error["type"] == "error" and error["error"]["param"] == "session.max_output_tokens"
             await send(ws, user_item("hi"))
-            await until(ws, "conversation.item.created")
+            await until(ws, "conversation.item.done")
             # a per-response override is checked against the response's model too
             await send(ws, {"type": "response.create", "response": {"model": MODEL, "max_output_tokens": 2000}})
             error = await recv(ws)
@@ -186,7 +186,7 @@ def test_readiness_is_checked_after_the_event_is_validated(serve: Serve) -> None
         ws, _ = await open_session(server)
         async with ws:
             await send(ws, user_item("hi"))
-            await until(ws, "conversation.item.created")
+            await until(ws, "conversation.item.done")
             await send(ws, {"type": "response.create", "response": {"temperature": 9}})
             assert (await recv(ws))["error"]["code"] == "invalid_request"
             await send(ws, {"type": "response.create"})

@@ -39,11 +39,11 @@ def test_a_websocket_client_that_reconnects_resumes_its_response_without_loss_or
     async def main() -> None:
         ws, session = await open_session(server)
         await send(ws, user_item("Tell me a story."))
-        await until(ws, "conversation.item.created")
+        await until(ws, "conversation.item.done")
         await send(ws, {"type": "response.create"})
         created, _ = await until(ws, "response.created")
         response_id = created["response"]["id"]
-        first = [await recv(ws) for _ in range(4)]
+        first = [(await until(ws, "response.output_text.delta"))[0] for _ in range(4)]
         assert [e["delta_index"] for e in first] == [0, 1, 2, 3]
         await ws.close()  # the connection drops mid-stream
         await asyncio.sleep(0.1)
@@ -60,7 +60,7 @@ def test_a_websocket_client_that_reconnects_resumes_its_response_without_loss_or
             assert done["response"]["output"][0]["content"][0]["text"] == text
             # the answer joined the session's conversation: the next response sees both turns
             await send(ws2, user_item("And then?"))
-            await until(ws2, "conversation.item.created")
+            await until(ws2, "conversation.item.done")
             await send(ws2, {"type": "response.create"})
             await until(ws2, "response.done")
         messages = server.replicas[0].requests[-1].messages
@@ -220,7 +220,7 @@ def test_a_response_resumes_only_over_the_api_that_started_it(serve: Serve) -> N
             assert error["type"] == "error", error
             assert error["error"]["code"] == "response_not_found" and error["error"]["event_id"] == "e1"
             await send(ws, user_item("hi"))  # the session goes on
-            await until(ws, "conversation.item.created")
+            await until(ws, "conversation.item.done")
             await send(ws, {"type": "response.create"})
             created, _ = await until(ws, "response.created")
             await until(ws, "response.done")
@@ -254,7 +254,7 @@ def test_a_session_id_that_is_not_one_blink_gave_out_is_refused_before_redis_is_
     async def main() -> None:
         ws, session = await open_session(server)
         await send(ws, user_item("Remember me."))
-        await until(ws, "conversation.item.created")
+        await until(ws, "conversation.item.done")
         await ws.close()
         for wanted in (f"{session['id']}:items", "*", "sess-%20x", "x" * 5000):
             async with connect(f"{server.ws_url}?session_id={wanted}") as bad:

@@ -73,7 +73,7 @@ def serve_and_ask(gateway_bus: Bus, replica_bus: Bus) -> dict[str, Any]:
             await ws.send(
                 json.dumps({"type": "conversation.item.create", "item": {"role": "user", "content": content}})
             )
-            await until(ws, "conversation.item.created")
+            await until(ws, "conversation.item.done")
             traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
             await ws.send(
                 json.dumps(
