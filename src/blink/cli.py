@@ -33,6 +33,7 @@ from blink.config import (
     CacheConfig,
     EngineConfig,
     GatewayConfig,
+    HelpAll,
     ModelConfig,
     RedisConfig,
     ServeConfig,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig):
         add_flags(serve, cls)
+    serve.add_argument("--help-all", action=HelpAll)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     worker = sub.add_parser(
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for cls in (ModelConfig, EngineConfig, RedisConfig):
         add_flags(worker, cls, skip=("local_replica",))
+    worker.add_argument("--help-all", action=HelpAll)
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     prepare = sub.add_parser(

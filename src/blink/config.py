@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, *, choices: tuple[str, ...] | None = None) -> Any:
-    metadata = {"help": text, "choices": choices}
+def _help(
+    text: str, default: Any = dataclasses.MISSING, *, choices: tuple[str, ...] | None = None, advanced: bool = False
+) -> Any:
+    """A field that is a flag. `advanced`: a tuning or test knob, listed by `--help-all` only (not `--help`)."""
+    metadata = {"help": text, "choices": choices, "advanced": advanced}
     if default is dataclasses.MISSING:
         return field(metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -40,26 +43,36 @@ class EngineConfig:
     threads: int = _help("torch threads for the model (0: one per core)", 0)
     max_num_seqs: int = _help("sequences decoded together in one batch", 16)
     max_model_len: int = _help("longest prompt + output, in tokens", 2048)
-    max_num_batched_tokens: int = _help("tokens one engine step may run (prompt chunks and decodes)", 512)
+    max_num_batched_tokens: int = _help(
+        "tokens one engine step may run (prompt chunks and decodes)", 512, advanced=True
+    )
     prefill_chunk_tokens: int = _help(
-        "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay)", 16
+        "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay)",
+        16,
+        advanced=True,
     )
     background_chunk_tokens: int = _help(
-        "prompt tokens one step may prefill for background work (pre-loading) while live streams decode", 4
+        "prompt tokens one step may prefill for background work (pre-loading) while live streams decode",
+        4,
+        advanced=True,
     )
     background_step_tokens: int = _help(
         "prompt tokens one step may prefill for background work when no live stream decodes (a live request "
         "arriving waits for at most that step)",
         96,
+        advanced=True,
     )
-    preload_max_tokens: int = _help("longest prompt one pre-load may prefill (its cap on speculative KV)", 1024)
+    preload_max_tokens: int = _help(
+        "longest prompt one pre-load may prefill (its cap on speculative KV)", 1024, advanced=True
+    )
     kv_cache_mb: int = _help("memory for the paged KV cache, in MiB (all sequences and the prefix cache)", 512)
-    block_size: int = _help("tokens per KV cache block", 16)
-    prefix_caching: bool = _help("reuse the KV of prompt prefixes already computed", True)
+    block_size: int = _help("tokens per KV cache block", 16, advanced=True)
+    prefix_caching: bool = _help("reuse the KV of prompt prefixes already computed", True, advanced=True)
     shared_prefixes: str = _help(
         "JSON file with a list of system prompts whose prefix-cache blocks every tenant may share (the rest of the "
         "cache is partitioned per tenant); empty: none",
         "",
+        advanced=True,
     )
     weights: str = _help(
         "weight format of the linear layers (w8a8: int8 weights and activations, fastest on CPU; int8: int8 "
@@ -71,8 +84,9 @@ class EngineConfig:
         "run w8a8 layers and decode attention in blink's C kernels (built at install; AVX-512 VNNI or AVX2), "
         "faster than torch's ops with the same weights' numbers; --no-native-kernels: torch ops only",
         True,
+        advanced=True,
     )
-    warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2)
+    warmup_steps: int = _help("warm-up generations before the replica takes traffic", 2, advanced=True)
     speculative: str = _help(
         "speculative decoding: ngram (prompt lookup), draft:<model> (a smaller model with the same vocabulary, "
         "see `blink models`) or off; output is the same as without (greedy: token for token)",
@@ -82,6 +96,7 @@ class EngineConfig:
         "most tokens proposed per sequence and step; the engine proposes fewer (or none) when the measured "
         "acceptance and step costs say they don't pay",
         5,
+        advanced=True,
     )
     speculative_policy: str = _help(
         "adaptive: as many guesses as the measured acceptance and step costs say pay (none when they don't); "
@@ -89,6 +104,7 @@ class EngineConfig:
         "comparisons)",
         "adaptive",
         choices=SPECULATIVE_POLICIES,
+        advanced=True,
     )
 
 
@@ -97,21 +113,22 @@ class GatewayConfig:
     host: str = _help("address to listen on", "127.0.0.1")
     port: int = _help("port to listen on", 8000)
     stream_queue_events: int = _help(
-        "events buffered per response for a slow client; past it the response is cancelled", 1024
+        "events buffered per response for a slow client; past it the response is cancelled", 1024, advanced=True
     )
-    max_pending_requests: int = _help("requests queued for replicas before new ones get 429", 256)
+    max_pending_requests: int = _help("requests queued for replicas before new ones get 429", 256, advanced=True)
     first_token_deadline_s: float = _help(
         "new requests get 429 overloaded when every replica estimates a new request would wait longer than this "
         "for its first token (from its measured prefill and finish rates); 0: never",
         10.0,
+        advanced=True,
     )
-    max_request_bytes: int = _help("largest accepted HTTP body or WebSocket message", 1 << 20)
+    max_request_bytes: int = _help("largest accepted HTTP body or WebSocket message", 1 << 20, advanced=True)
     request_timeout_s: float = _help(
         "longest a request may take, queue + generation; past it the replica frees it (deadline_exceeded)", 600.0
     )
-    shutdown_grace_s: float = _help("seconds in-flight streams get to finish on SIGTERM", 5.0)
+    shutdown_grace_s: float = _help("seconds in-flight streams get to finish on SIGTERM", 5.0, advanced=True)
     preload: bool = _help("pre-load while the user types: prefill the predicted prompt on input_text.draft", True)
-    preload_ttl_s: float = _help("a pre-load not done this long after its draft is dropped", 30.0)
+    preload_ttl_s: float = _help("a pre-load not done this long after its draft is dropped", 30.0, advanced=True)
     resume_window_s: float = _help(
         "a streamed response whose client vanished keeps running this long for it to resume (WebSocket "
         "response.resume, SSE Last-Event-ID), and an ended one is kept as long; 0: cancel at once, no resume",
@@ -179,11 +196,13 @@ class CacheConfig:
         "cosine similarity a cached query needs to answer a new one (chosen on ../shared/data/paraphrase: "
         "benchmarks/results/semantic_cache.md)",
         0.85,
+        advanced=True,
     )
     cache_verify: bool = _help(
         "also require the two queries to agree on numbers, negations, opposites, names, roles and conditions, and the "
         "judge (a model of the pair fitted on Quora question pairs) to accept the candidate",
         True,
+        advanced=True,
     )
     cache_false_hit_rate: float = _help(
         "the judge's target false-hit rate: the share of questions that need another answer (related questions, "
@@ -191,23 +210,26 @@ class CacheConfig:
         0.01,
     )
     cache_ttl_s: float = _help("seconds a cached answer lives", 86400.0)
-    cache_max_entries: int = _help("cached answers kept in all (least recently used go first)", 10000)
+    cache_max_entries: int = _help("cached answers kept in all (least recently used go first)", 10000, advanced=True)
     cache_turns: str = _help(
         "which chat turns are cacheable: first (a conversation's first user message) or all (later turns too, "
         "each only for the same conversation so far)",
         "first",
         choices=CACHE_TURNS,
+        advanced=True,
     )
     cache_embedder: str = _help(
         "embedding runtime for the cache and the document store: onnx-int8 (ONNX Runtime, int8 weights), onnx "
         "(fp32) or torch",
         "onnx-int8",
         choices=EMBEDDERS,
+        advanced=True,
     )
-    cache_embedder_threads: int = _help("threads the embedder may use", 1)
+    cache_embedder_threads: int = _help("threads the embedder may use", 1, advanced=True)
     cache_redis: str = _help(
         "Redis URL for the semantic cache alone (Redis 8 Vector Sets); empty: --redis's, if given, else in memory",
         "",
+        advanced=True,
     )
 
 
@@ -272,11 +294,32 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Any], *, skip: tuple[st
         flag = "--" + f.name.replace("_", "-")
         text = f"{f.metadata.get('help', '')} (default: {default})"
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             choices = f.metadata.get("choices")
             metavar = None if choices else f.name.upper()
-            group.add_argument(flag, type=kind, default=default, help=text, metavar=metavar, choices=choices)
+            action = group.add_argument(flag, type=kind, default=default, help=text, metavar=metavar, choices=choices)
+        if f.metadata.get("advanced"):
+            action.help = argparse.SUPPRESS
+            ADVANCED_HELP[action] = text
+
+
+# flags that `--help` leaves out and `--help-all` shows, with their help (add_flags)
+ADVANCED_HELP: dict[argparse.Action, str] = {}
+
+
+class HelpAll(argparse.Action):
+    """`--help-all`: the help with every flag, the advanced ones (tuning and test knobs) too."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        help_ = "show every flag, tuning and test knobs included, and exit"
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help_)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        for action in parser._actions:
+            action.help = ADVANCED_HELP.get(action, action.help)
+        parser.print_help()
+        parser.exit()
 
 
 def from_flags(cls: type[T], args: argparse.Namespace) -> T:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,16 +11,33 @@ from blink.cli import build_parser, main
 from blink.config import CacheConfig, EngineConfig, GatewayConfig, ModelConfig, RedisConfig
 
 
-def test_serve_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--help"])
-    text = capsys.readouterr().out
-    for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig):
-        for f in dataclasses.fields(cls):
-            if "env" in f.metadata:  # a secret: from the environment only, named in the help of --redis
-                assert "--" + f.name.replace("_", "-") not in text and all(n in text for n in f.metadata["env"])
-            else:
-                assert "--" + f.name.replace("_", "-") in text
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_help_shows_the_operator_flags_and_help_all_every_flag(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = {}
+    for option in ("--help", "--help-all"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, option])
+        texts[option] = capsys.readouterr().out
+    classes = (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig)
+    fields = [f for cls in classes for f in dataclasses.fields(cls) if f.name != "local_replica" or command == "serve"]
+    worker_flags = {f.name for cls in (ModelConfig, EngineConfig, RedisConfig) for f in dataclasses.fields(cls)}
+    advanced = 0
+    for f in fields:
+        if command == "worker" and f.name not in worker_flags:
+            continue
+        listed = {
+            k: re.search(rf"^  --{f.name.replace('_', '-')}[ ,\n]", v, re.M) is not None for k, v in texts.items()
+        }
+        if "env" in f.metadata:  # a secret: from the environment only, named in the help of --redis
+            assert not listed["--help-all"] and all(n in texts["--help"] for n in f.metadata["env"])
+        else:
+            assert listed["--help-all"], f.name
+            assert listed["--help"] is not f.metadata["advanced"], f.name
+            advanced += f.metadata["advanced"]
+    assert advanced > 5
+    assert build_parser().parse_args([command, "--warmup-steps", "1"]).warmup_steps == 1  # hidden, not gone
 
 
 def test_flags_reach_the_config() -> None:
