@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from blink.config import EngineConfig, resolve_threads
+from blink.engine.errors import ContextTooLong, RequestRejected
 from blink.engine.kv_cache import BlockManager
 from blink.engine.runner import DECODE_KEY_QUANTUM, ModelRunner, PagedKVCache, StepInterrupted, key_span
 from blink.engine.sampler import Proposal
 from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
 from blink.engine.speculative import AdaptiveSpeculation, Proposer, StepCost
-from blink.errors import ContextLengthExceeded, InvalidRequest
 from blink.models.llama import LlamaModel
 
 
@@ -119,7 +119,8 @@ class LLMEngine:
         prefill_only: bool = False,
         tenant: str | None = None,
     ) -> None:
-        """Queue a request; it joins the running batch at the next step. Raises InvalidRequest for bad input.
+        """Queue a request; it joins the running batch at the next step. Raises RequestRejected (engine/errors.py)
+        for bad input, ContextTooLong when the prompt plus max_tokens (None: the rest of the context) won't fit.
         `priority`: lower runs first (0 for live requests; above 0 is background work, which gets only
         `background_chunk_tokens` per step while live streams decode). `deadline`: a time.monotonic() after
         which the request is dropped (finish reason EXPIRED) instead of computed. `prefill_only`: compute the
@@ -127,16 +128,14 @@ class LLMEngine:
         belongs to: it finds only its tenant's prefix-cache blocks (and declared shared prefixes), and the batch is
         shared fairly between tenants (fairness.py); None: an open server's single tenant."""
         if request_id in self._seqs:
-            raise InvalidRequest(f"request {request_id!r} is already running")
+            raise RequestRejected(f"request {request_id!r} is already running")
         if not prompt_token_ids:
-            raise InvalidRequest("the prompt is empty", param="prompt")
+            raise RequestRejected("the prompt is empty", param="prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise InvalidRequest("prompt token id out of range", param="prompt")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len}",
-                param="messages",
-            )
+            raise RequestRejected("prompt token id out of range", param="prompt")
+        room = self.max_model_len - len(prompt_token_ids)
+        if room <= 0 or (params.max_tokens or 0) > room:
+            raise ContextTooLong(len(prompt_token_ids), params.max_tokens, self.max_model_len)
         seq = Sequence(
             request_id,
             list(prompt_token_ids),
@@ -145,6 +144,7 @@ class LLMEngine:
             deadline=deadline,
             prefill_only=prefill_only,
             salt=self.blocks.salt(prompt_token_ids, tenant),
+            max_tokens=params.max_tokens or room,
         )
         self._seqs[request_id] = seq
         self.runner.add(seq)
@@ -313,7 +313,7 @@ class LLMEngine:
         # no guess past max_tokens or the context: the last emitted token comes from the target
         most = self.speculation.max_tokens
         limits = [
-            max(0, min(most + 1, s.params.max_tokens - len(s.output_token_ids), self.max_model_len - s.num_tokens) - 1)
+            max(0, min(most + 1, s.max_tokens - len(s.output_token_ids), self.max_model_len - s.num_tokens) - 1)
             for s in seqs
         ]
         prompt_rows = batch.num_tokens - len(seqs)  # prompt chunks sharing the step
@@ -402,7 +402,7 @@ class LLMEngine:
         reason = None
         if token in self.stop_token_ids and not seq.params.ignore_eos:
             reason = FinishReason.STOP
-        elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)

@@ -15,7 +15,7 @@ SAMPLING_EPS = 1e-5
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: up to the end of the model's context
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -23,7 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError("temperature must be between 0 and 2")
@@ -82,6 +82,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     first_token: float | None = None
+    max_tokens: int = 1 << 30  # the most tokens it may generate (params.max_tokens, resolved against the context)
 
     def set_status(self, new: SeqStatus) -> None:
         if new not in _TRANSITIONS[self.status]:

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from blink.config import EngineConfig
+from blink.engine.errors import ContextTooLong, RequestRejected
 from blink.engine.llm_engine import LLMEngine, StepOutput
 from blink.engine.sequence import FinishReason, SamplingParams
-from blink.errors import ContextLengthExceeded, InvalidRequest
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -189,13 +189,20 @@ def test_seeded_sampling_is_reproducible_inside_a_batch(engine: LLMEngine, promp
 
 
 def test_bad_prompts_are_rejected(engine: LLMEngine) -> None:
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(RequestRejected):
         engine.add_request("e", [], GREEDY)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(RequestRejected):
         engine.add_request("e", [engine.vocab_size], GREEDY)
-    with pytest.raises(ContextLengthExceeded):
+    with pytest.raises(ContextTooLong) as too_long:
         engine.add_request("e", [1] * engine.max_model_len, GREEDY)
+    assert too_long.value.param == "messages"
+    with pytest.raises(ContextTooLong) as too_long:  # the prompt fits, the answer it asks for does not
+        engine.add_request("e", [1] * (engine.max_model_len - 4), SamplingParams(max_tokens=5, temperature=0))
+    assert too_long.value.param == "max_tokens"
     assert not engine.has_work()
+    # max_tokens None: up to the end of the context
+    engine.add_request("rest", [1] * (engine.max_model_len - 3), SamplingParams(max_tokens=None, temperature=0))
+    assert 1 <= len(run_all(engine)["rest"]) <= 3
 
 
 def test_a_prefill_only_request_fills_the_cache_for_the_prompt_that_follows(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]

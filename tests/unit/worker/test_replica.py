@@ -141,7 +141,7 @@ def test_tenants_share_only_the_declared_system_prompt_and_preload_into_their_ow
         assert replica.engine is not None and replica.tokenizer is not None
         shared = replica.tokenizer.encode_chat([messages[0]], add_generation_prompt=False)
         a = await finish(chat("a1", "a", affinity="conv-a"))
-        assert replica._held_prefixes() == ("conv-a",)
+        assert replica.prefixes.held(replica.engine) == ("conv-a",)
         b = await finish(chat("b1", "b"))
         assert a.cached_tokens == 0 and b.cached_tokens == len(shared) // 16 * 16 > 0  # the system turn only
         again = await finish(chat("a2", "a"))

@@ -1,0 +1,88 @@
+"""Bringing a replica's model up: load (prepare from the packaged weights, quantise, the speculative proposer,
+the shared prefixes) and warm up, on the replica's engine thread. The result is a `Serving`: the engine and the
+tokenizer, never absent once loaded."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from blink.config import EngineConfig, ModelConfig, parse_speculative
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import SamplingParams
+from blink.engine.speculative import DraftModelProposer, NgramProposer, Proposer
+from blink.models import loader, native, quant, registry
+from blink.models.llama import LlamaModel
+from blink.models.tokenizer import Tokenizer
+from blink.worker import shared_prefixes
+
+log = logging.getLogger("blink.worker")
+
+
+@dataclass(frozen=True)
+class Serving:
+    engine: LLMEngine
+    tokenizer: Tokenizer
+
+
+def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress: bool) -> Serving:
+    spec = registry.get(model.model)
+    folder = loader.prepare(spec, model.cache_dir, progress=progress)
+    target, tokenizer = loader.load(folder)
+    calibration = tokenizer.encode(quant.CALIBRATION_TEXT)
+    quant.convert(target, engine.weights, calibration, native_kernels=engine.native_kernels)
+    if engine.weights == "w8a8":
+        kernel = native.describe() if engine.native_kernels else "torch ops (--no-native-kernels)"
+        log.info("replica %s: w8a8 layers run on %s", replica_id, kernel)
+    proposer = _proposer(target, tokenizer, model, engine, progress=progress)
+    path = engine.shared_prefixes
+    shared = shared_prefixes.tokenize(shared_prefixes.read(path), tokenizer) if path else []
+    llm = LLMEngine(target, tokenizer.stop_token_ids, engine, proposer=proposer, shared_prefixes=shared)
+    return Serving(llm, tokenizer)
+
+
+def _proposer(
+    target: LlamaModel, tokenizer: Tokenizer, model: ModelConfig, engine: EngineConfig, *, progress: bool
+) -> Proposer | None:
+    """The --speculative proposer: none, prompt lookup, or a draft model loaded like the target."""
+    kind, draft_name = parse_speculative(engine.speculative)
+    if kind == "off":
+        return None
+    if kind == "ngram":
+        return NgramProposer()
+    folder = loader.prepare(registry.get(draft_name), model.cache_dir, progress=progress)
+    draft, draft_tokenizer = loader.load(folder)
+    if draft_tokenizer.tokens != tokenizer.tokens:
+        raise ValueError(
+            f"draft model {draft_name!r} has another vocabulary than {model.model!r}: speculative decoding "
+            "needs the same tokenizer"
+        )
+    calibration = draft_tokenizer.encode(quant.CALIBRATION_TEXT)
+    quant.convert(draft, engine.weights, calibration, native_kernels=engine.native_kernels)
+    return DraftModelProposer(draft, engine, vocab_size=target.config.vocab_size)
+
+
+def warm_up(serving: Serving, config: EngineConfig, *, replica_id: str) -> None:
+    """The first calls of each kernel and shape allocate and tune: pay that before taking traffic."""
+    engine = serving.engine
+    prompt = serving.tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
+    for i in range(config.warmup_steps):
+        for j in range(2):  # two at once so the batched decode path is warm too
+            engine.add_request(f"warmup-{i}-{j}", prompt, SamplingParams(max_tokens=8, temperature=0))
+        while engine.has_work():
+            engine.step()
+    # one step as large as the budget allows: its activations are the largest a step makes, so resident
+    # memory reaches its working size (weights + activations; the KV pool grows within --kv-cache-mb) now
+    longest = min(config.max_num_batched_tokens, config.max_model_len - 1)
+    filler = (prompt * (longest // len(prompt) + 1))[:longest]
+    engine.add_request("warmup-full", filler, SamplingParams(max_tokens=1, temperature=0))
+    while engine.has_work():
+        engine.step()
+    if engine.proposer is not None:  # the speculation policy decides from this machine's step costs
+        costs = engine.measure_step_cost()  # only sizes the KV pool holds
+        engine.speculation.reset()
+        log.info(
+            "replica %s: decode step costs (sequences x rows: ms) %s",
+            replica_id,
+            {k: round(v * 1000, 1) for k, v in costs.items()},
+        )

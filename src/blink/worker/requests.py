@@ -1,0 +1,240 @@
+"""The requests a replica runs, from the bus message to the last event: start one (its prompt, its sampling, one
+pre-load per session), turn the engine's outputs into TokenEvents and a Finished, cancel or drop one, and hand
+them back when the replica stops. The engine and the tokenizer are loaded before this exists.
+
+The replica never waits on a client: a slow or vanished consumer makes `publish` return False and the request
+is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+from blink.bus.base import Bus
+from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, TokenEvent
+from blink.config import EngineConfig
+from blink.engine.errors import ContextTooLong, RequestRejected
+from blink.engine.llm_engine import StepOutput
+from blink.engine.sequence import FinishReason, SamplingParams
+from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
+from blink.telemetry import tracing
+from blink.worker.finish import Active, timings, trace
+from blink.worker.load import LoadEstimator
+from blink.worker.loading import Serving
+from blink.worker.output import TextOutput
+from blink.worker.prompt import prompt_ids
+from blink.worker.status import Prefixes
+
+log = logging.getLogger("blink.worker")
+
+REMEMBERED_CANCELS = 10_000
+_FINISH_STATUS = {FinishReason.STOP: FinishStatus.STOP, FinishReason.LENGTH: FinishStatus.LENGTH}
+
+
+class Requests:
+    def __init__(
+        self, bus: Bus, serving: Serving, config: EngineConfig, replica_id: str, load: LoadEstimator, prefixes: Prefixes
+    ) -> None:
+        self.bus, self.engine, self.tokenizer = bus, serving.engine, serving.tokenizer
+        self.config, self.replica_id, self.load, self.prefixes = config, replica_id, load, prefixes
+        self.active: dict[str, Active] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._preloads: dict[str, str] = {}  # session id -> its pre-load's request id, while it runs
+
+    async def start(self, req: GenerateRequest) -> None:
+        received = time.time()
+        if req.request_id in self._cancelled:
+            await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
+            return
+        try:
+            prompt = full = prompt_ids(self.tokenizer, req)
+            if req.prefill_only:
+                await self._replace_preload(req)
+                prompt = self._preload_prompt(prompt, req.tenant)
+                if not prompt:  # nothing left to compute: every full block is cached already
+                    self._forget_preload(req)
+                    self.prefixes.remember(req, full, self.engine.blocks.block_size)
+                    await self.bus.publish(Accepted(req.request_id, self.replica_id, 0))
+                    await self.bus.publish(Finished(req.request_id, FinishStatus.STOP))
+                    return
+            self._add(req, prompt)
+        except BlinkError as exc:
+            error = Finished(
+                req.request_id,
+                FinishStatus.ERROR,
+                error_code=exc.code,
+                error_message=exc.message,
+                error_param=exc.param,
+            )
+            await self.bus.publish(error)
+            return
+        marks = {"received": received} if req.traceparent is not None and tracing.enabled() else None
+        self.active[req.request_id] = Active(req, TextOutput(self.tokenizer, req.sampling.stop), marks=marks)
+        self.prefixes.remember(req, full, self.engine.blocks.block_size)
+        if not await self.bus.publish(Accepted(req.request_id, self.replica_id, len(prompt))):
+            await self.drop(req.request_id, FinishStatus.CANCELLED)
+
+    def _add(self, req: GenerateRequest, prompt: list[int]) -> None:
+        """Queue the request in the engine; what the engine refuses becomes the API's error."""
+        s = req.sampling
+        try:
+            params = (
+                SamplingParams(max_tokens=1)
+                if req.prefill_only
+                else SamplingParams(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.ignore_eos)
+            )
+            deadline = None if req.deadline is None else time.monotonic() + (req.deadline - time.time())
+            self.engine.add_request(
+                req.request_id,
+                prompt,
+                params,
+                deadline=deadline,
+                priority=req.priority,
+                prefill_only=req.prefill_only,
+                tenant=req.tenant,
+            )
+        except ContextTooLong as exc:
+            raise ContextLengthExceeded(str(exc), param=exc.param) from None
+        except (RequestRejected, ValueError) as exc:
+            raise InvalidRequest(str(exc), param=getattr(exc, "param", None)) from None
+
+    async def _replace_preload(self, req: GenerateRequest) -> None:
+        """One pre-load per session at a time: a newer one replaces the older (its finished blocks stay cached)."""
+        if req.session_id is None:
+            return
+        previous = self._preloads.pop(req.session_id, None)
+        if previous is not None and previous in self.active:
+            self.engine.abort(previous)
+            self.active.pop(previous)
+            await self.bus.publish(Finished(previous, FinishStatus.CANCELLED))
+        self._preloads[req.session_id] = req.request_id
+
+    def _preload_prompt(self, prompt: list[int], tenant: str | None) -> list[int]:
+        """What a pre-load computes: at most --preload-max-tokens (its cap on speculative KV), and only whole
+        blocks, since only whole blocks enter the prefix cache (a partial one would be recomputed at submit);
+        empty if those blocks are all cached already (in `tenant`'s partition)."""
+        bs = self.engine.blocks.block_size
+        limit = min(self.config.preload_max_tokens, self.engine.max_model_len - 1, len(prompt))
+        prompt = prompt[: limit // bs * bs]
+        return prompt if self.engine.cached_tokens(prompt, tenant) < len(prompt) else []
+
+    def _forget_preload(self, req: GenerateRequest) -> None:
+        if req.session_id is not None and self._preloads.get(req.session_id) == req.request_id:
+            del self._preloads[req.session_id]
+
+    # outputs ------------------------------------------------------------------------------------------
+    async def emit(self, out: StepOutput) -> None:
+        active = self.active.get(out.request_id)
+        if active is None:  # warm-up or already dropped
+            return
+        if out.token_id is None:  # ended without a token: a pre-load is done, or the deadline passed
+            await self._end_without_token(active, out)
+            return
+        if active.first_token is None:
+            active.first_token = time.monotonic()
+            if active.request.priority == 0:
+                self.load.prefilled(out.prompt_tokens - out.cached_tokens, out.prefill_s)
+            if active.marks is not None:
+                active.marks.update(first_token=time.time(), queue_s=out.queue_s)
+        text = active.output.push(out.token_id)
+        if active.output.stopped and not out.finished:
+            self.engine.abort(out.request_id)
+        done = out.finished or active.output.stopped
+        if done:
+            text += active.output.finish()
+        if text:
+            event = TokenEvent(out.request_id, active.events, text, out.completion_tokens)
+            active.events += 1
+            if not await self.bus.publish(event):
+                await self.drop(out.request_id, FinishStatus.CANCELLED)
+                return
+            if active.marks is not None:
+                active.marks.setdefault("first_sent", time.time())
+        if done:
+            await self._finish(active, out)
+
+    async def _finish(self, active: Active, out: StepOutput) -> None:
+        if active.request.priority == 0:
+            self.load.finished()
+        ended = time.time()  # the Finished's time: the gateway's stream.end span starts here
+        if active.marks is not None:
+            trace(active, out, ended)
+        status = FinishStatus.STOP if active.output.stopped else _FINISH_STATUS[out.finish_reason]  # type: ignore[index]
+        del self.active[out.request_id]
+        finished = Finished(
+            out.request_id,
+            status,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            cached_tokens=out.cached_tokens,
+            timings=timings(active, out),
+            created=ended,
+        )
+        await self.bus.publish(finished)
+
+    async def _end_without_token(self, active: Active, out: StepOutput) -> None:
+        del self.active[out.request_id]
+        self._forget_preload(active.request)
+        if out.finish_reason is FinishReason.PREFILLED:  # its blocks are in the prefix cache now
+            finished = Finished(
+                out.request_id,
+                FinishStatus.STOP,
+                prompt_tokens=out.prompt_tokens,
+                cached_tokens=out.cached_tokens,
+                timings=timings(active, out),
+            )
+        else:
+            finished = Finished(
+                out.request_id,
+                FinishStatus.ERROR,
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                error_code="deadline_exceeded",
+                error_message="the request's deadline passed before it finished",
+            )
+        await self.bus.publish(finished)
+
+    # ending early -------------------------------------------------------------------------------------
+    async def cancel(self, request_id: str) -> None:
+        if request_id in self.active:
+            await self.drop(request_id, FinishStatus.CANCELLED)
+            return
+        self._cancelled[request_id] = None  # it may still be on its way to us
+        while len(self._cancelled) > REMEMBERED_CANCELS:
+            self._cancelled.popitem(last=False)
+
+    async def drop(self, request_id: str, status: FinishStatus, *, error: str | None = None) -> None:
+        """End a request early: free its sequence at once, then tell the gateway."""
+        prompt_tokens, completion_tokens = self.engine.num_tokens(request_id)
+        self.engine.abort(request_id)
+        active = self.active.pop(request_id, None)
+        if active is not None:
+            self._forget_preload(active.request)
+        finished = Finished(
+            request_id,
+            status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            error_code="engine_failure" if error else None,
+            error_message=error,
+        )
+        await self.bus.publish(finished)
+
+    async def drop_all(self, status: FinishStatus, *, error: str | None = None) -> None:
+        for request_id in list(self.active):
+            await self.drop(request_id, status, error=error)
+
+    async def hand_back(self) -> int:
+        """Forget the requests in flight without a word to their clients (the bus re-delivers them to another
+        replica, which continues them); pre-loads, background work not worth a restart elsewhere, end cancelled."""
+        handed = 0
+        for request_id, active in list(self.active.items()):
+            if active.request.prefill_only:
+                await self.drop(request_id, FinishStatus.CANCELLED)
+            else:
+                self.engine.abort(request_id)
+                del self.active[request_id]
+                handed += 1
+        return handed
