@@ -18,8 +18,8 @@ from blink.errors import InvalidRequest, NotFound
 from blink.gateway import validation as v
 from blink.gateway.auth import tenant_of
 from blink.gateway.openai_http import read_json
-from blink.gateway.service import Gateway
-from blink.preload.store import ContextStore, Document, Metadata, TenantStores
+from blink.gateway.service import Gateway, gateway_of
+from blink.preload.store import ContextStore, Document, Metadata
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -47,42 +47,45 @@ def _summary(doc: Document) -> dict[str, Any]:
     }
 
 
-class DocumentRoutes:
-    """Handlers for the app's routes. `max_request_bytes` bounds a whole POST body (the JSON around the text
-    included); the store bounds the text itself."""
+# a POST body holds a document and the JSON around it: --max-request-bytes bounds the document, plus this
+JSON_ROOM = 64 << 10
 
-    def __init__(self, stores: TenantStores, max_request_bytes: int) -> None:
-        self.stores = stores
-        self.max_request_bytes = max_request_bytes
 
-    def _store(self, request: Request) -> ContextStore:
-        tenant = tenant_of(request.scope)
-        return self.stores.of(tenant.name, tenant.limits.max_documents, tenant.limits.max_document_bytes)
+def _store(request: Request) -> ContextStore:
+    stores = gateway_of(request).store
+    assert stores is not None  # the routes exist only on a server with a document store (app.py)
+    tenant = tenant_of(request.scope)
+    store: ContextStore = stores.of(tenant.name, tenant.limits.max_documents, tenant.limits.max_document_bytes)
+    return store
 
-    async def create(self, request: Request) -> Response:
-        body = await read_json(request, self.max_request_bytes)
-        doc_id = v.get_str(body, "id")
-        if doc_id is None:
-            doc_id = Gateway.new_id("doc")
-        elif not _ID.fullmatch(doc_id):
-            raise InvalidRequest("'id' must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", param="id")
-        text = v.get_str(body, "text", required=True)
-        assert text is not None
-        doc = await self._store(request).put(doc_id, text, _metadata(body.get("metadata")))
-        return JSONResponse(_summary(doc), status_code=201)
 
-    async def list_documents(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [_summary(doc) for doc in await self._store(request).list()]})
+async def create_document(request: Request) -> Response:
+    body = await read_json(request, gateway_of(request).config.max_request_bytes + JSON_ROOM)
+    doc_id = v.get_str(body, "id")
+    if doc_id is None:
+        doc_id = Gateway.new_id("doc")
+    elif not _ID.fullmatch(doc_id):
+        raise InvalidRequest("'id' must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", param="id")
+    text = v.get_str(body, "text", required=True)
+    assert text is not None
+    doc = await _store(request).put(doc_id, text, _metadata(body.get("metadata")))
+    return JSONResponse(_summary(doc), status_code=201)
 
-    async def retrieve(self, request: Request) -> Response:
-        doc_id = request.path_params["id"]
-        doc = await self._store(request).get(doc_id)
-        if doc is None:
-            raise NotFound(f"no document with id {doc_id!r}", param="id")
-        return JSONResponse({**_summary(doc), "text": doc.text})
 
-    async def delete(self, request: Request) -> Response:
-        doc_id = request.path_params["id"]
-        if not await self._store(request).delete(doc_id):
-            raise NotFound(f"no document with id {doc_id!r}", param="id")
-        return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True})
+async def list_documents(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_summary(doc) for doc in await _store(request).list()]})
+
+
+async def retrieve_document(request: Request) -> Response:
+    doc_id = request.path_params["id"]
+    doc = await _store(request).get(doc_id)
+    if doc is None:
+        raise NotFound(f"no document with id {doc_id!r}", param="id")
+    return JSONResponse({**_summary(doc), "text": doc.text})
+
+
+async def delete_document(request: Request) -> Response:
+    doc_id = request.path_params["id"]
+    if not await _store(request).delete(doc_id):
+        raise NotFound(f"no document with id {doc_id!r}", param="id")
+    return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True})

@@ -25,8 +25,9 @@ from blink.bus.messages import FinishStatus, GenerateRequest
 from blink.errors import BlinkError, InvalidRequest, RequestTooLarge, ShuttingDown, from_wire
 from blink.gateway import validation as v
 from blink.gateway.auth import tenant_of
+from blink.gateway.generation import Generation
 from blink.gateway.resume import ResponseLog
-from blink.gateway.service import Gateway, Generation
+from blink.gateway.service import Gateway, gateway_of
 from blink.gateway.wire import error_body, sse
 
 _EVENT_INDEX = re.compile(r"-?[0-9]{1,18}")  # ASCII digits (str.isdigit() also takes "²", which int() refuses)
@@ -122,122 +123,125 @@ def _failure(gen: Generation) -> BlinkError | None:
     return None
 
 
-class OpenAIRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+async def models(request: Request) -> Response:
+    created = int(time.time())
+    data = [{"id": m, "object": "model", "created": created, "owned_by": "blink"} for m in gateway_of(request).models]
+    return JSONResponse({"object": "list", "data": data})
 
-    async def models(self, request: Request) -> Response:
-        created = int(time.time())
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "blink"} for m in self.gateway.models]
-        return JSONResponse({"object": "list", "data": data})
 
-    async def chat_completions(self, request: Request) -> Response:
-        started = time.monotonic()
-        resumed = self._resume(request, chat=True)
-        if resumed is not None:
-            return resumed
-        body = await read_json(request, self.gateway.config.max_request_bytes)
-        model, stream, include_usage, sampling = _common(self.gateway, body)
-        messages = parse_messages(body.get("messages"))
-        req = GenerateRequest(self.gateway.new_id("chatcmpl"), model, sampling, messages=messages)
-        return await self._respond(request, req, body, started, stream, include_usage, chat=True)
+async def chat_completions(request: Request) -> Response:
+    started = time.monotonic()
+    resumed = _resume(request, chat=True)
+    if resumed is not None:
+        return resumed
+    gateway = gateway_of(request)
+    body = await read_json(request, gateway.config.max_request_bytes)
+    model, stream, include_usage, sampling = _common(gateway, body)
+    messages = parse_messages(body.get("messages"))
+    req = GenerateRequest(gateway.new_id("chatcmpl"), model, sampling, messages=messages)
+    return await _respond(request, req, body, started, stream, include_usage, chat=True)
 
-    async def completions(self, request: Request) -> Response:
-        started = time.monotonic()
-        resumed = self._resume(request, chat=False)
-        if resumed is not None:
-            return resumed
-        body = await read_json(request, self.gateway.config.max_request_bytes)
-        model, stream, include_usage, sampling = _common(self.gateway, body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise InvalidRequest("'prompt' must be a string (one prompt per request)", param="prompt")
-        if not prompt:
-            raise InvalidRequest("'prompt' is empty", param="prompt")
-        req = GenerateRequest(self.gateway.new_id("cmpl"), model, sampling, prompt=prompt)
-        return await self._respond(request, req, body, started, stream, include_usage, chat=False)
 
-    async def _respond(
-        self,
-        request: Request,
-        req: GenerateRequest,
-        body: dict[str, Any],
-        started: float,
-        stream: bool,
-        include_usage: bool,
-        *,
-        chat: bool,
-    ) -> Response:
-        use_cache = v.get_bool(body, "cache", True)  # blink's per-request opt-out of the semantic cache
-        gen = await self.gateway.generate(
-            req,
-            started=started,
-            tenant=tenant_of(request.scope),
-            use_cache=use_cache,
-            traceparent=request.headers.get("traceparent"),  # W3C trace context: the response's trace joins it
+async def completions(request: Request) -> Response:
+    started = time.monotonic()
+    resumed = _resume(request, chat=False)
+    if resumed is not None:
+        return resumed
+    gateway = gateway_of(request)
+    body = await read_json(request, gateway.config.max_request_bytes)
+    model, stream, include_usage, sampling = _common(gateway, body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' must be a string (one prompt per request)", param="prompt")
+    if not prompt:
+        raise InvalidRequest("'prompt' is empty", param="prompt")
+    req = GenerateRequest(gateway.new_id("cmpl"), model, sampling, prompt=prompt)
+    return await _respond(request, req, body, started, stream, include_usage, chat=False)
+
+
+async def _respond(
+    request: Request,
+    req: GenerateRequest,
+    body: dict[str, Any],
+    started: float,
+    stream: bool,
+    include_usage: bool,
+    *,
+    chat: bool,
+) -> Response:
+    gateway, tenant = gateway_of(request), tenant_of(request.scope)
+    use_cache = v.get_bool(body, "cache", True)  # blink's per-request opt-out of the semantic cache
+    gen = await gateway.generate(
+        req,
+        started=started,
+        tenant=tenant,
+        use_cache=use_cache,
+        traceparent=request.headers.get("traceparent"),  # W3C trace context: the response's trace joins it
+    )
+    headers = {"X-Blink-Cache": gen.cache_status, **gateway.limits.headers(tenant)}
+    if stream:
+        base = {
+            "id": req.request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(req.created),
+            "model": req.model,
+        }
+        finish = functools.partial(_closing_chunks, base=base, include_usage=include_usage, chat=chat)
+        entry = gateway.responses.start(gen, tenant.name, finish, api=_api(chat), base=base)
+        return _event_stream(entry, -1, headers)
+    try:
+        await _until_done_or_disconnect(gen, request)
+    finally:
+        await gen.close()
+    if gen.cancel_reason == "disconnect":
+        # nobody is left to read an answer; 499 (nginx's "client closed request") only marks the access log
+        return Response(status_code=499)
+    return JSONResponse(_completion(req, gen, chat=chat), headers=headers)
+
+
+def _completion(req: GenerateRequest, gen: Generation, *, chat: bool) -> dict[str, Any]:
+    """The whole answer of a request that did not stream (raises the error a failed one ended with)."""
+    error = _failure(gen)
+    if error is not None:
+        raise error
+    assert gen.finished is not None
+    reason = gen.finished.status.value
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": gen.text},
+            "finish_reason": reason,
+            "logprobs": None,
+        }
+    else:
+        choice = {"index": 0, "text": gen.text, "finish_reason": reason, "logprobs": None}
+    return {
+        "id": req.request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(req.created),
+        "model": req.model,
+        "choices": [choice],
+        "usage": _usage(gen),
+        "timings": gen.timings(),  # blink's (as llama.cpp's server does): queue, prefill, speculative, ...
+        "cache": gen.cache_status,
+    }
+
+
+def _resume(request: Request, *, chat: bool) -> Response | None:
+    """The rest of a stream this endpoint started, for a request with `Last-Event-ID: <response id>:<delta
+    index>` (the body, the original request sent again, is not read); None for a request without the header."""
+    last = request.headers.get("last-event-id")
+    if last is None:
+        return None
+    response_id, _, index = last.strip().rpartition(":")
+    if not response_id or not _EVENT_INDEX.fullmatch(index):
+        raise InvalidRequest(
+            "'Last-Event-ID' must be an event id of a blink stream: '<response id>:<index>'", param="Last-Event-ID"
         )
-        headers = {"X-Blink-Cache": gen.cache_status, **self.gateway.limits.headers(tenant_of(request.scope))}
-        if stream:
-            base = {
-                "id": req.request_id,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(req.created),
-                "model": req.model,
-            }
-            finish = functools.partial(_closing_chunks, base=base, include_usage=include_usage, chat=chat)
-            tenant = tenant_of(request.scope).name
-            entry = self.gateway.responses.start(gen, tenant, finish, api=_api(chat), base=base)
-            return _event_stream(entry, -1, headers)
-        try:
-            await _until_done_or_disconnect(gen, request)
-        finally:
-            await gen.close()
-        if gen.cancel_reason == "disconnect":
-            # nobody is left to read an answer; 499 (nginx's "client closed request") only marks the access log
-            return Response(status_code=499)
-        error = _failure(gen)
-        if error is not None:
-            raise error
-        assert gen.finished is not None
-        reason = gen.finished.status.value
-        if chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": gen.text},
-                "finish_reason": reason,
-                "logprobs": None,
-            }
-        else:
-            choice = {"index": 0, "text": gen.text, "finish_reason": reason, "logprobs": None}
-        return JSONResponse(
-            {
-                "id": req.request_id,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(req.created),
-                "model": req.model,
-                "choices": [choice],
-                "usage": _usage(gen),
-                "timings": gen.timings(),  # blink's (as llama.cpp's server does): queue, prefill, speculative, ...
-                "cache": gen.cache_status,
-            },
-            headers=headers,
-        )
-
-    def _resume(self, request: Request, *, chat: bool) -> Response | None:
-        """The rest of a stream this endpoint started, for a request with `Last-Event-ID: <response id>:<delta
-        index>` (the body, the original request sent again, is not read); None for a request without the header."""
-        last = request.headers.get("last-event-id")
-        if last is None:
-            return None
-        response_id, _, index = last.strip().rpartition(":")
-        if not response_id or not _EVENT_INDEX.fullmatch(index):
-            raise InvalidRequest(
-                "'Last-Event-ID' must be an event id of a blink stream: '<response id>:<index>'", param="Last-Event-ID"
-            )
-        entry = self.gateway.responses.get(response_id, tenant_of(request.scope).name, _api(chat))
-        return _event_stream(entry, max(-1, int(index)), {"X-Blink-Cache": entry.generation.cache_status})
+    entry = gateway_of(request).responses.get(response_id, tenant_of(request.scope).name, _api(chat))
+    return _event_stream(entry, max(-1, int(index)), {"X-Blink-Cache": entry.generation.cache_status})
 
 
 def _api(chat: bool) -> str:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,13 +14,13 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from blink.config import TenantLimits
 from blink.errors import BlinkError
+from blink.gateway.app import DOCUMENT_ROUTES
 from blink.gateway.auth import AuthMiddleware
-from blink.gateway.documents import DocumentRoutes
+from blink.gateway.documents import JSON_ROOM
 from blink.gateway.keys import Tenant
 from blink.gateway.wire import error_response
 from blink.preload.store import MemoryContextStore, TenantStores, chunk_text
@@ -43,22 +44,19 @@ class ThreeDocuments:
 
 def make_client(store: MemoryContextStore) -> TestClient:
     """The routes exactly as app.py mounts them, and app.py's translation of blink errors."""
-    documents = DocumentRoutes(TenantStores(lambda: store), MAX_REQUEST_BYTES)
 
     async def on_blink_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BlinkError)
         return error_response(exc)
 
     app = Starlette(
-        routes=[
-            Route("/v1/documents", documents.create, methods=["POST"]),
-            Route("/v1/documents", documents.list_documents, methods=["GET"]),
-            Route("/v1/documents/{id}", documents.retrieve, methods=["GET"]),
-            Route("/v1/documents/{id}", documents.delete, methods=["DELETE"]),
-        ],
+        routes=DOCUMENT_ROUTES,
         exception_handlers={BlinkError: on_blink_error},
         middleware=[Middleware(AuthMiddleware, auth=ThreeDocuments())],
     )
+    # what the endpoints read of the gateway: its document store and --max-request-bytes
+    config = SimpleNamespace(max_request_bytes=MAX_REQUEST_BYTES)
+    app.state.gateway = SimpleNamespace(store=TenantStores(lambda: store), config=config)
     return TestClient(app)
 
 
@@ -148,7 +146,7 @@ def test_an_id_at_the_length_limit_is_accepted(client: TestClient) -> None:
 
 
 def test_an_oversized_body_or_document_is_413(client: TestClient) -> None:
-    too_big_body = client.post("/v1/documents", json={"text": "word " * (MAX_REQUEST_BYTES // 5)})
+    too_big_body = client.post("/v1/documents", json={"text": "word " * ((MAX_REQUEST_BYTES + JSON_ROOM) // 5)})
     assert_error(too_big_body, 413, "request_too_large", None)
     too_big_text = client.post("/v1/documents", json={"text": "word " * 250})  # 1250 bytes: the body fits
     assert_error(too_big_text, 413, "request_too_large", "text")

@@ -17,8 +17,9 @@ from blink.preload.planner import Messages, PreloadDeferred, Target
 from blink.preload.store import ContextStore, ScoredChunk, context_block
 
 if TYPE_CHECKING:
+    from blink.gateway.generation import Generation
     from blink.gateway.keys import Tenant
-    from blink.gateway.service import Gateway, Generation
+    from blink.gateway.service import Gateway
 
 PRELOAD_PRIORITY = 1  # background: below every live request
 

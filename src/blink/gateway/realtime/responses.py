@@ -19,13 +19,14 @@ from starlette.websockets import WebSocketDisconnect
 
 from blink.bus.messages import GenerateRequest, Sampling
 from blink.errors import BlinkError, InvalidRequest
+from blink.gateway.generation import Generation
 from blink.gateway.keys import Tenant
 from blink.gateway.realtime.conversation import Conversation
 from blink.gateway.realtime.events import ResponseShape, response_status, usage
 from blink.gateway.realtime.prompt import Prompter
 from blink.gateway.realtime.protocol import ResponseCreate, ResponseResume, item_text
 from blink.gateway.resume import ResponseLog
-from blink.gateway.service import Gateway, Generation
+from blink.gateway.service import Gateway
 from blink.gateway.wire import error_event
 from blink.preload.planner import Messages, PrefillPlanner
 
