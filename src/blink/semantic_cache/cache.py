@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from blink.bus.messages import GenerateRequest
-from blink.config import CacheConfig
+from blink.config import CacheConfig, RedisConfig
 from blink.errors import CacheUnavailable
 from blink.semantic_cache.embedder import Embedder
 from blink.semantic_cache.index import Entry, Scope, VectorIndex
@@ -267,3 +267,19 @@ class SemanticCache:
     async def close(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)  # touches in flight: quick, let them land
         await self.index.close()
+
+
+def open_cache(config: CacheConfig, redis: RedisConfig, embedder: Callable[[], Embedder | None]) -> SemanticCache:
+    """The semantic cache `config` asks for: Redis 8 Vector Sets when --cache-redis (or --redis) names a Redis,
+    else in this process's memory. `embedder`: the loaded embedder, None until it is."""
+    index: VectorIndex
+    url = config.cache_redis or redis.redis
+    if url:
+        from blink.semantic_cache.redis import RedisIndex
+
+        index = RedisIndex(url, config.cache_max_entries, password=redis.redis_password or None)
+    else:
+        from blink.semantic_cache.memory import MemoryIndex
+
+        index = MemoryIndex(config.cache_max_entries)
+    return SemanticCache(index, embedder, config)

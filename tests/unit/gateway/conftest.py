@@ -25,10 +25,10 @@ from blink.bus.messages import (
     ReplicaStatus,
     TokenEvent,
 )
-from blink.cli import http_server
 from blink.config import GatewayConfig
 from blink.gateway.app import create_app
 from blink.gateway.keys import KeyFile
+from blink.gateway.server import http_server
 from blink.gateway.service import Gateway
 from blink.gateway.sessions import SessionStore
 from blink.preload.store import MemoryContextStore, TenantStores

@@ -21,9 +21,9 @@ from websockets.asyncio.client import connect
 from blink.bus.base import Bus
 from blink.bus.memory import MemoryBus
 from blink.bus.redis import RedisBus
-from blink.cli import http_server
 from blink.config import EngineConfig, GatewayConfig, ModelConfig, default_cache_dir
 from blink.gateway.app import create_app
+from blink.gateway.server import http_server
 from blink.gateway.service import Gateway
 from blink.worker.replica import Replica
 from tests.e2e.test_realtime import recv, until

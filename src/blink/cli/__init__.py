@@ -1,0 +1,154 @@
+"""The `blink` command: the only place that reads flags and the environment, and wires the parts together
+(this package: the parser and main here, serve and worker in run.py, keys in keys.py).
+
+blink serve       gateway + in-memory bus + one pre-warmed replica, in one process (--redis: on Redis Streams)
+blink worker      a replica alone, serving the gateways of a Redis bus (--redis)
+blink prepare     convert the model (and the embedding model) once into the cache (serve does this when needed)
+blink models      list the models this installation can serve
+blink cache-eval  measure the semantic cache on a labelled pair file
+blink bench       drive a running server with simulated interactive users; report latencies (ws or sse)
+blink keys        add, list and revoke API keys (each names a tenant and its limits) in a keys file
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from blink import __version__
+from blink.cli.keys import add_keys_parser, keys_command
+from blink.cli.run import _bad_redis_url, _redis_config, serve, worker
+from blink.config import (
+    BenchConfig,
+    CacheConfig,
+    EngineConfig,
+    GatewayConfig,
+    HelpAll,
+    ModelConfig,
+    RedisConfig,
+    ServeConfig,
+    add_flags,
+    from_flags,
+)
+
+__all__ = ["_redis_config", "build_parser", "main"]
+
+log = logging.getLogger("blink")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blink", description="Real-time LLM serving.")
+    parser.add_argument("--version", action="version", version=f"blink {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the model over WebSocket (/v1/realtime) and OpenAI-compatible HTTP",
+        description="Start the gateway, the in-memory event bus and one pre-warmed replica in this process "
+        "(with --redis: the bus is Redis Streams, which `blink worker` processes join; --no-local-replica leaves "
+        "this process a gateway only). /readyz answers 200 once a replica has loaded and warmed its model.",
+    )
+    for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig):
+        add_flags(serve, cls)
+    serve.add_argument("--help-all", action=HelpAll)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    worker = sub.add_parser(
+        "worker",
+        help="run a replica that serves the gateways of a Redis bus (blink serve --redis)",
+        description="Load and warm the model, then join the model's pool on the Redis bus: take requests, stream "
+        "tokens back, send heartbeats. SIGTERM or SIGINT stops it: it takes no new requests, finishes those it "
+        "holds for up to --drain-timeout-s, and hands the rest back to the other workers, which continue them.",
+    )
+    for cls in (ModelConfig, EngineConfig, RedisConfig):
+        add_flags(worker, cls, skip=("local_replica",))
+    worker.add_argument("--help-all", action=HelpAll)
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    prepare = sub.add_parser(
+        "prepare", help="prepare a model into the cache (dequantize once, load fast after), and the embedding model"
+    )
+    add_flags(prepare, ModelConfig)
+
+    evaluate = sub.add_parser(
+        "cache-eval",
+        help="measure the semantic cache on a labelled pair file",
+        description="For each line {a, b, label} of PAIRS (JSON Lines; label 1: b may be answered with a's answer, "
+        "0: it may not), store a in a scope of its own, then look up b. Prints the hit rate on positives, the "
+        "false-hit rate on negatives, the precision of hits and lookup latency percentiles (embedding included).",
+    )
+    evaluate.add_argument("pairs", type=Path, metavar="PAIRS", help="JSON Lines file of {a, b, label}")
+    evaluate.add_argument("--cache-dir", type=Path, default=ModelConfig().cache_dir, help="where the embedder is kept")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    for cls in (CacheConfig, RedisConfig):
+        add_flags(evaluate, cls, skip=("semantic_cache", "cache_turns", "cache_max_entries", "local_replica"))
+
+    sub.add_parser("models", help="list the models this installation can serve")
+
+    add_keys_parser(sub)
+
+    bench = sub.add_parser(
+        "bench",
+        help="load-test a running blink (ws) or any OpenAI-compatible server (sse); write a latency report",
+        description="Simulated users type (input_text.draft), open documents, submit, sometimes interrupt; they "
+        "arrive from a trace, at a Poisson rate, or as a closed-loop concurrency ramp. Prints TTFT, inter-token "
+        "latency, tokens/s and errors, and writes NAME.md, NAME.html (plots) and NAME.json into --out. With --url2, "
+        "the second server gets the same sessions after the first, and the report puts them side by side.",
+    )
+    add_flags(bench, BenchConfig)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # numpy's BLAS must not start a thread pool of its own: on a loaded machine a cache search (one matrix-vector
+    # product) took 5-8 ms with OpenBLAS threads against 0.7 ms on one thread. Set before numpy is imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        from blink.models import registry
+
+        for name in registry.names():
+            print(name)
+        return 0
+    if args.command == "prepare":
+        from blink.models import loader, registry
+        from blink.semantic_cache.embedder import onnx_files
+
+        cfg = from_flags(ModelConfig, args)
+        print(loader.prepare(registry.get(cfg.model), cfg.cache_dir))
+        print(onnx_files(cfg.cache_dir, int8=True)[0].parent)  # the fp32 export and its int8 form
+        return 0
+    if args.command == "cache-eval":
+        from blink.semantic_cache.evaluate import run
+
+        cache, redis = from_flags(CacheConfig, args), _redis_config(args)
+        problem = _bad_redis_url(redis, cache)
+        if problem is not None:
+            print(f"blink: {problem}", file=sys.stderr)
+            return 2
+        return run(args.pairs, cache, redis, args.cache_dir, args.json)
+    if args.command == "bench":
+        from blink.bench.runner import main as bench
+
+        return bench(from_flags(BenchConfig, args))
+    if args.command == "keys":
+        return keys_command(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "worker":
+        return worker(from_flags(ModelConfig, args), from_flags(EngineConfig, args), _redis_config(args))
+    gateway = from_flags(GatewayConfig, args)
+    if not gateway.api_keys and os.environ.get("BLINK_API_KEYS"):
+        gateway = dataclasses.replace(gateway, api_keys=os.environ["BLINK_API_KEYS"])
+    config = ServeConfig(
+        model=from_flags(ModelConfig, args),
+        engine=from_flags(EngineConfig, args),
+        gateway=gateway,
+        cache=from_flags(CacheConfig, args),
+        redis=_redis_config(args),
+    )
+    return serve(config, log_level=args.log_level)

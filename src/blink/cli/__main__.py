@@ -1,0 +1,5 @@
+import sys
+
+from blink.cli import main
+
+sys.exit(main())
