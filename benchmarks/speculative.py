@@ -37,7 +37,8 @@ from blink.config import EngineConfig, default_cache_dir
 from blink.engine import kv_cache, sampler, scheduler
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams, Sequence
-from blink.engine.speculative import AdaptiveSpeculation, DraftModelProposer, NgramProposer, Proposer, StepCost
+from blink.engine.speculation import AdaptiveSpeculation, StepCost
+from blink.engine.speculative import DraftModelProposer, NgramProposer, Proposer
 from blink.models import loader, quant, registry
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer

@@ -2,7 +2,7 @@
 
     engine.add_request(request_id, prompt_token_ids, params, priority=0, deadline=None, prefill_only=False,
                        tenant=None)
-    outputs = engine.step()      # schedule -> run -> postprocess: a token for each sequence that got one,
+    outputs = engine.step()      # schedule -> propose -> run -> commit: a token for each sequence that got one,
                                  # and a final output for each that expired
     engine.abort(request_id)     # frees the sequence (and its KV blocks) before the next step
 
@@ -25,27 +25,13 @@ import torch
 from blink.config import EngineConfig, resolve_threads
 from blink.engine.errors import ContextTooLong, RequestRejected
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import DECODE_KEY_QUANTUM, ModelRunner, PagedKVCache, StepInterrupted, key_span
+from blink.engine.runner import ModelRunner, PagedKVCache, StepInterrupted, key_span
 from blink.engine.sampler import Proposal
 from blink.engine.scheduler import ScheduledBatch, Scheduler
-from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence
-from blink.engine.speculative import AdaptiveSpeculation, Proposer, StepCost
+from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence, StepOutput
+from blink.engine.speculation import AdaptiveSpeculation, StepCost, measure_step_cost
+from blink.engine.speculative import Proposer
 from blink.models.llama import LlamaModel
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    request_id: str
-    token_id: int | None  # None: finished without a new token (expired)
-    finished: bool
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens served from the prefix cache
-    queue_s: float  # arrival -> first scheduled
-    prefill_s: float  # first scheduled -> first token
-    spec_proposed: int = 0  # speculative decoding: guesses proposed for this request so far, and accepted
-    spec_accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -332,47 +318,16 @@ class LLMEngine:
         return proposals if any(proposals) else None
 
     def measure_step_cost(self) -> dict[str, float]:
-        """Time decode-only forwards over a grid of sequence counts, rows per sequence (1 to speculative_tokens + 1)
-        and key spans on this machine, for the speculation policy (the replica calls this while warming up; real
-        steps refine it). Needs an idle engine. Returns {"<seqs>x<rows>@<keys>": seconds}."""
+        """Time decode-only forwards on this machine for the speculation policy (speculation.measure_step_cost);
+        the replica calls this while warming up, on an idle engine. Returns {"<seqs>x<rows>@<keys>": seconds}."""
         if self.speculation.max_tokens < 1:
             return {}
-        assert not self.has_work(), "measure on an idle engine"
-        per_seq = self.speculation.max_tokens + 1
+        assert not self.has_work() and self.proposer is not None, "measure on an idle engine with a proposer"
         most = self.config.max_num_seqs
-        counts = sorted({1, max(1, most // 4), most})
-        sizes = [(b, b * r, 1) for b in counts for r in sorted({1, 2, per_seq})]
-        if self.max_model_len > DECODE_KEY_QUANTUM + per_seq:  # and the next span, where attention costs more
-            sizes += [(b, b * r, 2) for b in sorted({1, most}) for r in (1, 2)]
-
-        def context(span: int) -> int:
-            return (span - 1) * DECODE_KEY_QUANTUM + 100
-
-        # only what the KV pool holds (a small --kv-cache-mb): StepCost estimates the rest from these
-        sizes = [
-            (b, r, span)
-            for b, r, span in sizes
-            if b * self.blocks.blocks_for(context(span) + r // b) <= self.blocks.num_free_blocks
-        ]
-
-        def run(count: int, rows: int, span: int) -> None:
-            length = context(span)
-            seqs = [Sequence(f"measure-{j}", [0] * length, SamplingParams(), [0]) for j in range(count)]
-            guesses = [[0] * (rows // count - 1)] * count
-            try:
-                for seq, g in zip(seqs, guesses, strict=True):
-                    seq.num_computed = length
-                    if not self.blocks.allocate(seq.request_id, length + 1 + len(g)):
-                        raise RuntimeError("the KV pool is too small to measure step costs")
-                tables = [self.blocks.table(s.request_id) for s in seqs]
-                self.runner.forward(ScheduledBatch(seqs, [1] * count), tables, guesses)
-            finally:
-                for seq in seqs:
-                    self.blocks.free(seq.request_id)
-
-        self.step_cost.measure(sizes, run)
-        assert self.proposer is not None
-        self.proposer.measure(counts, 100)
+        measure_step_cost(
+            self.runner, self.blocks, self.step_cost, self.speculation.max_tokens, most, self.max_model_len
+        )
+        self.proposer.measure(sorted({1, max(1, most // 4), most}), 100)
         return self.step_cost.snapshot()
 
     def _expired(self, seq: Sequence) -> StepOutput:

@@ -108,3 +108,18 @@ class Sequence:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    token_id: int | None  # None: finished without a new token (expired)
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache
+    queue_s: float  # arrival -> first scheduled
+    prefill_s: float  # first scheduled -> first token
+    spec_proposed: int = 0  # speculative decoding: guesses proposed for this request so far, and accepted
+    spec_accepted: int = 0

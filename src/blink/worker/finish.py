@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blink.bus.messages import GenerateRequest
-from blink.engine.llm_engine import StepOutput
+from blink.engine.sequence import StepOutput
 from blink.telemetry import tracing
 from blink.worker.output import TextOutput
 

@@ -28,7 +28,8 @@ from typing import TypeVar
 from blink.bus.base import Bus
 from blink.bus.messages import Cancel, Finished, FinishStatus, GenerateRequest, ReplicaState, WorkMessage
 from blink.config import EngineConfig, ModelConfig
-from blink.engine.llm_engine import LLMEngine, StepOutput
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import StepOutput
 from blink.models.tokenizer import Tokenizer
 from blink.worker import loading
 from blink.worker.load import LoadEstimator

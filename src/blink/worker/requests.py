@@ -16,8 +16,7 @@ from blink.bus.base import Bus
 from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, TokenEvent
 from blink.config import EngineConfig
 from blink.engine.errors import ContextTooLong, RequestRejected
-from blink.engine.llm_engine import StepOutput
-from blink.engine.sequence import FinishReason, SamplingParams
+from blink.engine.sequence import FinishReason, SamplingParams, StepOutput
 from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
 from blink.telemetry import tracing
 from blink.worker.finish import Active, timings, trace

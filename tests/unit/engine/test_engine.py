@@ -8,8 +8,8 @@ import pytest
 
 from blink.config import EngineConfig
 from blink.engine.errors import ContextTooLong, RequestRejected
-from blink.engine.llm_engine import LLMEngine, StepOutput
-from blink.engine.sequence import FinishReason, SamplingParams
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import FinishReason, SamplingParams, StepOutput
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 

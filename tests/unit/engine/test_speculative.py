@@ -11,13 +11,8 @@ from blink.engine.llm_engine import LLMEngine
 from blink.engine.sampler import Proposal, verify
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import SamplingParams, Sequence
-from blink.engine.speculative import (
-    AdaptiveSpeculation,
-    DraftModelProposer,
-    NgramProposer,
-    StepCost,
-    ngram_lookup,
-)
+from blink.engine.speculation import AdaptiveSpeculation, StepCost
+from blink.engine.speculative import DraftModelProposer, NgramProposer, ngram_lookup
 from blink.models import quant
 from blink.models.llama import CausalAttention, LlamaConfig, LlamaModel
 

@@ -7,7 +7,8 @@ import pytest
 from blink.config import EngineConfig
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
-from blink.engine.speculative import DraftModelProposer, NgramProposer, StepCost
+from blink.engine.speculation import StepCost
+from blink.engine.speculative import DraftModelProposer, NgramProposer
 from blink.models import loader, quant
 
 CODE = """def mean(values):

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from blink.engine.llm_engine import LLMEngine, StepOutput
-from blink.engine.sequence import SamplingParams
+from blink.engine.llm_engine import LLMEngine
+from blink.engine.sequence import SamplingParams, StepOutput
 from blink.engine.speculative import NgramProposer
 from tests.unit.engine.test_engine import no_blocks_held, run_all, small_engine
 
