@@ -119,14 +119,8 @@ class RedisBus:
         # publish and cancel are idempotent and go through `_sent_again` instead, which sends once more on a new
         # connection when a restarted Redis had closed the one they got from the pool (redis-py does not always
         # notice before handing it out)
-        self.client = client(
-            url,
-            password,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        timeouts = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s}
+        self.client = client(url, password, decode_responses=True, retry=Retry(NoBackoff(), 0), **timeouts)
         blocking = functools.partial(blocking_client, url, password, timeout_s)
         self.blocking = blocking()  # response readers: each holds a connection while it blocks
         self._submit = self.client.register_script(redis_scripts.SUBMIT)

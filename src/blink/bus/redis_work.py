@@ -61,12 +61,8 @@ class WorkReader:
     def __init__(
         self, client: aioredis.Redis, blocking: Connect, keys: Keys, health: Health, timeout_s: float, claimer: Claimer
     ) -> None:
-        self._client = client
-        self._blocking = blocking
-        self._keys = keys
-        self._health = health
-        self._timeout_s = timeout_s
-        self._claimer = claimer
+        self._client, self._blocking, self._keys = client, blocking, keys
+        self._health, self._timeout_s, self._claimer = health, timeout_s, claimer
         self._consumers: dict[str, _Consumer] = {}
         self._taken: dict[str, tuple[str, str]] = {}  # request id -> (stream, entry id) until its Finished
         self.closed = False

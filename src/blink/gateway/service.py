@@ -25,6 +25,7 @@ from blink.bus.base import Bus
 from blink.bus.messages import (
     GenerateRequest,
     ReplicaState,
+    ReplicaStatus,
 )
 from blink.config import GatewayConfig
 from blink.errors import (
@@ -116,24 +117,7 @@ class Gateway:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether this gateway can answer now (a warmed replica, the semantic cache's embedder loaded, not
         shutting down), and what /readyz shows: every replica's heartbeat, the active responses, the cache."""
-        replicas = [
-            {
-                "id": r.replica_id,
-                "model": r.model,
-                "state": r.state.value,
-                "running": r.running,
-                "waiting": r.waiting,
-                "queue_wait_s": r.queue_wait_s,
-                "kv_blocks_in_use": r.kv_blocks_in_use,
-                "kv_blocks_total": r.kv_blocks_total,
-                "background_prefill_tokens": r.background_prefill_tokens,
-                "background_tokens_used": r.background_tokens_used,
-                "interrupted_steps": r.interrupted_steps,
-                "speculative": {"mode": r.speculative, "proposed": r.spec_proposed, "accepted": r.spec_accepted},
-                "heartbeat_at": r.sent,
-            }
-            for r in self.bus.replicas()
-        ]
+        replicas = [_replica_view(r) for r in self.bus.replicas()]
         cache_ready = self.cache is None or self.cache.ready  # its embedder loads beside the model
         ready = bool(self.ready_replicas()) and cache_ready and not self.shutting_down
         return ready, {
@@ -341,3 +325,22 @@ def gateway_of(conn: Any) -> Gateway:
     """The gateway of a request's or WebSocket's app (create_app puts it in `app.state`)."""
     gateway: Gateway = conn.app.state.gateway
     return gateway
+
+
+def _replica_view(r: ReplicaStatus) -> dict[str, Any]:
+    """A replica's heartbeat as /readyz shows it."""
+    return {
+        "id": r.replica_id,
+        "model": r.model,
+        "state": r.state.value,
+        "running": r.running,
+        "waiting": r.waiting,
+        "queue_wait_s": r.queue_wait_s,
+        "kv_blocks_in_use": r.kv_blocks_in_use,
+        "kv_blocks_total": r.kv_blocks_total,
+        "background_prefill_tokens": r.background_prefill_tokens,
+        "background_tokens_used": r.background_tokens_used,
+        "interrupted_steps": r.interrupted_steps,
+        "speculative": {"mode": r.speculative, "proposed": r.spec_proposed, "accepted": r.spec_accepted},
+        "heartbeat_at": r.sent,
+    }
