@@ -80,6 +80,7 @@ def test_a_request_that_ends_with_its_first_token_leaves_its_prompt_for_reuse(mo
     assert outs[-1].cached_tokens == shared // 16 * 16 > 0
 
 
+@pytest.mark.slow  # ~7 s of real-model steps
 def test_chunked_prefill_and_preemption_change_no_greedy_token(
     model_and_tokenizer,  # type: ignore[no-untyped-def]
     prompts: list[list[int]],

@@ -57,6 +57,7 @@ def test_a_declared_shared_system_prompt_is_reused_across_tenants_and_nothing_af
     assert finish(engine, "a2", prompt, "tenant-a").cached_tokens == (len(prompt) - 1) // 16 * 16
 
 
+@pytest.mark.slow  # ~7 s of real-model steps
 def test_a_sequence_preempted_for_another_tenant_gives_the_same_greedy_tokens(model_and_tokenizer) -> None:  # type: ignore[no-untyped-def]
     _, tok = model_and_tokenizer
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

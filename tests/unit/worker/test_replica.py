@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from blink.bus.memory import MemoryBus
 from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, ReplicaState, Sampling, TokenEvent
 from blink.config import EngineConfig, ModelConfig, default_cache_dir
@@ -46,6 +48,7 @@ async def events(bus: MemoryBus, request: GenerateRequest) -> AsyncIterator[obje
         yield event
 
 
+@pytest.mark.slow  # ~8 s of real model each; the fast tier keeps test_bad_requests_fail_cleanly_*
 def test_cancel_frees_the_sequence_within_one_step(model_dir: Path) -> None:
     async def body(bus: MemoryBus, replica: Replica) -> None:
         req = GenerateRequest("a", MODEL, Sampling(max_tokens=500, temperature=0.7, seed=1), prompt="Once upon a time")
@@ -81,6 +84,7 @@ def test_bad_requests_fail_cleanly_and_the_replica_keeps_serving(model_dir: Path
     with_replica(body)
 
 
+@pytest.mark.slow  # ~8 s of real model each; the fast tier keeps test_bad_requests_fail_cleanly_*
 def test_a_cancel_that_overtakes_its_request_still_ends_it(model_dir: Path) -> None:
     async def body(bus: MemoryBus, replica: Replica) -> None:
         req = GenerateRequest("early", MODEL, Sampling(max_tokens=50), prompt="Hi")
@@ -93,6 +97,7 @@ def test_a_cancel_that_overtakes_its_request_still_ends_it(model_dir: Path) -> N
     with_replica(body)
 
 
+@pytest.mark.slow  # ~8 s of real model each; the fast tier keeps test_bad_requests_fail_cleanly_*
 def test_a_request_past_its_deadline_ends_with_deadline_exceeded_and_frees_its_blocks(model_dir: Path) -> None:
     async def body(bus: MemoryBus, replica: Replica) -> None:
         sampling = Sampling(max_tokens=2000, temperature=0, ignore_eos=True)
@@ -108,6 +113,7 @@ def test_a_request_past_its_deadline_ends_with_deadline_exceeded_and_frees_its_b
     with_replica(body)
 
 
+@pytest.mark.slow  # ~8 s of real model each; the fast tier keeps test_bad_requests_fail_cleanly_*
 def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(model_dir: Path) -> None:
     async def body(bus: MemoryBus, replica: Replica) -> None:
         prompt = "The following is a long note about rivers and the towns beside them. " * 8
@@ -122,6 +128,7 @@ def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(model_dir: 
     with_replica(body)
 
 
+@pytest.mark.slow  # ~8 s of real model each; the fast tier keeps test_bad_requests_fail_cleanly_*
 def test_tenants_share_only_the_declared_system_prompt_and_preload_into_their_own_partition(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -154,6 +161,7 @@ def test_tenants_share_only_the_declared_system_prompt_and_preload_into_their_ow
     with_replica(body, shared_prefixes=str(tmp_path / "shared.json"))
 
 
+@pytest.mark.slow  # ~8 s of real model each; the fast tier keeps test_bad_requests_fail_cleanly_*
 def test_a_step_running_when_another_tenants_request_arrives_is_called_off_for_it(model_dir: Path) -> None:
     """Tenant a holds every slot; b's request arrives while a's step is in its first layer (held there until the
     request is in): the replica takes it off the bus during the step and calls the step off, and nobody's tokens
