@@ -71,3 +71,13 @@ def test_a_level_this_cpu_lacks_is_refused_and_no_kernel_means_torch_ops() -> No
     assert q.level == native.best_level()
     with pytest.raises(ValueError, match="not available on this CPU"):
         Int8Linear(nn.Linear(8, 16), level=native.best_level() + 1)(torch.randn(1, 8))
+
+
+def test_torch_takes_prefill_from_the_avx2_kernel_only_when_clearly_faster() -> None:
+    """The timings decide with a margin: noise from another process loading beside this one must not hand prefill
+    to a `_int_mm` that is as slow as the kernel, or 40x slower."""
+    assert native.keeps_avx2(ours=1.4e-3, theirs=55e-3)  # this CPU: _int_mm's slow path
+    assert native.keeps_avx2(ours=1.4e-3, theirs=1.0e-3)  # torch a little faster: not worth the risk
+    assert not native.keeps_avx2(ours=3.0e-3, theirs=1.0e-3)  # torch 3x faster: it takes prefill
+    timings = native._best_of(3, lambda: None, lambda: sum(range(1000)))
+    assert len(timings) == 2 and all(t >= 0 for t in timings)
