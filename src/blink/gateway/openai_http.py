@@ -130,26 +130,31 @@ async def models(request: Request) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
-    started = time.monotonic()
-    resumed = _resume(request, chat=True)
-    if resumed is not None:
-        return resumed
-    gateway = gateway_of(request)
-    body = await read_json(request, gateway.config.max_request_bytes)
-    model, stream, include_usage, sampling = _common(gateway, body)
-    messages = parse_messages(body.get("messages"))
-    req = GenerateRequest(gateway.new_id("chatcmpl"), model, sampling, messages=messages)
-    return await _respond(request, req, body, started, stream, include_usage, chat=True)
+    return await _complete(request, chat=True)
 
 
 async def completions(request: Request) -> Response:
+    return await _complete(request, chat=False)
+
+
+async def _complete(request: Request, *, chat: bool) -> Response:
+    """POST /v1/chat/completions (`chat`) or /v1/completions: a resumed stream, or a new request's answer."""
     started = time.monotonic()
-    resumed = _resume(request, chat=False)
+    resumed = _resume(request, chat=chat)
     if resumed is not None:
         return resumed
     gateway = gateway_of(request)
     body = await read_json(request, gateway.config.max_request_bytes)
     model, stream, include_usage, sampling = _common(gateway, body)
+    if chat:
+        messages = parse_messages(body.get("messages"))
+        req = GenerateRequest(gateway.new_id("chatcmpl"), model, sampling, messages=messages)
+    else:
+        req = GenerateRequest(gateway.new_id("cmpl"), model, sampling, prompt=_prompt(body))
+    return await _respond(request, req, body, started, stream, include_usage, chat=chat)
+
+
+def _prompt(body: dict[str, Any]) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -157,8 +162,7 @@ async def completions(request: Request) -> Response:
         raise InvalidRequest("'prompt' must be a string (one prompt per request)", param="prompt")
     if not prompt:
         raise InvalidRequest("'prompt' is empty", param="prompt")
-    req = GenerateRequest(gateway.new_id("cmpl"), model, sampling, prompt=prompt)
-    return await _respond(request, req, body, started, stream, include_usage, chat=False)
+    return prompt
 
 
 async def _respond(

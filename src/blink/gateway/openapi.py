@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from blink.gateway.service import Gateway
+from blink.gateway.service import gateway_of
 from blink.gateway.validation import MAX_STOP_STRINGS
 
 INT64 = {"type": "integer", "minimum": -(1 << 63), "maximum": (1 << 63) - 1}
@@ -216,6 +216,6 @@ def openapi_document(models: list[str], max_tokens: int, *, documents: bool) -> 
 
 async def openapi_endpoint(request: Request) -> Response:
     """GET /openapi.json, for the app's gateway (its models, and its replicas' context length once one is ready)."""
-    gateway: Gateway = request.app.state.gateway
+    gateway = gateway_of(request)
     max_tokens = gateway.max_model_len(gateway.default_model)
     return JSONResponse(openapi_document(gateway.models, max_tokens, documents=gateway.store is not None))

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from blink.bus.base import Bus
 from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, TokenEvent
 from blink.config import EngineConfig
-from blink.engine.errors import ContextTooLong, RequestRejected
+from blink.engine.errors import ContextTooLong
 from blink.engine.sequence import FinishReason, SamplingParams, StepOutput
 from blink.errors import BlinkError, ContextLengthExceeded, InvalidRequest
 from blink.telemetry import tracing
@@ -79,11 +79,17 @@ class Requests:
         """Queue the request in the engine; what the engine refuses becomes the API's error."""
         s = req.sampling
         try:
-            params = (
-                SamplingParams(max_tokens=1)
-                if req.prefill_only
-                else SamplingParams(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.ignore_eos)
-            )
+            if req.prefill_only:
+                params = SamplingParams(max_tokens=1)
+            else:
+                params = SamplingParams(
+                    max_tokens=s.max_tokens,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    top_k=s.top_k,
+                    seed=s.seed,
+                    ignore_eos=s.ignore_eos,
+                )
             deadline = None if req.deadline is None else time.monotonic() + (req.deadline - time.time())
             self.engine.add_request(
                 req.request_id,
@@ -96,7 +102,7 @@ class Requests:
             )
         except ContextTooLong as exc:
             raise ContextLengthExceeded(str(exc), param=exc.param) from None
-        except (RequestRejected, ValueError) as exc:
+        except ValueError as exc:  # RequestRejected (a ValueError), or SamplingParams' own checks
             raise InvalidRequest(str(exc), param=getattr(exc, "param", None)) from None
 
     async def _replace_preload(self, req: GenerateRequest) -> None:

@@ -38,7 +38,7 @@ from blink.gateway.realtime.events import session_event, stamped
 from blink.gateway.realtime.prompt import Prompter
 from blink.gateway.realtime.responses import Responses
 from blink.gateway.realtime.settings import SessionSettings
-from blink.gateway.service import Gateway
+from blink.gateway.service import Gateway, gateway_of
 from blink.gateway.sessions import SessionRecord
 from blink.gateway.wire import error_event, error_response, ws_api_key
 from blink.preload.planner import PrefillPlanner
@@ -227,5 +227,4 @@ async def refuse(ws: WebSocket, exc: BlinkError) -> None:
 
 
 async def realtime_endpoint(ws: WebSocket) -> None:
-    gateway: Gateway = ws.app.state.gateway
-    await RealtimeSession(ws, gateway).run()
+    await RealtimeSession(ws, gateway_of(ws)).run()
