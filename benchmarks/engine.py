@@ -32,7 +32,7 @@ from benchmarks.common import PROMPTS, machine, transformers_model, write_report
 from blink.config import EngineConfig, default_cache_dir
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
-from blink.models import loader, quant, registry
+from blink.models import loader, quant, source
 from blink.models.llama import CausalAttention, LlamaModel
 from blink.models.tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
 
 
 def load(fmt: str) -> tuple[LlamaModel, Tokenizer]:
-    folder = loader.prepare(registry.get("smollm2-135m-instruct"), default_cache_dir(), progress=False)
+    folder = loader.prepare(source.resolve("smollm2-135m-instruct"), default_cache_dir(), progress=False)
     model, tok = loader.load(folder)
     if fmt != "fp32":
         weights = fmt.removesuffix("-torch")

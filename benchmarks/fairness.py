@@ -30,7 +30,7 @@ from benchmarks.common import PROMPTS, machine, write_report
 from blink.config import EngineConfig, default_cache_dir
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
-from blink.models import loader, quant, registry
+from blink.models import loader, quant, source
 from blink.models.tokenizer import Tokenizer
 
 STREAM = SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=400, help="most steps the baseline round waits")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    folder = loader.prepare(registry.get("smollm2-135m-instruct"), default_cache_dir(), progress=False)
+    folder = loader.prepare(source.resolve("smollm2-135m-instruct"), default_cache_dir(), progress=False)
     model, tok = loader.load(folder)
     quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT), native_kernels=True)
     config = EngineConfig(threads=args.threads)

@@ -39,7 +39,7 @@ from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams, Sequence
 from blink.engine.speculation import AdaptiveSpeculation, StepCost
 from blink.engine.speculative import DraftModelProposer, NgramProposer, Proposer
-from blink.models import loader, quant, registry
+from blink.models import loader, quant, source
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
 
@@ -59,7 +59,7 @@ QWEN_TASKS = [
 
 
 def load(name: str) -> tuple[LlamaModel, Tokenizer]:
-    model, tok = loader.load(loader.prepare(registry.get(name), default_cache_dir(), progress=False))
+    model, tok = loader.load(loader.prepare(source.resolve(name), default_cache_dir(), progress=False))
     return quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT)), tok
 
 

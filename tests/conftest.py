@@ -14,21 +14,26 @@ from tests.redis_server import RedisServer
 MODEL = "smollm2-135m-instruct"
 
 
+OPT_IN = ("qwen", "gemma")  # markers of tests that need an opt-in model (make install-qwen, make install-gemma)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `qwen` need the opt-in pair (make install-qwen): deselected unless the -m expression names qwen."""
-    if "qwen" in (config.getoption("markexpr") or ""):
-        return
-    deselected = [item for item in items if item.get_closest_marker("qwen")]
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("qwen")]
+    """Tests marked `qwen` or `gemma` need an opt-in model: deselected unless the -m expression names the marker."""
+    expression = config.getoption("markexpr") or ""
+    for marker in OPT_IN:
+        if marker in expression:
+            continue
+        deselected = [item for item in items if item.get_closest_marker(marker)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from blink.models import loader, registry
+    from blink.models import loader, source
 
-    return loader.prepare(registry.get(MODEL), default_cache_dir(), progress=False)
+    return loader.prepare(source.resolve(MODEL), default_cache_dir(), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,25 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _help("model to serve (see `blink models`)", "smollm2-135m-instruct")
+    model: str = _help(
+        "model to serve: a name from `blink models`, a .gguf file, or a Hugging Face folder (config.json, "
+        "*.safetensors, tokenizer.json)",
+        "smollm2-135m-instruct",
+    )
+    served_model_name: str = _help(
+        "the name clients give as `model` (and /v1/models lists); gateways and workers of one pool must agree on "
+        "it. Empty: the --model name, the .gguf file's name without .gguf, or the folder's name",
+        "",
+    )
     cache_dir: Path = _help("where prepared models are kept", default_cache_dir())
+
+    def served_name(self) -> str:
+        """The name clients use (requests' `model`, /v1/models, the replicas' pool on the bus): --served-model-name,
+        else the name `models.source.resolve(model)` gives, from the text alone (no file is read)."""
+        if self.served_model_name:
+            return self.served_model_name
+        name = Path(os.path.abspath(os.path.expanduser(self.model))).name
+        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 @dataclass(frozen=True)

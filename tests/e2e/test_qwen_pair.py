@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blink.config import default_cache_dir
-from blink.models import loader, registry
+from blink.models import loader, source
 from blink.models.llama import CausalAttention
 from blink.models.tokenizer import Tokenizer
 
@@ -21,20 +21,20 @@ DRAFT, TARGET = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 
 
 def prepared(name: str) -> Path:
-    return loader.prepare(registry.get(name), default_cache_dir(), progress=False)
+    return loader.prepare(source.resolve(name), default_cache_dir(), progress=False)
 
 
 def test_draft_and_target_share_one_vocabulary() -> None:
-    draft, target = (Tokenizer.from_json((prepared(n) / "tokenizer.json").read_text()) for n in (DRAFT, TARGET))
-    assert draft.id_to_token == target.id_to_token
+    draft, target = (Tokenizer.from_folder(prepared(n)) for n in (DRAFT, TARGET))
+    assert draft.tokens == target.tokens
     assert draft.special_ids == target.special_ids
     assert draft.stop_token_ids == target.stop_token_ids
     assert {draft.token_id("<|im_end|>"), draft.token_id("<|endoftext|>")} <= draft.stop_token_ids
     chat = [{"role": "user", "content": "Reverse a list in Python."}]
     assert draft.apply_chat_template(chat) == target.apply_chat_template(chat)
     # the embedding tables have as many rows as tokens (GGUF pads the vocabulary to 151936 with [PAD] tokens)
-    rows = {json.loads((prepared(n) / "config.json").read_text())["vocab_size"] for n in (DRAFT, TARGET)}
-    assert rows == {len(draft.id_to_token)}
+    rows = {json.loads((prepared(n) / loader.BLINK_CONFIG).read_text())["vocab_size"] for n in (DRAFT, TARGET)}
+    assert rows == {draft.vocab_size}
 
 
 @torch.inference_mode()

@@ -55,7 +55,45 @@ def test_models_lists_the_default(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model", "nope"]) == 2
-    assert "unknown model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("blink: model 'nope' is neither a bundled model (smollm2-135m-instruct")
+    assert err.endswith("nor a .gguf file or a model folder\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("missing.gguf", "no such file or folder"),
+        ("weights.bin", "a model file must be a .gguf"),
+        ("folder", "a model folder needs config.json"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "worker", "prepare"])
+def test_a_model_path_that_cannot_be_served_is_one_line_and_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, path: str, message: str
+) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    (tmp_path / "folder").mkdir()
+    redis = ["--redis", "redis://127.0.0.1:1"] if command == "worker" else []  # checked, never reached
+    assert main([command, "--model", str(tmp_path / path), *redis]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blink: model {str(tmp_path / path)!r}") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "prepare"])
+def test_served_model_name_is_a_model_flag(command: str) -> None:
+    from blink.config import from_flags
+
+    named = from_flags(ModelConfig, build_parser().parse_args([command, "--served-model-name", "my-llama"]))
+    assert named.served_model_name == "my-llama" and named.served_name() == "my-llama"
+    derived = from_flags(ModelConfig, build_parser().parse_args([command, "--model", "/models/Phi-3-mini.Q4_0.gguf"]))
+    assert derived.served_model_name == "" and derived.served_name() == "Phi-3-mini.Q4_0"
+
+
+def test_models_help_says_model_also_takes_a_path(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["models", "--help"])
+    assert "a .gguf file, or a Hugging Face model folder" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,9 @@ class ReplicaStatus:
     spec_accepted: int = 0
     queue_wait_s: float = 0.0  # estimated wait for a new live request's first token (worker/load.py)
     prefixes: tuple[str, ...] = ()  # affinity keys of requests whose prompt's first blocks it holds in its cache
+    architecture: str = ""  # the model's family (llama, qwen2, qwen3, gemma3, phi3)
+    weights_mib: float = 0.0  # the model's weights (and buffers) in memory, in their serving format
+    kv_cache_mib: float = 0.0  # the paged KV cache's size (--kv-cache-mb, rounded down to whole blocks)
     sent: float = field(default_factory=time.time)
     v: int = VERSION
 

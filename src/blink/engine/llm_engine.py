@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from blink.config import EngineConfig, resolve_threads
+from blink.engine.attention import PagedKVCache, StepInterrupted, key_span
 from blink.engine.errors import ContextTooLong, RequestRejected
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import ModelRunner, PagedKVCache, StepInterrupted, key_span
+from blink.engine.runner import ModelRunner
 from blink.engine.sampler import Proposal
 from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence, StepOutput
@@ -56,7 +57,7 @@ class LLMEngine:
         (operator-declared; all other blocks are partitioned per tenant, see kv_cache.py)."""
         torch.set_num_threads(resolve_threads(config.threads))
         self.config = config
-        self.max_model_len = min(config.max_model_len, model.config.max_position_embeddings)
+        self.max_model_len = min(config.max_model_len, model.positions)
         self.vocab_size = model.config.vocab_size
         self.stop_token_ids = stop_token_ids
         dtype = model.embed_tokens.weight.dtype
@@ -68,6 +69,9 @@ class LLMEngine:
                 f"sequence of --max-model-len {self.max_model_len}; raise it to at least "
                 f"{-(-self.max_model_len // config.block_size) * per_block // 2**20 + 1}"
             )
+        self.architecture = model.config.architecture
+        self.weights_bytes = model.weight_bytes()
+        self.kv_cache_bytes = num_blocks * per_block
         self.blocks = BlockManager(
             num_blocks, config.block_size, prefix_caching=config.prefix_caching, shared_prefixes=shared_prefixes
         )

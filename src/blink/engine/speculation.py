@@ -9,8 +9,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 
+from blink.engine.attention import DECODE_KEY_QUANTUM
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import DECODE_KEY_QUANTUM, ModelRunner
+from blink.engine.runner import ModelRunner
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import SamplingParams, Sequence
 

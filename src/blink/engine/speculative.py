@@ -32,8 +32,9 @@ from typing import Protocol
 import torch
 
 from blink.config import EngineConfig
+from blink.engine.attention import PagedKVCache
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import ModelRunner, PagedKVCache
+from blink.engine.runner import ModelRunner
 from blink.engine.sampler import Proposal, draw, probabilities
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import SamplingParams, Sequence

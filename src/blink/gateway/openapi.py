@@ -41,8 +41,7 @@ def _responses(ok: str, *errors: int, stream: bool = False) -> dict[str, Any]:
 
 def _sampling(max_tokens: int) -> dict[str, Any]:
     count = {"type": "integer", "minimum": 1, "maximum": max_tokens}
-    return {
-        "model": _ref("Model"),
+    optional = {
         "max_tokens": count,
         "max_completion_tokens": count,
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
@@ -61,6 +60,8 @@ def _sampling(max_tokens: int) -> dict[str, Any]:
         "ignore_eos": {"type": "boolean", "description": "blink: generate max_tokens whatever the model says"},
         "cache": {"type": "boolean", "description": "blink: may the semantic cache answer (default true)"},
     }
+    # as in OpenAI's API, an optional field given as null is as if absent (its default)
+    return {"model": _ref("Model"), **{k: {"anyOf": [v, {"type": "null"}]} for k, v in optional.items()}}
 
 
 def _message() -> dict[str, Any]:

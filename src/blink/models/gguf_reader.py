@@ -1,4 +1,4 @@
-"""Read a GGUF file into Hugging Face-named float32 tensors, a model config and tokenizer metadata.
+"""Read a GGUF file into Hugging Face-named float32 tensors, its family and config, and its metadata.
 
 llama.cpp's converter permutes the rows of q_proj/k_proj so its interleaved rotary embedding matches the
 reference model; we undo that here, so the prepared weights are laid out as in the original checkpoint and
@@ -7,26 +7,15 @@ reference model; we undo that here, so the prepared weights are laid out as in t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    model: str  # "gpt2" (byte-level BPE)
-    pre: str  # pre-tokenizer name as llama.cpp spells it ("smollm", "qwen2", ...)
-    tokens: list[str]
-    token_types: list[int]  # 1 normal, 3 control, 4 user-defined, 6 byte
-    merges: list[str]
-    bos_token_id: int | None
-    eos_token_id: int
-    chat_template: str
-    add_bos_token: bool
-
+from blink.models.families import UnsupportedModel, family_for_gguf
+from blink.models.llama import LlamaConfig
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -39,6 +28,7 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -47,7 +37,8 @@ _GLOBAL_NAMES = {
 
 
 class GGUFModel:
-    """An opened GGUF file. `config`, `tokenizer` are read at once; `tensors()` dequantizes lazily."""
+    """An opened GGUF file (memory-mapped): `family` and `config` are read at once, `fields()` on demand (the
+    tokenizer's metadata among them); `tensors()` dequantizes one tensor at a time."""
 
     def __init__(self, path: Path) -> None:
         import gguf
@@ -55,79 +46,99 @@ class GGUFModel:
         self.path = path
         self._gguf = gguf
         self._reader = gguf.GGUFReader(str(path))
-        self.arch = str(self._field("general.architecture"))
-        if self.arch not in ("llama", "qwen2"):
-            raise ValueError(f"{path.name}: architecture {self.arch!r} is not supported (llama, qwen2)")
-        self.config = self._read_config()
-        self.tokenizer = self._read_tokenizer()
+        meta = {"general.architecture": self._field("general.architecture")}
+        arch = str(meta["general.architecture"])
+        for key in self._reader.fields:
+            if key.startswith(f"{arch}.") or key == "tokenizer.ggml.tokens":
+                meta[key] = self._field(key)
+        self._extra = {t.name: t for t in self._reader.tensors if t.name in _ROPE_TENSORS}
+        names = {t.name for t in self._reader.tensors}
+        try:
+            self.family, config = family_for_gguf(meta, names)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"{path.name}: {e}") from None
+        self.arch = arch
+        self.config = dataclasses.replace(config, **self._rope_tensors(config))
 
     def _field(self, key: str, default: Any = None) -> Any:
         f = self._reader.fields.get(key)
         return default if f is None else f.contents()
 
-    def _read_config(self) -> dict[str, Any]:
-        a = self.arch
-        n_heads = int(self._field(f"{a}.attention.head_count"))
-        hidden = int(self._field(f"{a}.embedding_length"))
-        names = {t.name for t in self._reader.tensors}
-        vocab = self._field(f"{a}.vocab_size") or len(self._field("tokenizer.ggml.tokens"))
-        return {
-            "architecture": a,
-            "vocab_size": int(vocab),
-            "hidden_size": hidden,
-            "intermediate_size": int(self._field(f"{a}.feed_forward_length")),
-            "num_hidden_layers": int(self._field(f"{a}.block_count")),
-            "num_attention_heads": n_heads,
-            "num_key_value_heads": int(self._field(f"{a}.attention.head_count_kv", n_heads)),
-            "head_dim": int(self._field(f"{a}.rope.dimension_count", hidden // n_heads)),
-            "rms_norm_eps": float(self._field(f"{a}.attention.layer_norm_rms_epsilon")),
-            "rope_theta": float(self._field(f"{a}.rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(self._field(f"{a}.context_length")),
-            "tie_word_embeddings": "output.weight" not in names,
-            "attention_bias": "blk.0.attn_q.bias" in names,
-        }
+    def fields(self) -> dict[str, Any]:
+        """All the file's metadata (not its header's counts, nor the tensors) as plain values: strings, numbers,
+        booleans, and lists of them for arrays. The tokenizer's keys feed `gguf_tokenizer.hf_files`."""
+        return {key: field.contents() for key, field in self._reader.fields.items() if not key.startswith("GGUF.")}
 
-    def _read_tokenizer(self) -> TokenizerInfo:
-        model = str(self._field("tokenizer.ggml.model"))
-        if model != "gpt2":
-            raise ValueError(f"{self.path.name}: tokenizer {model!r} is not supported (byte-level BPE 'gpt2')")
-        bos = self._field("tokenizer.ggml.bos_token_id")
-        return TokenizerInfo(
-            model=model,
-            pre=str(self._field("tokenizer.ggml.pre", "default")),
-            tokens=list(self._field("tokenizer.ggml.tokens")),
-            token_types=[int(t) for t in self._field("tokenizer.ggml.token_type")],
-            merges=list(self._field("tokenizer.ggml.merges")),
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_id=int(self._field("tokenizer.ggml.eos_token_id")),
-            chat_template=str(self._field("tokenizer.chat_template", "")),
-            add_bos_token=bool(self._field("tokenizer.ggml.add_bos_token", False)),
-        )
+    def _rope_tensors(self, config: LlamaConfig) -> dict[str, Any]:
+        """Rotary scaling a GGUF stores as tensors: Llama 3's divisors per frequency, Phi-3's LongRoPE factors."""
+
+        def values(name: str) -> list[float]:
+            t = self._extra[name]
+            return [float(v) for v in self._gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)]
+
+        if "rope_freqs.weight" in self._extra:
+            return {"rope_freq_factors": values("rope_freqs.weight")}
+        if "rope_factors_short.weight" in self._extra:
+            arch = self.arch
+            original = int(self._field(f"{arch}.rope.scaling.original_context_length") or 0)
+            rope = {
+                **config.rope,
+                "rope_type": "longrope",
+                "short_factor": values("rope_factors_short.weight"),
+                "long_factor": values("rope_factors_long.weight"),
+                "original_max_position_embeddings": original or config.max_position_embeddings,
+                "factor": config.max_position_embeddings / (original or config.max_position_embeddings),
+            }
+            if self._field(f"{arch}.rope.scaling.attn_factor") is not None:
+                rope["attention_factor"] = float(self._field(f"{arch}.rope.scaling.attn_factor"))
+            return {"rope": rope}
+        return {}
+
+    def weight_types(self) -> dict[str, int]:
+        """How many weight tensors of each GGML type (F32, Q4_K, ...) the file holds."""
+        counts: dict[str, int] = {}
+        for t in self._reader.tensors:
+            if t.name not in _ROPE_TENSORS:
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return counts
+
+    def parameters(self) -> int:
+        return sum(int(t.n_elements) for t in self._reader.tensors if t.name not in _ROPE_TENSORS)
 
     def __len__(self) -> int:
-        return len(self._reader.tensors)
+        return len(self._reader.tensors) - len(self._extra)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight's Hugging Face name and shape, in the order `tensors()` yields them."""
+        return {
+            self._hf_name(t.name): tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dims innermost first
+            for t in self._reader.tensors
+            if t.name not in _ROPE_TENSORS
+        }
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (hf_name, float32 array) for every tensor, dequantized and with q/k rows un-permuted."""
+        """Yield (hf_name, float32 array) for every weight, dequantized and with q/k rows un-permuted."""
         cfg = self.config
         for t in self._reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dims innermost first
-            data = self._gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+            if t.name in _ROPE_TENSORS:
+                continue
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            data = self._gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
             name = self._hf_name(t.name)
-            if self.arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-                data = _unpermute(data, cfg["num_attention_heads"])
-            elif self.arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-                data = _unpermute(data, cfg["num_key_value_heads"])
+            if self.family.gguf_permuted_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+                data = _unpermute(data, cfg.num_attention_heads)
+            elif self.family.gguf_permuted_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+                data = _unpermute(data, cfg.num_key_value_heads)
             yield name, data
 
-    @staticmethod
-    def _hf_name(name: str) -> str:
+    def _hf_name(self, name: str) -> str:
         if name in _GLOBAL_NAMES:
             return _GLOBAL_NAMES[name]
         blk, index, part, kind = name.split(".")
-        if blk != "blk" or part not in _LAYER_NAMES:
-            raise ValueError(f"unexpected tensor {name!r}")
-        return f"model.layers.{index}.{_LAYER_NAMES[part]}.{kind}"
+        module = self.family.gguf_layer_names.get(part) or _LAYER_NAMES.get(part)
+        if blk != "blk" or module is None:
+            raise UnsupportedModel(f"{self.path.name}: unexpected tensor {name!r} for a {self.family.name} model")
+        return f"model.layers.{index}.{module}.{kind}"
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

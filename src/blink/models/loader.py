@@ -1,55 +1,90 @@
 """Prepare a model once into the cache directory, then load it fast.
 
-    prepare(spec, cache_dir) -> folder with model.safetensors, config.json, tokenizer.json
+    prepare(source, cache_dir) -> a folder: a GGUF's prepared one, or a Hugging Face folder as it is
+    load(folder, context=N)    -> (model, tokenizer)
 
-Preparing dequantizes the GGUF (with a progress bar) and takes seconds; a prepared folder is keyed by the
-GGUF's name and size and the format version, and written atomically, so a crash never leaves a half folder.
+A GGUF is prepared once: its tensors dequantized into fp32 safetensors (with a progress bar), its configuration
+into `blink-config.json`, its tokenizer into Hugging Face's files (gguf_tokenizer.py). The prepared folder is
+keyed by the file's sha256 (computed once per file, size and mtime) and the format version, written tensor by
+tensor (never the whole model in memory) into a temporary folder renamed when complete, so a crash never leaves
+a half folder and several processes may race. A Hugging Face folder (config.json, *.safetensors, tokenizer.json)
+is read in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from tqdm import tqdm
 
+from blink.models import families, gguf_tokenizer
+from blink.models.families import Family, UnsupportedModel
 from blink.models.gguf_reader import GGUFModel
 from blink.models.llama import LlamaConfig, LlamaModel
-from blink.models.registry import ModelSpec
+from blink.models.source import ModelSource
 from blink.models.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BLINK_CONFIG = "blink-config.json"  # a prepared GGUF's LlamaConfig (a Hugging Face folder has config.json)
+_CHUNK = 8 << 20
 
 
-def prepared_dir(spec: ModelSpec, cache_dir: Path) -> Path:
-    gguf_path = spec.locate(cache_dir)  # a split model's parts are assembled into cache_dir first
-    key = f"{gguf_path.stem}-{gguf_path.stat().st_size}-v{FORMAT_VERSION}"
-    return cache_dir / "models" / spec.name / key
+def content_hash(path: Path, cache_dir: Path) -> str:
+    """sha256 of the file at `path`, remembered in the cache by (path, size, mtime): hashed once per file."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_dir / "hashes" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(digest.hexdigest())
+    os.replace(tmp, memo)
+    return digest.hexdigest()
 
 
-def prepare(spec: ModelSpec, cache_dir: Path, *, progress: bool = True) -> Path:
-    """Return the prepared folder for `spec`, creating it if needed. Safe to call from several processes."""
-    target = prepared_dir(spec, cache_dir)
-    if (target / "config.json").is_file():
+def prepared_dir(source: ModelSource, cache_dir: Path) -> Path:
+    """Where `source` is (or will be) prepared; a folder source is its own."""
+    located = source.locate(cache_dir)  # a split bundled model's parts are assembled into cache_dir first
+    if source.kind == "folder":
+        return located
+    digest = source.spec.sha256 if source.spec is not None and source.spec.sha256 else content_hash(located, cache_dir)
+    return cache_dir / "models" / f"{digest[:20]}-v{FORMAT_VERSION}"
+
+
+def prepare(source: ModelSource, cache_dir: Path, *, progress: bool = True) -> Path:
+    """Return the prepared folder for `source`, creating it if needed. Safe to call from several processes.
+    Raises UnsupportedModel for a model blink cannot serve."""
+    target = prepared_dir(source, cache_dir)
+    if source.kind == "folder" or (target / BLINK_CONFIG).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    gguf = GGUFModel(spec.locate(cache_dir))
+    gguf = GGUFModel(source.locate(cache_dir))
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".prepare-"))
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        bar = tqdm(gguf.tensors(), total=len(gguf), desc=f"preparing {spec.name}", unit="tensor", disable=not progress)
-        for name, array in bar:
-            tensors[name] = torch.from_numpy(array).contiguous()
-        save_file(tensors, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(gguf.config, indent=1))
-        (tmp / "tokenizer.json").write_text(json.dumps(asdict(gguf.tokenizer)))
+        bar = tqdm(
+            gguf.tensors(), total=len(gguf), desc=f"preparing {source.name}", unit="tensor", disable=not progress
+        )
+        _write_safetensors(tmp / "model.safetensors", gguf.shapes(), bar)
+        for name, text in gguf_tokenizer.hf_files(gguf.fields()).items():
+            (tmp / name).write_text(text)
+        (tmp / BLINK_CONFIG).write_text(json.dumps(asdict(gguf.config), indent=1))
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its folder is as good as ours
@@ -60,15 +95,63 @@ def prepare(spec: ModelSpec, cache_dir: Path, *, progress: bool = True) -> Path:
     return target
 
 
-def load(folder: Path, *, dtype: torch.dtype = torch.float32) -> tuple[LlamaModel, Tokenizer]:
-    """Load a prepared folder into an eval-mode model and its tokenizer."""
-    raw: dict[str, Any] = json.loads((folder / "config.json").read_text())
-    config = LlamaConfig.from_dict(raw)
+def _write_safetensors(
+    path: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterator[tuple[str, np.ndarray]]
+) -> None:
+    """A safetensors file of fp32 tensors written one at a time: the header from the shapes known in advance,
+    then each tensor's bytes as it arrives (in the order of `shapes`)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for (name, array), expected in zip(tensors, shapes, strict=True):
+            assert name == expected and array.dtype == np.float32, (name, expected, array.dtype)
+            f.write(np.ascontiguousarray(array).data)  # the array's own bytes, no copy
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_config(folder: Path) -> tuple[Family, LlamaConfig]:
+    """The family and config of a prepared folder or a Hugging Face folder."""
+    if (folder / BLINK_CONFIG).is_file():
+        config = LlamaConfig.from_dict(json.loads((folder / BLINK_CONFIG).read_text()))
+        return families.by_name(config.architecture), config
+    return families.family_for_hf(json.loads((folder / "config.json").read_text()))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModel(f"{folder}: no *.safetensors weights (blink reads safetensors, not .bin or .pt)")
+    return files
+
+
+def load(
+    folder: Path, *, context: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[LlamaModel, Tokenizer]:
+    """Load a prepared or Hugging Face folder into an eval-mode model and its tokenizer; the rotary tables cover
+    `context` positions (default: all the model's)."""
+    family, config = read_config(folder)
     with torch.device("meta"):  # no random initialisation, no second copy of the weights (1.5B: 17 -> ~7 GB peak)
-        model = LlamaModel(config)
-    state = load_file(str(folder / "model.safetensors"))
-    model.load_checkpoint(state)
-    model.init_rope()
+        model = family.model(config)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if not name.endswith("rotary_emb.inv_freq"):  # older checkpoints saved the rotary buffer
+                    state[name] = f.get_tensor(name).float()
+    try:
+        model.load_checkpoint(state)
+    except (RuntimeError, KeyError) as e:
+        raise UnsupportedModel(f"{folder}: its weights do not match a {family.name} model: {e}") from None
+    del state
+    model.init_rope(min(config.context_length, context) if context else None)
     model.to(dtype).eval()
-    tokenizer = Tokenizer.from_json((folder / "tokenizer.json").read_text())
-    return model, tokenizer
+    return model, Tokenizer.from_folder(folder)

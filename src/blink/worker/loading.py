@@ -11,7 +11,7 @@ from blink.config import EngineConfig, ModelConfig, parse_speculative
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.engine.speculative import DraftModelProposer, NgramProposer, Proposer
-from blink.models import loader, native, quant, registry
+from blink.models import loader, native, quant, source
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
 from blink.worker import shared_prefixes
@@ -26,9 +26,8 @@ class Serving:
 
 
 def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress: bool) -> Serving:
-    spec = registry.get(model.model)
-    folder = loader.prepare(spec, model.cache_dir, progress=progress)
-    target, tokenizer = loader.load(folder)
+    folder = loader.prepare(source.resolve(model.model), model.cache_dir, progress=progress)
+    target, tokenizer = loader.load(folder, context=engine.max_model_len)
     calibration = tokenizer.encode(quant.CALIBRATION_TEXT)
     quant.convert(target, engine.weights, calibration, native_kernels=engine.native_kernels)
     if engine.weights == "w8a8":
@@ -50,8 +49,8 @@ def _proposer(
         return None
     if kind == "ngram":
         return NgramProposer()
-    folder = loader.prepare(registry.get(draft_name), model.cache_dir, progress=progress)
-    draft, draft_tokenizer = loader.load(folder)
+    folder = loader.prepare(source.resolve(draft_name), model.cache_dir, progress=progress)
+    draft, draft_tokenizer = loader.load(folder, context=engine.max_model_len)
     if draft_tokenizer.tokens != tokenizer.tokens:
         raise ValueError(
             f"draft model {draft_name!r} has another vocabulary than {model.model!r}: speculative decoding "

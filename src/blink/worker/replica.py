@@ -62,7 +62,7 @@ class Replica:
         self.bus = bus
         self.model_config = model
         self.engine_config = engine
-        self.model_name = model.model
+        self.model_name = model.served_name()  # its pool on the bus, the name clients use
         self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:8]}"
         self.heartbeat_s = heartbeat_s
         self.progress = progress

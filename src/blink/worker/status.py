@@ -70,4 +70,7 @@ def replica_status(
         spec_accepted=engine.speculation.accepted,
         queue_wait_s=round(load.wait_s(Queue(pending, waiting, free)), 3) if load else 0.0,
         prefixes=prefixes.held(engine) if prefixes else (),
+        architecture=engine.architecture,
+        weights_mib=round(engine.weights_bytes / 2**20, 1),
+        kv_cache_mib=round(engine.kv_cache_bytes / 2**20, 1),
     )

@@ -1,7 +1,7 @@
 """The runner's decode attention is batch-invariant: a decode row gets bit for bit the same output alone, next to
 other sequences (of other lengths: keys padded further) and as the first row of a verification of guesses. Greedy
 speculative decoding's identical output rests on it. Both implementations: torch's SDPA over gathered keys
-(`_DecodeRows`) and the C kernel reading the cache in place (`_NativeDecodeRows`). With 2 threads, as served: on
+(`DecodeRows`) and the C kernel reading the cache in place (`NativeDecodeRows`). With 2 threads, as served: on
 some CPUs MKL's per-call choices broke the SDPA one (blink/__init__.py)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blink.engine.runner import _DecodeRows, _NativeDecodeRows
+from blink.engine.attention import DecodeRows, NativeDecodeRows
 from blink.models import native
 
 KVH, GROUP, DIM = 3, 3, 64
@@ -47,9 +47,9 @@ def attend(
     q = torch.cat(queries)
     out = torch.empty_like(q)
     if kind == "native":
-        _NativeDecodeRows(starts, rows, contexts).attend(kc, vc, q, out)
+        NativeDecodeRows(starts, rows, contexts).attend(kc, vc, q, out, None)
     else:
-        _DecodeRows(cache, starts, rows, contexts, HEADS).attend(kc, vc, q, out)  # type: ignore[arg-type]
+        DecodeRows(cache, starts, rows, contexts, HEADS).attend(kc, vc, q, out, None)  # type: ignore[arg-type]
     return out
 
 
@@ -98,5 +98,5 @@ def test_sequences_share_an_attention_call_only_with_ones_of_as_many_rows() -> N
     cache = SimpleNamespace(k=[torch.zeros(SLOTS + 1, KVH, DIM)], zero_slot=SLOTS)
     rows = [slice(0, 6), slice(6, 7), slice(7, 8), slice(8, 10)]
     contexts = [torch.arange(100 + i * 200, 400 + i * 200) for i in range(4)]
-    decode = _DecodeRows(cache, [294, 299, 299, 298], rows, contexts, HEADS)  # type: ignore[arg-type]
+    decode = DecodeRows(cache, [294, 299, 299, 298], rows, contexts, HEADS)  # type: ignore[arg-type]
     assert sorted((g.r, g.b) for g in decode.groups) == [(1, 2), (2, 1), (6, 1)]

@@ -30,7 +30,6 @@ def toy_model(seed: int, positions: int = 256) -> LlamaModel:
         num_key_value_heads=2,
         head_dim=8,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
         max_position_embeddings=positions,
         tie_word_embeddings=False,
         attention_bias=False,

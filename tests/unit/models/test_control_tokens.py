@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from blink.models import gguf_tokenizer
 from blink.models.tokenizer import Tokenizer
 from tests.chat_reference import controls, recognising_ids, reference_ids
 
@@ -42,9 +42,14 @@ TRIM_TEMPLATE = (
 )
 
 
-def _variant(model_dir: Path, **changes: Any) -> Tokenizer:
-    info = json.loads((model_dir / "tokenizer.json").read_text())
-    return Tokenizer({**info, **changes})
+def _variant(model_dir: Path, *, chat_template: str, pre: str | None = None) -> Tokenizer:
+    """SmolLM2's tokenizer with another chat template, and another family's pre-tokenizer as hf_files writes it."""
+    raw = json.loads((model_dir / "tokenizer.json").read_text())
+    if pre is not None:
+        fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": ["a"]}
+        raw["pre_tokenizer"] = json.loads(gguf_tokenizer.hf_files(fields)["tokenizer.json"])["pre_tokenizer"]
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    return Tokenizer(json.dumps(raw), config, chat_template=chat_template)
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen2"])

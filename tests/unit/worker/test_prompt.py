@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from blink.bus.messages import GenerateRequest, Sampling
@@ -45,10 +42,17 @@ def test_an_ordinary_chat_prompt_is_unchanged(tok: Tokenizer) -> None:
     assert req.messages is not None and prompt_ids(tok, req) == reference_ids(tok, req.messages)
 
 
-def test_bad_prompts_are_invalid_requests(tok: Tokenizer, model_dir: Path) -> None:
+def test_bad_prompts_are_invalid_requests(tok: Tokenizer) -> None:
     with pytest.raises(InvalidRequest, match="empty"):
         prompt_ids(tok, GenerateRequest("r", MODEL, Sampling(), prompt=""))
-    bare = Tokenizer({**json.loads((model_dir / "tokenizer.json").read_text()), "chat_template": None})
+    bare = tok.with_chat_template(None)
     with pytest.raises(InvalidRequest, match="no chat template") as info:
         prompt_ids(bare, chat("Be brief.", "Hi"))
+    assert info.value.param == "messages"
+
+
+def test_a_template_refusing_the_messages_is_an_invalid_request(tok: Tokenizer) -> None:
+    strict = tok.with_chat_template("{{ raise_exception('System role not supported') }}")
+    with pytest.raises(InvalidRequest, match=r"^System role not supported$") as info:
+        prompt_ids(strict, chat("Be brief.", "Hi"))
     assert info.value.param == "messages"
