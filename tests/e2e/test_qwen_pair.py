@@ -57,3 +57,12 @@ def test_greedy_answer_is_code(name: str) -> None:
     text = greedy(name, "Write a Python function is_prime(n) that returns True if n is prime.", max_tokens=28)
     gc.collect()  # the 1.5B model holds ~7 GB in fp32: let it go before the next test
     assert "def is_prime(n" in text, text
+
+
+def test_the_target_by_its_file_name_is_the_same_prepared_model() -> None:
+    """The 1.5B as a user would bring it (its .gguf path) resolves through the generic path to the same folder,
+    keyed by the file's content, and names itself after the file."""
+    path = source.resolve(TARGET).locate(default_cache_dir())
+    by_path = source.resolve(str(path))
+    assert by_path.spec is None and by_path.kind == "gguf" and by_path.name == path.name.removesuffix(".gguf")
+    assert loader.prepare(by_path, default_cache_dir(), progress=False) == prepared(TARGET)

@@ -214,8 +214,11 @@ class LlamaModel(nn.Module):
 
     def load_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights ("model.layers.0.self_attn.q_proj.weight", ...), fusing q/k/v and
-        gate/up into one projection each (a checkpoint may hold them fused already, as Phi-3's); strict."""
+        gate/up into one projection each (a checkpoint may hold them fused already, as Phi-3's); strict. Takes the
+        tensors out of `state` (left empty): a part fused away is freed at once, so loading never holds a layer's
+        weights twice."""
         renamed = {k.removeprefix("model."): v for k, v in state.items()}
+        state.clear()
         for i in range(self.config.num_hidden_layers):
             prefix = f"layers.{i}."
             for fused, parts in (
