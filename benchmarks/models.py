@@ -2,7 +2,9 @@
 
 For each GGUF (default: SmolLM2-135M-Instruct, bundled, and Qwen2.5-Coder-1.5B-Instruct Q4_K_M), blink is given
 the file by its path (`blink serve --model /path/to/file.gguf`) and llama-server reads the same file; they run
-one after the other (never together), with the same number of threads, on 127.0.0.1:
+one after the other (never together), with the same number of threads, on 127.0.0.1. A second blink row,
+`--speculative off`, is the control for decode speed (blink's default prompt-lookup speculation gains on text
+that repeats itself; llama-server does not speculate by default).
 
   prepare s       blink: wall time of a fresh Python process running `loader.prepare(PATH)` into an empty cache
                   folder (the one-time dequantization into fp32 safetensors + the tokenizer files). `blink prepare`
@@ -17,7 +19,8 @@ one after the other (never together), with the same number of threads, on 127.0.
   decode tok/s    each server's own timing of 128 forced tokens (ignore_eos), temperature 0, one stream:
                   (tokens - 1) / (last token - first token).
 
-    python benchmarks/models.py [--models NAME_OR_GGUF ...] [--threads 2] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/models.py [--models NAME_OR_GGUF ...] [--threads 2] [--repeats 3] [--no-control]
+                                [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Setup:
     max_tokens: int
     logs: Path
     no_repack: bool  # the CPU has AMX: llama-server's repacked weights would take another path than on AVX2
+    blink_rows: dict[str, list[str]]  # row name -> flags added to `blink serve`
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,15 @@ class Sample:
 
 
 Ask = Callable[[httpx.Client, str, str, Setup], Sample]
+
+
+def code_state() -> str:
+    """The commit measured, and the source files that differ from it (the benchmark runs the working tree)."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    diff = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.split()
+    changed = [f for f in diff if f.startswith("src/")]
+    return head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def free_port() -> int:
@@ -136,12 +149,12 @@ def passages(tokenizer: Tokenizer, count: int, target: int) -> list[str]:
     return out
 
 
-def blink_peer(gguf: Path, cache: Path) -> Peer:
+def blink_peer(name: str, gguf: Path, cache: Path, flags: list[str]) -> Peer:
     def launch(env: Env, port: int) -> Launch:
         argv = [str(BLINK), "serve", "--model", str(gguf), "--cache-dir", str(cache), "--host", "127.0.0.1"]
-        return Launch([*argv, "--port", str(port), "--threads", str(env.threads), "--no-semantic-cache"], {})
+        return Launch([*argv, "--port", str(port), "--threads", str(env.threads), "--no-semantic-cache", *flags], {})
 
-    return Peer("blink", "blink serve --model PATH", "/readyz", 1800, launch, lambda env: [str(BLINK), "--version"])
+    return Peer(name, "blink serve --model PATH", "/readyz", 1800, launch, lambda env: [str(BLINK), "--version"])
 
 
 def llama_peer(gguf: Path, no_repack: bool) -> Peer:
@@ -199,7 +212,7 @@ def wait_ready(server: Server, t0: float) -> float:
 
 def memory(pid: int) -> dict[str, float]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {f"{k}_mib": round(int(fields[k].split()[0]) / 1024, 1) for k in ("VmHWM", "VmRSS")}
+    return {f"{k}_mib": round(int(fields[k].split()[0]) / 1024, 1) for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
 
 def measure(url: str, ask: Ask, prompts: list[str], setup: Setup) -> dict[str, Any]:
@@ -218,7 +231,7 @@ def measure(url: str, ask: Ask, prompts: list[str], setup: Setup) -> dict[str, A
 
 def run_server(peer: Peer, gguf: Path, ask: Ask, prompts: list[str], setup: Setup) -> dict[str, Any]:
     env = Env(REPO, VENVS, gguf, Path(), setup.threads, BLINK)
-    log = setup.logs / f"models-{gguf.stem}-{peer.name}.log"
+    log = setup.logs / f"models-{gguf.stem}-{peer.name.replace(' ', '')}.log"
     out: dict[str, Any] = {"server": peer.name, "version": version(peer, env)}
     print(f"== {gguf.name}: {peer.name}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
@@ -234,7 +247,7 @@ def run_server(peer: Peer, gguf: Path, ask: Ask, prompts: list[str], setup: Setu
             out["status"] = f"failed: {type(e).__name__}: {e}"[:600]
     assert server.memory is not None
     out["tree_peak_mib"] = round(server.memory.peak_mb, 1)  # sum of each process's VmHWM in the tree
-    if peer.name == "blink":
+    if peer.name.startswith("blink"):
         out |= blink_log(log)
     print(f"== {peer.name}: {out['status']}", file=sys.stderr, flush=True)
     return out
@@ -261,15 +274,27 @@ def run_model(spec: str, setup: Setup, scratch: Path) -> dict[str, Any]:
     cache = Path(tempfile.mkdtemp(prefix="blink-models-", dir=scratch))
     try:
         print(f"== {gguf.name}: blink prepare into {cache}", file=sys.stderr, flush=True)
-        out["prepare"] = prepare(gguf, cache)
+        try:
+            out["prepare"] = prepare(gguf, cache)
+        except subprocess.CalledProcessError as e:
+            out["error"] = f"blink could not prepare it: {(e.stderr or '').strip()[-400:]}"
+            return out
         tokenizer = Tokenizer.from_folder(Path(out["prepare"]["folder"]))
         prompts = passages(tokenizer, setup.repeats + 1, setup.prompt_tokens)
         out["prompt_tokens_blink_tokenizer"] = [len(tokenizer.encode(p)) for p in prompts]
-        out["blink"] = run_server(blink_peer(gguf, cache), gguf, ask_blink, prompts, setup)
-        out["llama-server"] = run_server(llama_peer(gguf, setup.no_repack), gguf, ask_llama, prompts, setup)
+        out["servers"] = [
+            run_server(blink_peer(name, gguf, cache, flags), gguf, ask_blink, prompts, setup)
+            for name, flags in setup.blink_rows.items()
+        ]
+        out["servers"].append(run_server(llama_peer(gguf, setup.no_repack), gguf, ask_llama, prompts, setup))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return out
+
+
+def versions(results: list[dict[str, Any]]) -> str:
+    seen = {row["server"].split()[0]: row["version"] for r in results for row in r.get("servers", [])}
+    return "; ".join(f"{name}: {v}" for name, v in seen.items())
 
 
 def _cell(row: dict[str, Any], key: str, digits: int = 1) -> str:
@@ -284,9 +309,12 @@ def table(results: list[dict[str, Any]], setup: Setup) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for name in ("blink", "llama-server"):
-            row = r[name]
-            prep = _cell(r["prepare"], "prepare_s") if name == "blink" else "0 (reads the GGUF)"
+        for row in r.get("servers", []):
+            name = row["server"]
+            if name.startswith("blink"):
+                prep = _cell(r["prepare"], "prepare_s") if name == "blink" else "(the same folder)"
+            else:
+                prep = "0 (reads the GGUF)"
             keys = [("ready_s", 1), ("VmHWM_mib", 0), ("prefill_tps", 1), ("decode_tps", 1)]
             cells = [_cell(row, key, digits) for key, digits in keys]
             server = name + (" (--no-repack: AMX CPU)" if name == "llama-server" and setup.no_repack else "")
@@ -297,22 +325,34 @@ def table(results: list[dict[str, Any]], setup: Setup) -> list[str]:
 def notes(results: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in results:
-        b, ls, p = r["blink"], r["llama-server"], r["prepare"]
-        tokens = {n: [s["prompt_tokens"] for s in r[n].get("samples", [])] for n in ("blink", "llama-server")}
-        spec = [s["extra"]["speculative"] for s in b.get("samples", [])]
-        lines += [
-            f"- **{r['model']}** ({r['gguf_mib']} MiB GGUF): prompt tokens per timed request, blink "
-            f"{tokens['blink']}, llama-server {tokens['llama-server']}. blink prepare: {p['prepare_s']} s wall "
+        if "error" in r:
+            lines.append(f"- **{r['model']}**: not measured: {r['error']}")
+            continue
+        p = r["prepare"]
+        lines.append(
+            f"- **{r['model']}** ({r['gguf_mib']} MiB GGUF): blink prepare {p['prepare_s']} s wall "
             f"({p['prepare_in_process_s']} s in `loader.prepare`, the rest Python/torch start-up), "
             f"{p['prepared_mib']} MiB of fp32 safetensors written; `blink prepare` would add "
-            f"{p['cli_embedder_export_s']} s exporting the embedding model. blink start -> ready "
-            f"{b.get('ready_s')} s, of which warm-up {b.get('warmup_s')} s; RSS at the end: blink "
-            f"{b.get('VmRSS_mib')} MiB, llama-server {ls.get('VmRSS_mib')} MiB. blink speculative (ngram, "
-            f"adaptive) per request: {spec}. Status: blink {b['status']}; llama-server {ls['status']}.",
-        ]
-        if "kernel_line" in b:
-            lines.append(f"  blink's log: `{b['kernel_line']}`")
+            f"{p['cli_embedder_export_s']} s exporting the embedding model."
+        )
+        lines += [f"  - {row_note(row)}" for row in r["servers"]]
     return lines
+
+
+def row_note(row: dict[str, Any]) -> str:
+    samples = row.get("samples", [])
+    text = (
+        f"{row['server']}: {row['status']}; prompt tokens per timed request {[s['prompt_tokens'] for s in samples]}; "
+        f"RSS at the end {row.get('VmRSS_mib')} MiB"
+    )
+    if row["server"].startswith("blink"):
+        text += (
+            f"; warm-up {row.get('warmup_s')} s of the start -> ready; speculative proposed/accepted per request "
+            f"{[(s['extra']['speculative']['proposed'], s['extra']['speculative']['accepted']) for s in samples]}"
+        )
+        if "kernel_line" in row:
+            text += f"; log: `{row['kernel_line'].split(' INFO ', 1)[-1]}`"
+    return text + "."
 
 
 CAVEATS = [
@@ -323,6 +363,8 @@ CAVEATS = [
     "caching (bypassed: every prompt is new), ngram speculative decoding (adaptive: it proposes only where its "
     "measured acceptance pays). Its RSS is the one `blink serve` process: gateway, bus and replica together. "
     "llama-server: its GGUF weights as they are, `-c 4096 -np 1` (one slot), no speculative decoding.",
+    "- `blink --speculative off` is the control row: the same server without prompt-lookup speculation, "
+    "the kernels' own decode speed (prose at temperature 0 soon repeats itself, which prompt lookup exploits).",
     "- Both servers tokenize the same text with the same GGUF vocabulary; the prompt token counts they report are "
     "listed per model below.",
 ]
@@ -336,10 +378,15 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()), help="for the fresh caches")
+    parser.add_argument("--no-control", action="store_true", help="no `blink --speculative off` row")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
-    setup = Setup(args.threads, args.repeats, args.prompt_tokens, args.max_tokens, args.out, has_amx())
+    rows = {"blink": [], **({} if args.no_control else {"blink --speculative off": ["--speculative", "off"]})}
+    setup = Setup(args.threads, args.repeats, args.prompt_tokens, args.max_tokens, args.out, has_amx(), rows)
+    code = code_state()
     results = [run_model(spec, setup, args.scratch) for spec in args.models]
+    if code_state() != code:
+        code += f" (changed during the run, to: {code_state()})"
 
     command = shlex.join([".venv/bin/python", "benchmarks/models.py", *sys.argv[1:]])
     names = ", ".join(r["model"] for r in results)
@@ -348,9 +395,8 @@ def main() -> None:
         "",
         machine(f"GGUFs: {names}"),
         f"Command: `{command}`. {setup.threads} threads each, one server at a time, 127.0.0.1; medians of "
-        f"{setup.repeats} requests after one untimed. blink {results[0]['blink']['version']}; llama-server "
-        f"{results[0]['llama-server']['version']}"
-        + (" (--no-repack: the CPU has AMX)" if setup.no_repack else " (the CPU has no AMX: no --no-repack)."),
+        f"{setup.repeats} requests after one untimed. Code: {code}. {versions(results)}"
+        + ("; llama-server with --no-repack (the CPU has AMX)." if setup.no_repack else " (the CPU has no AMX)."),
         "",
         *table(results, setup),
         "",
@@ -364,7 +410,7 @@ def main() -> None:
         "",
         *notes(results),
     ]
-    data = {"command": command, "setup": asdict(setup) | {"logs": str(setup.logs)}, "models": results}
+    data = {"command": command, "code": code, "setup": asdict(setup) | {"logs": str(setup.logs)}, "models": results}
     write_report(args.out, "models", "\n".join(md) + "\n", data)
 
 

@@ -4,6 +4,8 @@ tokenizer, never absent once loaded."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -37,7 +39,16 @@ def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress:
     path = engine.shared_prefixes
     shared = shared_prefixes.tokenize(shared_prefixes.read(path), tokenizer) if path else []
     llm = LLMEngine(target, tokenizer.stop_token_ids, engine, proposer=proposer, shared_prefixes=shared)
+    _give_back_freed_memory()
     return Serving(llm, tokenizer)
+
+
+def _give_back_freed_memory() -> None:
+    """Return the fp32 weights freed by quantising to the system. glibc keeps freed blocks under its mmap
+    threshold in its heap: measured on Qwen2.5-Coder-1.5B, resident memory after loading 4.2 GiB, 2.8 GiB after
+    malloc_trim. Elsewhere (no glibc) nothing happens."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _proposer(
