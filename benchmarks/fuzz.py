@@ -285,7 +285,8 @@ def fuzz_http(base: str, report: Report, bodies: int, run_seed: int, until: floa
     from schemathesis import GenerationMode
 
     document = httpx.get(f"{base}/openapi.json", timeout=30).json()
-    limit = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]["max_tokens"]["maximum"]
+    max_tokens = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]["max_tokens"]
+    limit = next(s["maximum"] for s in max_tokens.get("anyOf", [max_tokens]) if "maximum" in s)  # or null
     schema = schemathesis.openapi.from_dict(document)
     operations = [result.ok() for result in schema.get_all_operations()]
     cases = st.one_of(*(op.as_strategy(generation_mode=mode) for op in operations for mode in GenerationMode))

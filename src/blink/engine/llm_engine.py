@@ -331,7 +331,7 @@ class LLMEngine:
         measure_step_cost(
             self.runner, self.blocks, self.step_cost, self.speculation.max_tokens, most, self.max_model_len
         )
-        self.proposer.measure(sorted({1, max(1, most // 4), most}), 100)
+        self.proposer.measure(sorted({1, max(1, most // 4), most}), min(100, self.max_model_len // 2))
         return self.step_cost.snapshot()
 
     def _expired(self, seq: Sequence) -> StepOutput:

@@ -28,8 +28,8 @@ def measure_step_cost(
     if max_model_len > DECODE_KEY_QUANTUM + per_seq:  # and the next span, where attention costs more
         sizes += [(b, b * r, 2) for b in sorted({1, most}) for r in (1, 2)]
 
-    def context(span: int) -> int:
-        return (span - 1) * DECODE_KEY_QUANTUM + 100
+    def context(span: int) -> int:  # within the context the engine serves (its rotary tables cover no more)
+        return max(1, min((span - 1) * DECODE_KEY_QUANTUM + 100, max_model_len - per_seq - 1))
 
     sizes = [
         (b, r, span) for b, r, span in sizes if b * blocks.blocks_for(context(span) + r // b) <= blocks.num_free_blocks

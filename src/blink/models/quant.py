@@ -154,6 +154,7 @@ def _input_absmax(model: LlamaModel, token_ids: list[int]) -> dict[str, torch.Te
 
             hooks.append(module.register_forward_hook(record))
     try:
+        token_ids = token_ids[: model.positions]  # the rotary tables cover the engine's context only
         n = len(token_ids)
         # every row reaches lm_head, so it is calibrated too
         model(torch.tensor(token_ids), torch.arange(n), CausalAttention(model.config), torch.arange(n))

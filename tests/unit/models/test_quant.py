@@ -104,3 +104,16 @@ def test_a_streams_greedy_tokens_do_not_depend_on_what_shares_its_steps(w8a8_mod
         return out
 
     assert run(company=True) == run(company=False)
+
+
+def test_a_context_shorter_than_the_calibration_text_still_quantises(model_dir) -> None:  # type: ignore[no-untyped-def]
+    """--max-model-len 96 sizes the rotary tables to 96 positions; the calibration text is longer (the server of
+    the fuzz test never became ready when calibration indexed past them)."""
+    model, tok = loader.load(model_dir, context=96)
+    calibration = tok.encode(quant.CALIBRATION_TEXT)
+    assert len(calibration) > model.positions == 96
+    quant.convert(model, "w8a8", calibration)
+    engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_model_len=96))
+    engine.add_request("a", tok.encode_chat([{"role": "user", "content": "Hi!"}]), SamplingParams(max_tokens=4))
+    while engine.has_work():
+        engine.step()
