@@ -190,10 +190,14 @@ def _hf_rope(raw: dict[str, Any], get: Any) -> tuple[dict[str, Any], dict[str, A
 def _layer_types(raw: dict[str, Any], family: Family, layers: int) -> list[str] | None:
     if raw.get("layer_types"):
         return [str(t) for t in raw["layer_types"]]
-    if family.name == "gemma3":  # every `sliding_window_pattern`-th layer is global (6: five local, one global)
-        pattern = int(raw.get("sliding_window_pattern") or 6)
-        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    if family.name == "gemma3":
+        return _gemma_layer_types(layers, int(raw.get("sliding_window_pattern") or 6))
     return None
+
+
+def _gemma_layer_types(layers: int, pattern: int = 6) -> list[str]:
+    """Every `pattern`-th layer global, the others local (Gemma 3: five local, one global)."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
 
 
 def _slides(raw: dict[str, Any], family: Family, layer_types: list[str] | None) -> bool:
@@ -227,9 +231,7 @@ def family_for_gguf(meta: Mapping[str, Any], tensor_names: set[str]) -> tuple[Fa
     elif scaling not in ("none", ""):
         raise UnsupportedModel(f"GGUF rope scaling {scaling!r} is not supported")
     gemma = family.name == "gemma3"
-    layer_types = (
-        ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)] if gemma else None
-    )
+    layer_types = _gemma_layer_types(layers) if gemma else None
     window = get("attention.sliding_window")
     config = LlamaConfig(
         architecture=family.name,

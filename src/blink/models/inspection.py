@@ -10,12 +10,12 @@ holds) and whether blink can serve it, or why not.
 from __future__ import annotations
 
 import json
-import struct
+import math
 from pathlib import Path
 from typing import Any
 
 from blink.errors import ModelNotFound
-from blink.models import families, source
+from blink.models import families, loader, source
 from blink.models.families import UnsupportedModel
 from blink.models.llama import LlamaConfig
 
@@ -96,20 +96,11 @@ def _folder(path: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     _, config = families.family_for_hf(raw)
     counts: dict[str, int] = {}
     parameters = 0
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UnsupportedModel(f"{path}: no *.safetensors weights (blink reads safetensors, not .bin or .pt)")
+    files = loader.weight_files(path)
     for file in files:
-        with file.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
-                n = 1
-                for dim in entry["shape"]:
-                    n *= dim
-                parameters += n
+        for entry in loader.safetensors_header(file).values():
+            counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
+            parameters += math.prod(entry["shape"])
     tok_config = path / "tokenizer_config.json"
     template = (path / "chat_template.jinja").is_file() or (
         tok_config.is_file() and bool(json.loads(tok_config.read_text()).get("chat_template"))

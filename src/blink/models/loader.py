@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -130,18 +130,27 @@ _DTYPES = {
 }
 
 
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors: name -> {dtype, shape, data_offsets} (its __metadata__ left out)."""
+    with path.open("rb") as f:
+        return _header(f)[0]
+
+
+def _header(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    """(the tensors' entries, where their data starts) of the safetensors file open in `f`."""
+    (size,) = struct.unpack("<Q", f.read(8))
+    header: dict[str, Any] = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of a safetensors file, read one at a time into memory of their own: never the file mapped
     whole beside the copies (safe_open maps it, and the pages it touches count in the process's memory until it
     closes: a 6 GB model measured ~12 GB at its peak)."""
     with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header: dict[str, Any] = json.loads(f.read(size))
-        start = 8 + size
-        entries = sorted(
-            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda e: e[1]["data_offsets"][0]
-        )
-        for name, entry in entries:
+        header, start = _header(f)
+        for name, entry in sorted(header.items(), key=lambda e: e[1]["data_offsets"][0]):
             if entry["dtype"] not in _DTYPES:
                 raise UnsupportedModel(f"{path.name}: tensor {name} has type {entry['dtype']}, not a float type")
             begin, end = entry["data_offsets"]
