@@ -115,6 +115,12 @@ class EngineConfig:
         5,
         advanced=True,
     )
+    prediction_tokens: int = _help(
+        "most tokens of a request's own prediction (OpenAI Predicted Outputs) verified per step; the policy "
+        "verifies fewer when the measured acceptance and step costs say they don't pay; 0: predictions are ignored",
+        16,
+        advanced=True,
+    )
     speculative_policy: str = _help(
         "adaptive: as many guesses as the measured acceptance and step costs say pay (none when they don't); "
         "always: --speculative-tokens guesses whenever the proposer has them (vLLM's behaviour; for tests and "

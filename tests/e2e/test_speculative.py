@@ -5,12 +5,15 @@ response reports what was guessed. The server here runs --speculative-policy alw
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 from blink.config import EngineConfig
 from blink.engine.llm_engine import LLMEngine
@@ -93,3 +96,71 @@ def test_a_stop_string_inside_kept_guesses_cuts_the_answer_there(
     assert text == plain_answer[: plain_answer.index(stop)]
     assert finish == "stop"
     server.wait_idle()
+
+
+def test_a_prediction_gives_the_same_answer_and_usage_reports_what_was_kept(
+    client: openai.OpenAI, plain_answer: str
+) -> None:
+    """OpenAI's Predicted Outputs: the answer itself, the file being edited, or something unrelated."""
+    kept = {}
+    for name, prediction in (("exact", plain_answer), ("file", CODE), ("unrelated", "Paris is in France. " * 8)):
+        answer = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=80,
+            prediction={"type": "content", "content": prediction},
+            extra_body={"cache": False},
+        )
+        assert answer.choices[0].message.content == plain_answer, name
+        assert answer.usage is not None and answer.usage.completion_tokens_details is not None
+        details = answer.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens is not None and details.rejected_prediction_tokens is not None
+        kept[name] = (details.accepted_prediction_tokens, details.rejected_prediction_tokens)
+        total = answer.usage.completion_tokens
+    # all but the first token (the prefill's) can come from the answer itself; the file is copied in part
+    assert kept["exact"][0] >= 0.8 * total and kept["exact"][1] <= 4
+    assert kept["file"][0] > 0
+    assert kept["unrelated"][0] <= 2
+
+
+def test_a_malformed_prediction_is_a_400_naming_it(client: openai.OpenAI) -> None:
+    for bad in ({"type": "text", "content": "x"}, {"type": "content", "content": 3}, "x"):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,  # type: ignore[arg-type]
+                max_tokens=4,
+                prediction=bad,  # type: ignore[arg-type]
+            )
+        assert (info.value.body or {}).get("param", "").startswith("prediction")  # type: ignore[union-attr]
+
+
+def test_a_realtime_response_takes_a_prediction(server: Server) -> None:
+    async def respond(ws: ClientConnection, prediction: str | None) -> tuple[str, dict[str, Any]]:
+        response: dict[str, Any] = {"conversation": "none", "temperature": 0, "max_output_tokens": 60, "cache": False}
+        if prediction is not None:
+            response["prediction"] = {"type": "content", "content": [{"type": "text", "text": prediction}]}
+        await ws.send(json.dumps({"type": "response.create", "response": response}))
+        text = ""
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 120))
+            assert event["type"] != "error", event
+            if event["type"] == "response.output_text.delta":
+                text += event["delta"]
+            if event["type"] == "response.done":
+                return text, event["response"]
+
+    async def main() -> list[tuple[str, dict[str, Any]]]:
+        async with connect(server.ws_url) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            content = [{"type": "input_text", "text": MESSAGES[0]["content"]}]
+            item = {"type": "message", "role": "user", "content": content}
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+            plain = await respond(ws, None)
+            return [plain, await respond(ws, plain[0])]
+
+    (plain, _), (predicted, done) = asyncio.run(main())
+    assert predicted == plain and done["status"] in ("completed", "incomplete")
+    details = done["usage"]["output_token_details"]
+    assert details["accepted_prediction_tokens"] >= 0.8 * done["usage"]["output_tokens"]

@@ -52,6 +52,7 @@ class GenerateRequest:
     # the tenant it belongs to: its prefix-cache partition and its share of the batch; None: an open server's
     # single tenant
     tenant: str | None = None
+    prediction: str | None = None  # the text the answer is expected to copy (OpenAI Predicted Outputs)
     v: int = VERSION
 
 
@@ -100,6 +101,8 @@ class Finished:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prediction_accepted: int = 0  # the request's prediction's tokens verified and kept, and verified and rejected
+    prediction_rejected: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # queue_ms, prefill_ms, decode_ms
     error_code: str | None = None
     error_message: str | None = None

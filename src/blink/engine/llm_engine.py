@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import torch
 
 from blink.config import EngineConfig, resolve_threads
-from blink.engine.attention import PagedKVCache, StepInterrupted, key_span
+from blink.engine.attention import PagedKVCache, StepInterrupted
 from blink.engine.errors import ContextTooLong, RequestRejected
 from blink.engine.kv_cache import BlockManager
 from blink.engine.runner import ModelRunner
 from blink.engine.sampler import Proposal
 from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence, StepOutput
-from blink.engine.speculation import AdaptiveSpeculation, StepCost, measure_step_cost
 from blink.engine.speculative import Proposer
+from blink.engine.speculator import Speculator
 from blink.models.llama import LlamaModel
 
 
@@ -91,12 +91,9 @@ class LLMEngine:
         self.interrupted_steps = 0  # steps called off for a newcomer (interrupt_for)
         self._view: _StepView | None = None  # set while an interruptible step runs
         self._last_interrupted = False
-        # speculative decoding: off without a proposer; the policy needs step costs (measure_step_cost)
-        self.proposer = proposer
-        self.step_cost = StepCost()
-        self.speculation = AdaptiveSpeculation(
-            config.speculative_tokens if proposer else 0, self.step_cost, always=config.speculative_policy == "always"
-        )
+        # speculative decoding (a proposer's guesses, a request's prediction); the policy needs step costs
+        self.speculator = Speculator(proposer, config)
+        self.proposer, self.speculation, self.step_cost = proposer, self.speculator.policy, self.speculator.step_cost
 
     def add_request(
         self,
@@ -108,6 +105,7 @@ class LLMEngine:
         deadline: float | None = None,
         prefill_only: bool = False,
         tenant: str | None = None,
+        prediction: list[int] | None = None,
     ) -> None:
         """Queue a request; it joins the running batch at the next step. Raises RequestRejected (engine/errors.py)
         for bad input, ContextTooLong when the prompt plus max_tokens (None: the rest of the context) won't fit.
@@ -116,7 +114,9 @@ class LLMEngine:
         which the request is dropped (finish reason EXPIRED) instead of computed. `prefill_only`: compute the
         prompt's K/V into the prefix cache and finish (PREFILLED, no token): pre-loading. `tenant`: who it
         belongs to: it finds only its tenant's prefix-cache blocks (and declared shared prefixes), and the batch is
-        shared fairly between tenants (fairness.py); None: an open server's single tenant."""
+        shared fairly between tenants (fairness.py); None: an open server's single tenant. `prediction`: the
+        tokens the answer is expected to copy (Predicted Outputs, speculator.py): verified as guesses, so the
+        output is the same as without it."""
         if request_id in self._seqs:
             raise RequestRejected(f"request {request_id!r} is already running")
         if not prompt_token_ids:
@@ -135,6 +135,8 @@ class LLMEngine:
             prefill_only=prefill_only,
             salt=self.blocks.salt(prompt_token_ids, tenant),
             max_tokens=params.max_tokens or room,
+            # no answer is longer than the context: nor is a prediction it can follow
+            prediction=[t for t in (prediction or [])[: self.max_model_len] if 0 <= t < self.vocab_size],
         )
         self._seqs[request_id] = seq
         self.runner.add(seq)
@@ -210,7 +212,7 @@ class LLMEngine:
             return outputs
         for seq in batch.sequences:
             seq.first_scheduled = seq.first_scheduled or now
-        proposals = self._speculate(batch) if self.proposer else None
+        proposals = self.speculator.propose(batch, self.blocks, self.max_model_len)
         tokens = self._run(batch, proposals)
         if tokens is None:  # called off (interrupt_for): nothing moved
             return outputs
@@ -235,20 +237,9 @@ class LLMEngine:
         finally:
             self._view = None
         self._last_interrupted = False
-        if self.proposer and all(n == 1 for n in batch.chunks):  # decode only: what the policy predicts
-            self._observe(batch, proposals, tokens, time.perf_counter() - started)
+        if all(n == 1 for n in batch.chunks):  # decode only: what the policy predicts
+            self.speculator.observe(batch, proposals, tokens, time.perf_counter() - started)
         return tokens
-
-    def _observe(
-        self, batch: ScheduledBatch, proposals: list[Proposal | None] | None, tokens: list[list[int]], elapsed: float
-    ) -> None:
-        guesses = [len(p.tokens) if p else 0 for p in proposals] if proposals else [0] * len(batch.sequences)
-        span = max(key_span(s.num_computed + 1 + k) for s, k in zip(batch.sequences, guesses, strict=True))
-        seqs = len(batch.sequences)
-        self.step_cost.observe(seqs, seqs + sum(guesses), elapsed, span)
-        delivered = sum(len(t) for t in tokens)
-        planned_span = max(key_span(s.num_tokens) for s in batch.sequences)  # as `_speculate` saw it
-        self.speculation.observe_step(seqs, planned_span, any(guesses), delivered, elapsed)
 
     def _commit(self, seq: Sequence, n: int, emitted: list[int], proposal: Proposal | None) -> list[StepOutput]:
         """Advance `seq` by its `n` computed tokens (and its kept guesses), register the blocks that filled up,
@@ -259,7 +250,7 @@ class LLMEngine:
         before = seq.num_computed
         if proposal and proposal.tokens:
             accepted = len(emitted) - 1  # the kept guesses; their K/V are computed, the rejected ones' are not
-            self.speculation.record(seq, len(proposal.tokens), accepted)
+            self.speculator.commit(seq, proposal, accepted)
             n += accepted
         seq.num_computed += n
         if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse, now,
@@ -288,50 +279,13 @@ class LLMEngine:
             if proposal and proposal.tokens:
                 self.blocks.trim(seq.request_id, seq.num_computed + 1)
 
-    def _speculate(self, batch: ScheduledBatch) -> list[Proposal | None] | None:
-        """Guesses for the batch's decoding sequences, as many as the policy finds worth their rows, with the
-        blocks to verify them (a sequence that would need another's blocks just doesn't guess this step)."""
-        assert self.proposer is not None
-        picked = [
-            i
-            for i, (seq, n) in enumerate(zip(batch.sequences, batch.chunks, strict=True))
-            if n == 1 and seq.output_token_ids and not seq.prefill_only and seq.num_computed + 1 == seq.num_tokens
-        ]
-        if not picked or self.speculation.max_tokens < 1:
-            return None
-        seqs = [batch.sequences[i] for i in picked]
-        # no guess past max_tokens or the context: the last emitted token comes from the target
-        most = self.speculation.max_tokens
-        limits = [
-            max(0, min(most + 1, s.max_tokens - len(s.output_token_ids), self.max_model_len - s.num_tokens) - 1)
-            for s in seqs
-        ]
-        prompt_rows = batch.num_tokens - len(seqs)  # prompt chunks sharing the step
-        span = max(key_span(s.num_tokens) for s in seqs)
-        if self.proposer.proposes_first:
-            found = self.proposer.propose(seqs, limits)
-            ks = self.speculation.plan(seqs, [len(p.tokens) for p in found], self.proposer.cost, prompt_rows, span)
-            chosen = [p.truncate(k) for p, k in zip(found, ks, strict=True)]
-        else:
-            ks = self.speculation.plan(seqs, limits, self.proposer.cost, prompt_rows, span)
-            chosen = self.proposer.propose(seqs, ks)
-        proposals: list[Proposal | None] = [None] * len(batch.sequences)
-        for i, seq, proposal in zip(picked, seqs, chosen, strict=True):
-            if proposal.tokens and self.blocks.allocate(seq.request_id, seq.num_tokens + len(proposal.tokens)):
-                proposals[i] = proposal
-        return proposals if any(proposals) else None
-
     def measure_step_cost(self) -> dict[str, float]:
-        """Time decode-only forwards on this machine for the speculation policy (speculation.measure_step_cost);
-        the replica calls this while warming up, on an idle engine. Returns {"<seqs>x<rows>@<keys>": seconds}."""
+        """Time decode-only forwards on this machine for the speculation policy (Speculator.measure); the replica
+        calls this while warming up, on an idle engine. Returns {"<seqs>x<rows>@<keys>": seconds}."""
         if self.speculation.max_tokens < 1:
             return {}
-        assert not self.has_work() and self.proposer is not None, "measure on an idle engine with a proposer"
-        most = self.config.max_num_seqs
-        measure_step_cost(
-            self.runner, self.blocks, self.step_cost, self.speculation.max_tokens, most, self.max_model_len
-        )
-        self.proposer.measure(sorted({1, max(1, most // 4), most}), min(100, self.max_model_len // 2))
+        assert not self.has_work(), "measure on an idle engine"
+        self.speculator.measure(self.runner, self.blocks, self.config.max_num_seqs, self.max_model_len)
         return self.step_cost.snapshot()
 
     def _expired(self, seq: Sequence) -> StepOutput:
@@ -352,6 +306,8 @@ class LLMEngine:
             prefill_s=(seq.first_token - first_scheduled) if seq.first_token else 0.0,
             spec_proposed=seq.spec_proposed,
             spec_accepted=seq.spec_accepted,
+            prediction_accepted=seq.prediction_accepted,
+            prediction_rejected=seq.prediction_rejected,
         )
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
@@ -374,8 +330,7 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         self.runner.remove(request_id)
-        if self.proposer is not None:
-            self.proposer.remove(request_id)
+        self.speculator.remove(request_id)
         del self._seqs[request_id]
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "generate") -> list[int]:

@@ -54,9 +54,10 @@ def draw(probs: torch.Tensor, gen: torch.Generator | None) -> int:
 class Proposal:
     tokens: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None  # [len(tokens), V]: the distributions they were drawn from; None: one-hot
+    predicted: bool = False  # taken from the request's own prediction (Predicted Outputs), not a proposer
 
     def truncate(self, k: int) -> Proposal:
-        return Proposal(self.tokens[:k], None if self.probs is None else self.probs[:k])
+        return Proposal(self.tokens[:k], None if self.probs is None else self.probs[:k], self.predicted)
 
 
 def verify(logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator | None) -> list[int]:

@@ -83,6 +83,10 @@ class Sequence:
     first_scheduled: float | None = None
     first_token: float | None = None
     max_tokens: int = 1 << 30  # the most tokens it may generate (params.max_tokens, resolved against the context)
+    prediction: list[int] = field(default_factory=list)  # what the answer is expected to copy (Predicted Outputs)
+    prediction_at: int = 0  # where the answer stands in it (speculator.prediction_lookup's hint)
+    prediction_accepted: int = 0  # the prediction's tokens verified and kept, and verified and rejected
+    prediction_rejected: int = 0
 
     def set_status(self, new: SeqStatus) -> None:
         if new not in _TRANSITIONS[self.status]:
@@ -123,3 +127,5 @@ class StepOutput:
     prefill_s: float  # first scheduled -> first token
     spec_proposed: int = 0  # speculative decoding: guesses proposed for this request so far, and accepted
     spec_accepted: int = 0
+    prediction_accepted: int = 0  # of those, the request's own prediction's (Predicted Outputs): kept, rejected
+    prediction_rejected: int = 0

@@ -17,14 +17,24 @@ from blink.engine.sequence import SamplingParams, Sequence
 
 
 def measure_step_cost(
-    runner: ModelRunner, blocks: BlockManager, cost: StepCost, max_guesses: int, max_seqs: int, max_model_len: int
+    runner: ModelRunner,
+    blocks: BlockManager,
+    cost: StepCost,
+    max_guesses: int,
+    max_seqs: int,
+    max_model_len: int,
+    *,
+    one_seq_guesses: int = 0,
 ) -> None:
     """Time decode-only forwards over a grid of sequence counts, rows per sequence (1 to max_guesses + 1) and key
-    spans into `cost` (real steps refine it). Only the sizes the KV pool holds: StepCost estimates the rest."""
-    per_seq = max_guesses + 1
+    spans into `cost` (real steps refine it); and one sequence with one_seq_guesses guesses (a prediction's:
+    predictions come with single requests, many at once are rare). Only the sizes the KV pool holds: StepCost
+    estimates the rest."""
+    per_seq = max(max_guesses, one_seq_guesses) + 1
     most = max_seqs
     counts = sorted({1, max(1, most // 4), most})
-    sizes = [(b, b * r, 1) for b in counts for r in sorted({1, 2, per_seq})]
+    rows = sorted({1, 2, max_guesses + 1}) if max_guesses else [1, 2]
+    sizes = sorted({(b, b * r, 1) for b in counts for r in rows} | {(1, one_seq_guesses + 1, 1)})
     if max_model_len > DECODE_KEY_QUANTUM + per_seq:  # and the next span, where attention costs more
         sizes += [(b, b * r, 2) for b in sorted({1, most}) for r in (1, 2)]
 

@@ -61,21 +61,8 @@ def parse_messages(raw: Any) -> tuple[dict[str, str], ...]:
         role = v.get_str(msg, "role", required=True, param=f"{where}.role")
         if role not in ROLES:
             raise InvalidRequest(f"'{where}.role' must be one of {sorted(ROLES)}", param=f"{where}.role")
-        out.append({"role": ROLES[role], "content": _content_text(msg.get("content"), f"{where}.content")})
+        out.append({"role": ROLES[role], "content": v.content_text(msg.get("content"), f"{where}.content")})
     return tuple(out)
-
-
-def _content_text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise InvalidRequest(f"'{where}' parts must be {{type: 'text', text: string}}", param=where)
-            texts.append(part["text"])
-        return "".join(texts)
-    raise InvalidRequest(f"'{where}' must be a string or a list of text parts", param=where)
 
 
 def _common(gateway: Gateway, body: dict[str, Any]) -> tuple[str, bool, bool, Any]:
@@ -108,6 +95,11 @@ def _usage(gen: Generation) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": fin.cached_tokens if fin else 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": fin.prediction_accepted if fin else 0,
+            "rejected_prediction_tokens": fin.prediction_rejected if fin else 0,
+        },
     }
 
 
@@ -146,11 +138,12 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     gateway = gateway_of(request)
     body = await read_json(request, gateway.config.max_request_bytes)
     model, stream, include_usage, sampling = _common(gateway, body)
+    prediction = v.get_prediction(body)
     if chat:
         messages = parse_messages(body.get("messages"))
-        req = GenerateRequest(gateway.new_id("chatcmpl"), model, sampling, messages=messages)
+        req = GenerateRequest(gateway.new_id("chatcmpl"), model, sampling, messages=messages, prediction=prediction)
     else:
-        req = GenerateRequest(gateway.new_id("cmpl"), model, sampling, prompt=_prompt(body))
+        req = GenerateRequest(gateway.new_id("cmpl"), model, sampling, prompt=_prompt(body), prediction=prediction)
     return await _respond(request, req, body, started, stream, include_usage, chat=chat)
 
 

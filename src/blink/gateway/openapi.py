@@ -59,23 +59,34 @@ def _sampling(max_tokens: int) -> dict[str, Any]:
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "ignore_eos": {"type": "boolean", "description": "blink: generate max_tokens whatever the model says"},
         "cache": {"type": "boolean", "description": "blink: may the semantic cache answer (default true)"},
+        "prediction": {
+            "type": "object",
+            "description": "Predicted Outputs: text the answer is expected to copy (verified: the answer is the same)",
+            "required": ["type", "content"],
+            "properties": {"type": {"type": "string", "enum": ["content"]}, "content": _text()},
+        },
     }
     # as in OpenAI's API, an optional field given as null is as if absent (its default)
     return {"model": _ref("Model"), **{k: {"anyOf": [v, {"type": "null"}]} for k, v in optional.items()}}
 
 
-def _message() -> dict[str, Any]:
+def _text() -> dict[str, Any]:
+    """A string, or a list of {type: "text", text} parts."""
     text_part = {
         "type": "object",
         "required": ["type", "text"],
         "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
     }
+    return {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}
+
+
+def _message() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["role", "content"],
         "properties": {
             "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+            "content": _text(),
         },
     }
 

@@ -116,6 +116,31 @@ def get_stop(obj: dict[str, Any]) -> tuple[str, ...]:
     return tuple(s for s in value if s)
 
 
+def content_text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of {type: "text", text} parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise InvalidRequest(f"'{where}' parts must be {{type: 'text', text: string}}", param=where)
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequest(f"'{where}' must be a string or a list of text parts", param=where)
+
+
+def get_prediction(obj: dict[str, Any], key: str = "prediction", param: str = "prediction") -> str | None:
+    """OpenAI's Predicted Outputs: `{type: "content", content: string | [{type: "text", text}]}`, the text the
+    answer is expected to copy; None when absent, null or empty."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") != "content" or "content" not in value:
+        raise InvalidRequest(f"'{param}' must be {{type: 'content', content: string or text parts}}", param=param)
+    return content_text(value["content"], f"{param}.content") or None
+
+
 def get_sampling(
     obj: dict[str, Any], *, max_tokens_keys: tuple[str, ...], max_model_len: int, default_temperature: float
 ) -> Sampling:

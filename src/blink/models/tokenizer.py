@@ -150,11 +150,13 @@ class Tokenizer:
         i = self._hf.token_to_id(token)
         return None if i is None else int(i)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """The tokens of `text` read as plain text (a completion prompt, any client text): a control token's name
-        is encoded as its characters, never as the control token. The model's BOS comes first if it wants one.
+        is encoded as its characters, never as the control token. The model's BOS comes first if it wants one
+        and `bos` (False: text that continues others, such as a predicted answer).
         (transformers: `encode(text, split_special_tokens=True)`, without an EOS its post-processor may add.)"""
-        return self._prefix + list(self._plain.encode(text, add_special_tokens=False).ids)
+        ids = list(self._plain.encode(text, add_special_tokens=False).ids)
+        return self._prefix + ids if bos else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         text = b"".join(self._bytes[i] for i in ids)

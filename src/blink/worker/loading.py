@@ -88,7 +88,7 @@ def warm_up(serving: Serving, config: EngineConfig, *, replica_id: str) -> None:
     engine.add_request("warmup-full", filler, SamplingParams(max_tokens=1, temperature=0))
     while engine.has_work():
         engine.step()
-    if engine.proposer is not None:  # the speculation policy decides from this machine's step costs
+    if engine.speculation.max_tokens > 0:  # the speculation policy decides from this machine's step costs
         costs = engine.measure_step_cost()  # only sizes the KV pool holds
         engine.speculation.reset()
         log.info(

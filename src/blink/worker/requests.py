@@ -99,6 +99,7 @@ class Requests:
                 priority=req.priority,
                 prefill_only=req.prefill_only,
                 tenant=req.tenant,
+                prediction=self.tokenizer.encode(req.prediction, bos=False) if req.prediction else None,
             )
         except ContextTooLong as exc:
             raise ContextLengthExceeded(str(exc), param=exc.param) from None
@@ -174,6 +175,8 @@ class Requests:
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
             cached_tokens=out.cached_tokens,
+            prediction_accepted=out.prediction_accepted,
+            prediction_rejected=out.prediction_rejected,
             timings=timings(active, out),
             created=ended,
         )

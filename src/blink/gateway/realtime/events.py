@@ -131,11 +131,19 @@ class ResponseShape:
         return item, events
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+def usage(prompt: int, completion: int, cached: int, prediction: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """The Realtime API's usage; `prediction`: (accepted, rejected) tokens of response.create's prediction, in
+    output_token_details under chat completions' names."""
+    accepted, rejected = prediction
     return {
         "input_tokens": prompt,
         "output_tokens": completion,
         "total_tokens": prompt + completion,
         "input_token_details": {"cached_tokens": cached, "text_tokens": prompt, "audio_tokens": 0},
-        "output_token_details": {"text_tokens": completion, "audio_tokens": 0},
+        "output_token_details": {
+            "text_tokens": completion,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": rejected,
+        },
     }

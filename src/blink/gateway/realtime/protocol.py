@@ -110,6 +110,7 @@ class ResponseCreate(ClientEvent):
     input: tuple[InputItem, ...] | None  # None: the conversation
     metadata: dict[str, str] | None
     traceparent: str | None  # W3C trace context of the client's action: the trace joins it
+    prediction: str | None = None  # blink: the text the answer is expected to copy (as chat completions' field)
 
 
 @dataclass(frozen=True)
@@ -211,13 +212,16 @@ class Parser:
         traceparent = event.get("traceparent")
         return ResponseCreate(
             event_id,
-            settings.merged({k: x for k, x in overrides.items() if k != "type"}, "response", self.server),
+            settings.merged(
+                {k: x for k, x in overrides.items() if k not in ("type", "prediction")}, "response", self.server
+            ),
             conversation == "auto",
             None
             if raw_input is None
             else tuple(_input_item(x, f"response.input[{i}]") for i, x in enumerate(raw_input)),
             metadata,
             traceparent if isinstance(traceparent, str) else None,
+            v.get_prediction(overrides, param="response.prediction"),
         )
 
     def _response_cancel(self, event: dict[str, Any], event_id: str | None, settings: SessionSettings) -> ClientEvent:

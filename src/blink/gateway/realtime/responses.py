@@ -91,7 +91,12 @@ class Responses:
         )
         session_id = self.conversation.session_id
         request = GenerateRequest(
-            self.gateway.new_id("resp"), settings.model, sampling, messages=(), session_id=session_id
+            self.gateway.new_id("resp"),
+            settings.model,
+            sampling,
+            messages=(),
+            session_id=session_id,
+            prediction=event.prediction,
         )
         shape = ResponseShape(
             request.request_id,
@@ -201,7 +206,9 @@ class Responses:
         extra: dict[str, Any] = {"cache": generation.cache_status}
         if generation.lookup is not None and generation.lookup.hit is not None:
             extra["cache_similarity"] = round(generation.lookup.hit.similarity, 4)
-        extra["usage"] = usage(prompt, fin.completion_tokens, fin.cached_tokens)
+        extra["usage"] = usage(
+            prompt, fin.completion_tokens, fin.cached_tokens, (fin.prediction_accepted, fin.prediction_rejected)
+        )
         timings = {"prompt_tokens": prompt, "cached_tokens": fin.cached_tokens, **preload}
         extra["timings"] = {**generation.timings(), **timings}
         item, events = shape.closing(status, details, generation.text, extra)
