@@ -36,7 +36,7 @@ from blink.models import loader, quant, source
 from blink.models.llama import CausalAttention, LlamaModel
 from blink.models.tokenizer import Tokenizer
 
-FORMATS = ("fp32", "bf16", "int8", "w8a8")
+FORMATS = ("fp32", "bf16", "int8", "w8a8", "q4")
 # timed only: w8a8 linear layers on torch's int8 ops instead of blink's C kernel, the same numbers
 TIMED = (*FORMATS, "w8a8-torch")
 PREFILL_LENGTHS = (100, 500)

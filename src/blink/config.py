@@ -24,7 +24,7 @@ def _help(
     return field(default=default, metadata=metadata)
 
 
-WEIGHT_FORMATS = ("w8a8", "int8", "fp32", "bf16")
+WEIGHT_FORMATS = ("w8a8", "q4", "int8", "fp32", "bf16")
 SPECULATIVE_POLICIES = ("adaptive", "always")
 
 
@@ -92,10 +92,11 @@ class EngineConfig:
         advanced=True,
     )
     weights: str = _help(
-        "weight format of the linear layers (w8a8: int8 weights and activations, fastest on CPU; int8: int8 "
-        "weight-only, closest to fp32)",
-        "w8a8",
-        choices=WEIGHT_FORMATS,
+        "weight format of the linear layers (auto: q4 for a model that comes with 4-bit weights, else w8a8; "
+        "q4: 4-bit weights in blink's C kernel, the GGUF's Q4_1 blocks kept exactly; w8a8: int8 weights and "
+        "activations; int8: int8 weight-only, closest to fp32)",
+        "auto",
+        choices=("auto", *WEIGHT_FORMATS),
     )
     native_kernels: bool = _help(
         "run w8a8 layers and decode attention in blink's C kernels (built at install; AVX-512 VNNI or AVX2), "

@@ -15,10 +15,11 @@ import openai
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from blink.config import EngineConfig
+from blink.config import EngineConfig, default_cache_dir
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.models import loader, quant
+from blink.worker import loading
 from tests.e2e.conftest import MODEL, Server, serving
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,8 @@ MESSAGES = [{"role": "user", "content": "Add a docstring to this function:\n\n" 
 def plain_answer(model_dir) -> str:  # type: ignore[no-untyped-def]
     """The same request decoded in-process without speculation (same weights format as the server's default)."""
     model, tok = loader.load(model_dir)
-    quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT))
+    weights = loading.weights_for(MODEL, EngineConfig(), default_cache_dir())
+    quant.convert(model, weights, tok.encode(quant.CALIBRATION_TEXT))
     engine = LLMEngine(model, tok.stop_token_ids, EngineConfig(max_model_len=512))
     ids = engine.generate(tok.encode_chat(MESSAGES), SamplingParams(max_tokens=80, temperature=0))
     return tok.decode([t for t in ids if t not in tok.stop_token_ids])
@@ -118,9 +120,9 @@ def test_a_prediction_gives_the_same_answer_and_usage_reports_what_was_kept(
         assert details.accepted_prediction_tokens is not None and details.rejected_prediction_tokens is not None
         kept[name] = (details.accepted_prediction_tokens, details.rejected_prediction_tokens)
         total = answer.usage.completion_tokens
-    # all but the first token (the prefill's) can come from the answer itself; the file is copied in part
+    # all but the first token (the prefill's) can come from the answer itself; of the file, what prompt lookup
+    # (which finds it in the prompt) did not guess first
     assert kept["exact"][0] >= 0.8 * total and kept["exact"][1] <= 4
-    assert kept["file"][0] > 0
     assert kept["unrelated"][0] <= 2
 
 

@@ -193,3 +193,69 @@ def attend_decode(
         dim**-0.5,
         torch.get_num_threads(),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# q4: 4-bit weights in blocks of 32 inputs (llama.cpp's Q4_1), activations int8 per 32 (its Q8_1); see _q4.c
+
+Q4_GROUP = 32
+Q4_LEVELS = ("portable", "avx2")
+
+
+def q4_best_level() -> int:
+    """The fastest level of the q4 kernel on this CPU (an index into Q4_LEVELS); -1 without the extension."""
+    return -1 if _native is None else int(_native.q4_best_level())
+
+
+def q4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 [N, K] (K a multiple of 32) -> (q uint8 [N, K] in 0..15, d fp16 [N, K/32], m fp16 [N, K/32]) with
+    w ~ d * q + m, as llama.cpp quantizes Q4_1 (min and max of each block of 32; q = trunc((w - min) / d + 0.5)):
+    the weights of a Q4_1 GGUF come back as the same blocks."""
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // Q4_GROUP, Q4_GROUP)
+    low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    d = (high - low) / 15.0
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = ((blocks - low.unsqueeze(-1)) * inverse.unsqueeze(-1) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), d.half(), low.half()
+
+
+def q4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(q [N, K], d and m [N, K/32]) -> the kernel's layout, uint8 [N/16 (padded), K/32, 320]: per group, 8 steps
+    of 4 inputs x 16 channels as nibbles (channel c in the low nibble of byte c * 4 + i, channel c + 8 in its high
+    one), then the 16 channels' d and m as fp16. Padding channels are zero."""
+    n, k = q.shape
+    groups, np_ = k // Q4_GROUP, -(-n // BLOCK) * BLOCK
+    qp = torch.zeros(np_, k, dtype=torch.uint8)
+    qp[:n] = q
+    dp, mp = torch.zeros(np_, groups, dtype=torch.float16), torch.zeros(np_, groups, dtype=torch.float16)
+    dp[:n], mp[:n] = d, m
+    # [blocks, 16, groups, 8 steps, 4] -> [blocks, groups, steps, 16 channels, 4 inputs]
+    steps = qp.view(np_ // BLOCK, BLOCK, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    nibbles = steps[:, :, :, :8] | (steps[:, :, :, 8:] << 4)  # [blocks, groups, steps, 8, 4]
+    nibbles = nibbles.reshape(np_ // BLOCK, groups, 256)
+    scales = torch.stack([dp.view(np_ // BLOCK, BLOCK, groups), mp.view(np_ // BLOCK, BLOCK, groups)], dim=1)
+    scales = scales.permute(0, 3, 1, 2).contiguous().view(torch.uint8).reshape(np_ // BLOCK, groups, 64)
+    return torch.cat([nibbles, scales], dim=-1).contiguous()
+
+
+def q4_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, level: int
+) -> torch.Tensor:
+    """x fp32 [M, K] -> [M, out_features] fp32 through the q4 kernel; `level` at most `q4_best_level()`."""
+    assert _native is not None
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    _native.q4_linear(
+        x.data_ptr(),
+        m,
+        k,
+        packed.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        out_features,
+        torch.get_num_threads(),
+        level,
+    )
+    return y

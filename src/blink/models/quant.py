@@ -128,6 +128,30 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
 
 
+class Q4Linear(nn.Module):
+    """q4: y = x W^T with W 4-bit in blocks of 32 inputs (d * q + m, q in 0..15, llama.cpp's Q4_1) and x int8 in
+    blocks of 32 (its Q8_1), in blink's C kernel (models/_q4.c): 5 bits a weight, 0.6 of w8a8's bytes. Each
+    (row, channel) is summed in the same order whatever the batch: batch-invariant as the int8 formats."""
+
+    weight_packed: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear, *, level: int | None = None) -> None:
+        super().__init__()
+        self.level = native.q4_best_level() if level is None else level
+        if self.level < 0:
+            raise ValueError("--weights q4 needs blink's C kernel, which this install did not build")
+        self.register_buffer("weight_packed", native.q4_pack(*native.q4_quantize(linear.weight.detach())))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return native.q4_linear(x, self.weight_packed, self.bias, self.out_features, self.level)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q4 ({native.Q4_LEVELS[self.level]})"
+
+
 # calibration for w8a8 smoothing: prose, code and a chat turn, as the model will see them
 CALIBRATION_TEXT = (
     "In the morning the baker opened the shop and set out bread, rolls and cakes. Customers came in from the "
@@ -164,6 +188,24 @@ def _input_absmax(model: LlamaModel, token_ids: list[int]) -> dict[str, torch.Te
     return seen
 
 
+# GGUF weight types of 4 bits or fewer: a model that comes in one of these loses nothing more in q4
+FOUR_BIT_OR_LESS = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XS", "IQ1_S")
+
+
+def choose(weights: str, source_types: dict[str, int], *, native_kernels: bool = True) -> str:
+    """--weights, with `auto` resolved for a model whose weight tensors have these GGML types (count per type;
+    empty for safetensors): q4 when most of them are 4-bit or less and the q4 kernel runs here (measured on
+    SmolLM2-135M Q4_1: 1.2x w8a8's decode speed and closer to the GGUF's own weights, since q4 holds its blocks
+    exactly; benchmarks/results/engine.md), else w8a8 (16-bit sources: int8 is closer to them than 4 bits)."""
+    if weights != "auto":
+        return weights
+    quantized = {t: n for t, n in source_types.items() if t not in ("F32", "F16", "BF16")}
+    most = max(quantized, key=lambda t: quantized[t], default="")
+    if most in FOUR_BIT_OR_LESS and native_kernels and native.q4_best_level() >= 0:
+        return "q4"
+    return "w8a8"
+
+
 def convert(
     model: LlamaModel, weights: str, calibration_ids: list[int] | None = None, *, native_kernels: bool = True
 ) -> LlamaModel:
@@ -178,14 +220,18 @@ def convert(
         for name, buf in keep.items():  # rotary tables stay fp32: bf16 angles drift at long positions
             setattr(model, name, buf)
         return model
-    if weights in ("int8", "w8a8"):
-        absmax = _input_absmax(model, calibration_ids) if calibration_ids and weights == "w8a8" else {}
+    if weights == "q4" and not (native_kernels and native.q4_best_level() >= 0):
+        raise ValueError("--weights q4 runs only in blink's C kernel: drop --no-native-kernels, or build it")
+    if weights in ("int8", "w8a8", "q4"):
+        absmax = _input_absmax(model, calibration_ids) if calibration_ids and weights != "int8" else {}
         for parent_name, parent in list(model.named_modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     full = f"{parent_name}.{name}" if parent_name else name
                     if weights == "int8":
                         quantized: nn.Module = Int8WeightOnly(child)
+                    elif weights == "q4" and full != "lm_head" and child.in_features % native.Q4_GROUP == 0:
+                        quantized = Q4Linear(child)
                     else:
                         quantized = Int8Linear(child, absmax.get(full), level=None if native_kernels else -1)
                     setattr(parent, name, quantized)

@@ -8,12 +8,14 @@ import contextlib
 import ctypes
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from blink.config import EngineConfig, ModelConfig, parse_speculative
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.engine.speculative import DraftModelProposer, NgramProposer, Proposer
 from blink.models import loader, native, quant, source
+from blink.models.gguf_reader import GGUFModel
 from blink.models.llama import LlamaModel
 from blink.models.tokenizer import Tokenizer
 from blink.worker import shared_prefixes
@@ -31,16 +33,26 @@ def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress:
     folder = loader.prepare(source.resolve(model.model), model.cache_dir, progress=progress)
     target, tokenizer = loader.load(folder, context=engine.max_model_len)
     calibration = tokenizer.encode(quant.CALIBRATION_TEXT)
-    quant.convert(target, engine.weights, calibration, native_kernels=engine.native_kernels)
-    if engine.weights == "w8a8":
+    weights = weights_for(model.model, engine, model.cache_dir)
+    quant.convert(target, weights, calibration, native_kernels=engine.native_kernels)
+    if weights in ("w8a8", "q4"):
         kernel = native.describe() if engine.native_kernels else "torch ops (--no-native-kernels)"
-        log.info("replica %s: w8a8 layers run on %s", replica_id, kernel)
+        log.info("replica %s: %s layers run on %s", replica_id, weights, kernel)
     proposer = _proposer(target, tokenizer, model, engine, progress=progress)
     path = engine.shared_prefixes
     shared = shared_prefixes.tokenize(shared_prefixes.read(path), tokenizer) if path else []
     llm = LLMEngine(target, tokenizer.stop_token_ids, engine, proposer=proposer, shared_prefixes=shared)
     _give_back_freed_memory()
     return Serving(llm, tokenizer)
+
+
+def weights_for(name: str, engine: EngineConfig, cache_dir: Path) -> str:
+    """--weights for the model `name`, `auto` resolved from the types its GGUF stores (quant.choose)."""
+    if engine.weights != "auto":
+        return engine.weights
+    src = source.resolve(name)
+    types = GGUFModel(src.locate(cache_dir)).weight_types() if src.kind == "gguf" else {}
+    return quant.choose("auto", types, native_kernels=engine.native_kernels)
 
 
 def _give_back_freed_memory() -> None:
@@ -68,7 +80,8 @@ def _proposer(
             "needs the same tokenizer"
         )
     calibration = draft_tokenizer.encode(quant.CALIBRATION_TEXT)
-    quant.convert(draft, engine.weights, calibration, native_kernels=engine.native_kernels)
+    weights = weights_for(draft_name, engine, model.cache_dir)
+    quant.convert(draft, weights, calibration, native_kernels=engine.native_kernels)
     return DraftModelProposer(draft, engine, vocab_size=target.config.vocab_size)
 
 
