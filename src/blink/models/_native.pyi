@@ -34,5 +34,19 @@ def attend_decode(
     scale: float,
     threads: int,
 ) -> None: ...
-def q4_linear(x: int, m: int, k: int, w: int, bias: int, y: int, n: int, threads: int, level: int) -> None: ...
+def q4_linear(
+    x: int,
+    m: int,
+    k: int,
+    w: int,
+    bias: int,
+    y: int,
+    n: int,
+    threads: int,
+    level: int,
+    mode: int,
+    norm: int,
+    eps: float,
+    res: int,
+) -> None: ...
 def q4_best_level() -> int: ...

@@ -14,7 +14,12 @@
    Layout, per block of 16 output channels and group of 32 inputs, 320 bytes: 8 steps of 4 inputs x 16 channels
    as nibbles (byte c * 4 + i of a step holds input i of channel c in its low nibble and of channel c + 8 in its
    high one: one 32-byte load gives two vectors of 8 channels x 4 inputs), then d[16] and m[16] as fp16. A block's
-   groups follow each other, so a block is one stream. */
+   groups follow each other, so a block is one stream.
+
+   Fused around the product (one call where torch ran five to ten small ops), in the same order for every row:
+     prologue RMSNORM  x <- (x * (1 / sqrt(mean(x^2) + eps))) * norm_weight   (the layer's norm before it)
+     prologue SWIGLU   x <- silu(x[:, :K]) * x[:, K:2K] with silu(g) = g / (1 + exp(-g))   (input [M, 2K])
+     epilogue          y <- (acc + bias) + residual                                          (the residual add) */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -39,12 +44,15 @@
 #define Q4_UNIT 320      /* bytes per (block, group): nibbles, then d[16], m[16] as fp16 */
 #define Q4_ROWS 4        /* activation rows sharing one pass over a block */
 
+enum { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SWIGLU = 2 };
+
 typedef struct {
     const int8_t *xq;   /* [M, K] */
     const float *dx;    /* [M, G] */
     const float *sx;    /* [M, G] */
     const uint8_t *w;   /* [N/16][G][320] */
     const float *bias;  /* [N] or NULL */
+    const float *res;   /* [M, N] or NULL: added to the output */
     float *y;           /* [M, N] */
     int64_t m, k, n, groups;
 } q4_job;
@@ -73,8 +81,12 @@ static inline float half_to_float(uint16_t h) {
 
 static inline void q4_store(const q4_job *j, int64_t row, int64_t n0, const float *acc) {
     float *y = j->y + row * j->n;
+    const float *res = j->res ? j->res + row * j->n : NULL;
     const int64_t count = j->n - n0 < Q4_CH ? j->n - n0 : Q4_CH;
-    for (int64_t c = 0; c < count; c++) y[n0 + c] = j->bias ? acc[c] + j->bias[n0 + c] : acc[c];
+    for (int64_t c = 0; c < count; c++) {
+        float v = j->bias ? acc[c] + j->bias[n0 + c] : acc[c];
+        y[n0 + c] = res ? v + res[n0 + c] : v;
+    }
 }
 
 static void q4_block_portable(const q4_job *j, int64_t b) {
@@ -182,6 +194,25 @@ static void q4_quantize_row(const float *x, int64_t k, int8_t *xq, float *dx, fl
     }
 }
 
+/* row r's input after the prologue: `x` itself, or `tmp` filled with the normalised / gated row */
+static const float *q4_prologue(const float *x, int64_t r, int64_t k, int mode, const float *norm, float eps,
+                                float *tmp) {
+    if (mode == PRO_RMSNORM) {
+        const float *v = x + r * k;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < k; i++) ss = ss + v[i] * v[i];
+        const float inv = 1.0f / sqrtf(ss / (float)k + eps);
+        for (int64_t i = 0; i < k; i++) tmp[i] = (v[i] * inv) * norm[i];
+        return tmp;
+    }
+    if (mode == PRO_SWIGLU) {
+        const float *gate = x + r * 2 * k, *up = gate + k;
+        for (int64_t i = 0; i < k; i++) tmp[i] = (gate[i] / (1.0f + expf(-gate[i]))) * up[i];
+        return tmp;
+    }
+    return x + r * k;
+}
+
 static int q4_best_level(void) {
 #ifdef Q4_X86
     __builtin_cpu_init();
@@ -192,12 +223,19 @@ static int q4_best_level(void) {
 
 PyObject *blink_q4_linear(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long px, pw, pbias, py;
+    unsigned long long px, pw, pbias, py, pnorm, pres;
     long long m, k, n, threads;
-    int level;
-    if (!PyArg_ParseTuple(args, "KLLKKKLLi", &px, &m, &k, &pw, &pbias, &py, &n, &threads, &level)) return NULL;
+    int level, mode;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KLLKKKLLiiKfK", &px, &m, &k, &pw, &pbias, &py, &n, &threads, &level, &mode, &pnorm,
+                          &eps, &pres))
+        return NULL;
     if (m < 0 || k <= 0 || n <= 0 || k % Q4_GROUP != 0) {
         PyErr_SetString(PyExc_ValueError, "bad shapes (inputs must be a multiple of 32)");
+        return NULL;
+    }
+    if (mode < PRO_NONE || mode > PRO_SWIGLU || (mode == PRO_RMSNORM && !pnorm)) {
+        PyErr_SetString(PyExc_ValueError, "bad prologue");
         return NULL;
     }
     if (level < 0 || level > q4_best_level()) {
@@ -206,12 +244,14 @@ PyObject *blink_q4_linear(PyObject *self, PyObject *args) {
     }
     const int64_t groups = k / Q4_GROUP;
     const int nt = (int)(threads > 0 ? threads : 1);
-    char *buf = (char *)malloc((size_t)m * (size_t)k + 2 * (size_t)m * (size_t)groups * sizeof(float) + 64);
+    /* dx and sx [m, groups], a prologue row [k] per thread, then the int8 rows [m, k] */
+    char *buf = (char *)malloc(((size_t)2 * m * groups + (size_t)nt * k) * sizeof(float) + (size_t)m * k + 64);
     if (!buf) return PyErr_NoMemory();
-    float *dx = (float *)buf, *sx = dx + m * groups;
-    int8_t *xq = (int8_t *)(sx + m * groups);
-    q4_job j = {xq, dx, sx, (const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pbias, (float *)(uintptr_t)py,
-                m, k, n, groups};
+    float *dx = (float *)buf, *sx = dx + m * groups, *tmp = sx + m * groups;
+    int8_t *xq = (int8_t *)(tmp + (size_t)nt * k);
+    q4_job j = {xq, dx, sx, (const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pbias,
+                (const float *)(uintptr_t)pres, (float *)(uintptr_t)py, m, k, n, groups};
+    const float *norm = (const float *)(uintptr_t)pnorm;
     const int64_t blocks = (n + Q4_CH - 1) / Q4_CH;
     void (*fn)(const q4_job *, int64_t) = q4_block_portable;
 #ifdef Q4_X86
@@ -220,7 +260,14 @@ PyObject *blink_q4_linear(PyObject *self, PyObject *args) {
     const float *x = (const float *)(uintptr_t)px;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && m >= 16)
-    for (int64_t r = 0; r < m; r++) q4_quantize_row(x + r * k, k, xq + r * k, dx + r * groups, sx + r * groups);
+    for (int64_t r = 0; r < m; r++) {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        const float *row = q4_prologue(x, r, k, mode, norm, eps, tmp + (size_t)t * k);
+        q4_quantize_row(row, k, xq + r * k, dx + r * groups, sx + r * groups);
+    }
     if (m > 0) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && blocks > 1)
         for (int64_t b = 0; b < blocks; b++) fn(&j, b);

@@ -123,12 +123,22 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: AttentionBackend,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`residual`: added to the output by o_proj itself (a fused layer's, see DecoderLayer.fused)."""
         n, h, kv = x.shape[0], self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # [N, H + 2 KVH, D]
         qk = self.norm_qk(qkv[:, : h + kv])
         qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin  # rotary on q and k at once (sin signed, see rotate_half)
         out = backend.attend(self.layer, qk[:, :h], qk[:, h:], qkv[:, h + kv :])  # [N, H, D]
+        if residual is not None:
+            return self.o_proj(out.reshape(n, h * self.head_dim), residual)
         return self.o_proj(out.reshape(n, h * self.head_dim))
 
     def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
@@ -144,7 +154,10 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`residual`: a fused layer's (see DecoderLayer.fused): its projections norm the input, gate and add."""
+        if residual is not None:
+            return self.down_proj(self.gate_up_proj(x), residual)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -164,7 +177,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = self.mlp_type(cfg)
 
+    # True once the q4 kernel took over this layer's norms, SwiGLU and residual adds (quant.fuse_layers): the
+    # layer is then four native calls and the attention between them
+    fused = False
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        if self.fused:
+            x = self.self_attn(x, cos, sin, backend, residual=x)
+            return self.mlp(x, residual=x)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 

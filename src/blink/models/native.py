@@ -239,14 +239,32 @@ def q4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.cat([nibbles, scales], dim=-1).contiguous()
 
 
+Q4_PLAIN, Q4_RMSNORM, Q4_SWIGLU = 0, 1, 2  # the kernel's prologues (see _q4.c)
+
+
 def q4_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, level: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    level: int,
+    *,
+    prologue: int = Q4_PLAIN,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x fp32 [M, K] -> [M, out_features] fp32 through the q4 kernel; `level` at most `q4_best_level()`."""
+    """x fp32 [M, K] ([M, 2K] for Q4_SWIGLU) -> [M, out_features] fp32 through the q4 kernel, `level` at most
+    `q4_best_level()`: with Q4_RMSNORM x is first normalised (`norm` [K] fp32, `eps`), with Q4_SWIGLU it is
+    silu(x[:, :K]) * x[:, K:]; `residual` [M, out_features] is added to the result."""
     assert _native is not None
     x = x.contiguous()
-    m, k = x.shape
+    m = x.shape[0]
+    k = x.shape[1] // 2 if prologue == Q4_SWIGLU else x.shape[1]
     y = torch.empty(m, out_features, dtype=torch.float32)
+    if residual is not None:
+        assert residual.shape == y.shape and residual.dtype == torch.float32
+        residual = residual.contiguous()
     _native.q4_linear(
         x.data_ptr(),
         m,
@@ -257,5 +275,9 @@ def q4_linear(
         out_features,
         torch.get_num_threads(),
         level,
+        prologue,
+        0 if norm is None else norm.data_ptr(),
+        eps,
+        0 if residual is None else residual.data_ptr(),
     )
     return y

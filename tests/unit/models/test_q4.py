@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from blink.config import EngineConfig
+from blink.engine.llm_engine import LLMEngine
 from blink.models import native, quant
+from blink.models.llama import CausalAttention, LlamaConfig, LlamaModel
+from tests.tiny_models import greedy_alone_then_batched
 
 pytestmark = pytest.mark.skipif(native.q4_best_level() < 0, reason="the C kernel is not built")
 LEVELS = list(range(native.q4_best_level() + 1))
@@ -95,3 +99,52 @@ def test_auto_takes_q4_for_a_4_bit_model_and_w8a8_for_the_rest() -> None:
     assert quant.choose("auto", {}) == "w8a8"  # safetensors
     assert quant.choose("auto", {"Q4_1": 150}, native_kernels=False) == "w8a8"
     assert quant.choose("int8", {"Q4_1": 150}) == "int8"  # asked for: kept
+
+
+def tiny_llama(seed: int) -> LlamaModel:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attention_bias=False,
+    )
+    model = LlamaModel(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def test_fused_layers_compute_what_the_unfused_ones_do() -> None:
+    """The norms, SwiGLU and residual adds inside the kernel calls: the same model, to float rounding."""
+    fused, plain = tiny_llama(3), tiny_llama(3)
+    quant.convert(fused, "q4")
+    original = quant.fuse_layers
+    try:
+        quant.fuse_layers = lambda model: 0  # type: ignore[assignment]
+        quant.convert(plain, "q4")
+    finally:
+        quant.fuse_layers = original
+    assert all(layer.fused for layer in fused.layers) and not any(layer.fused for layer in plain.layers)
+    ids = list(range(5, 45))
+    n = len(ids)
+    with torch.no_grad():
+        got = fused(torch.tensor(ids), torch.arange(n), CausalAttention(fused.config), torch.arange(n))
+        want = plain(torch.tensor(ids), torch.arange(n), CausalAttention(plain.config), torch.arange(n))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_a_fused_q4_engine_gives_each_prompt_the_same_tokens_alone_and_batched() -> None:
+    model = quant.convert(tiny_llama(4), "q4")
+    prompts = [[1 + (i * j) % 90 for j in range(8 + 5 * i)] for i in range(6)]
+    config = EngineConfig(max_model_len=128, kv_cache_mb=4, block_size=4)
+    batched = greedy_alone_then_batched(LLMEngine(model, frozenset(), config), prompts, 12)
+    alone = [greedy_alone_then_batched(LLMEngine(model, frozenset(), config), [p], 12)[0] for p in prompts]
+    assert batched == alone
