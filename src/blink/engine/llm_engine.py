@@ -60,7 +60,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, model.positions)
         self.vocab_size = model.config.vocab_size
         self.stop_token_ids = stop_token_ids
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.dtype
         per_block = PagedKVCache.bytes_per_block(model, config.block_size, dtype)
         num_blocks = config.kv_cache_mb * 2**20 // per_block
         if num_blocks < -(-self.max_model_len // config.block_size):

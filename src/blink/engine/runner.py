@@ -35,7 +35,7 @@ from blink.models.llama import LlamaModel
 class ModelRunner:
     def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int, native_kernels: bool = True) -> None:
         self.model = model
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype = model.dtype
         # decode attention in the C kernel: fp32 caches (every format but bf16), when it is built
         self.native = native_kernels and native.available() and self.dtype == torch.float32
         self.kv = PagedKVCache(model, num_blocks, block_size, self.dtype)

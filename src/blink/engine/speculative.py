@@ -133,7 +133,7 @@ class DraftModelProposer:
 
     def __init__(self, model: LlamaModel, config: EngineConfig, *, vocab_size: int, catch_up_tokens: int = 256) -> None:
 
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.dtype
         num_blocks = config.kv_cache_mb * 2**20 // PagedKVCache.bytes_per_block(model, config.block_size, dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=False)
         self.runner = ModelRunner(

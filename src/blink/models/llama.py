@@ -266,6 +266,11 @@ class LlamaModel(nn.Module):
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(seen.values())
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' (and the KV cache's) dtype: fp32, or bf16 for --weights bf16."""
+        return self.norm.weight.dtype
+
     def fold_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
         """Turn the checkpoint's tensors (named as this module's, q/k/v and gate/up fused) into the ones the
         modules compute with, in place. Llama's are used as they are."""

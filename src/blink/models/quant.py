@@ -241,6 +241,22 @@ def _input_absmax(model: LlamaModel, token_ids: list[int]) -> dict[str, torch.Te
     return seen
 
 
+class HalfEmbedding(nn.Module):
+    """Token embeddings kept in fp16, looked up as fp32: a lookup reads one row per token, so half of fp32's
+    memory costs nothing in speed (Qwen2.5-1.5B's untied table: 0.9 GB -> 0.45 GB). The quantized formats'
+    (their lm_head has its own copy)."""
+
+    weight16: torch.Tensor
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.register_buffer("weight16", embedding.weight.detach().to(torch.float16).contiguous())
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.weight16).float()
+
+
 # GGUF weight types of 4 bits or fewer: a model that comes in one of these loses nothing more in q4
 FOUR_BIT_OR_LESS = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XS", "IQ1_S")
 
@@ -288,6 +304,8 @@ def convert(
                     else:
                         quantized = Int8Linear(child, absmax.get(full), level=None if native_kernels else -1)
                     setattr(parent, name, quantized)
-    if weights == "q4":
-        fuse_layers(model)
+        if weights == "q4":
+            fuse_layers(model)
+        if isinstance(getattr(model, "embed_tokens", None), nn.Embedding):
+            model.embed_tokens = HalfEmbedding(model.embed_tokens)  # type: ignore[assignment]
     return model
