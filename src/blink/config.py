@@ -92,15 +92,15 @@ class EngineConfig:
         advanced=True,
     )
     weights: str = _help(
-        "weight format of the linear layers (auto: q4 for a model that comes with 4-bit weights, else w8a8; "
+        "weight format of the linear layers (auto: q4 for a Q4_0/Q4_1 GGUF, else w8a8; "
         "q4: 4-bit weights in blink's C kernel, the GGUF's Q4_1 blocks kept exactly; w8a8: int8 weights and "
         "activations; int8: int8 weight-only, closest to fp32)",
         "auto",
         choices=("auto", *WEIGHT_FORMATS),
     )
     native_kernels: bool = _help(
-        "run w8a8 layers and decode attention in blink's C kernels (built at install; AVX-512 VNNI or AVX2), "
-        "faster than torch's ops with the same weights' numbers; --no-native-kernels: torch ops only",
+        "run q4 and w8a8 layers and decode attention in blink's C kernels (built at install; AVX-512 VNNI or AVX2); "
+        "--no-native-kernels: torch ops only (w8a8's same numbers, slower; no q4)",
         True,
         advanced=True,
     )
@@ -117,8 +117,8 @@ class EngineConfig:
         advanced=True,
     )
     prediction_tokens: int = _help(
-        "most tokens of a request's own prediction (OpenAI Predicted Outputs) verified per step; the policy "
-        "verifies fewer when the measured acceptance and step costs say they don't pay; 0: predictions are ignored",
+        "most tokens of a request's own prediction (OpenAI Predicted Outputs) verified per step, fewer when the "
+        "measured acceptance and step costs say they don't pay; 0: predictions are ignored",
         16,
         advanced=True,
     )

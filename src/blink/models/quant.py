@@ -257,20 +257,21 @@ class HalfEmbedding(nn.Module):
         return nn.functional.embedding(input_ids, self.weight16).float()
 
 
-# GGUF weight types of 4 bits or fewer: a model that comes in one of these loses nothing more in q4
-FOUR_BIT_OR_LESS = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XS", "IQ1_S")
+# GGUF weight types whose blocks q4's hold as they are (Q4_1 exactly; Q4_0's are Q4_1 blocks with m = -8 d)
+Q4_BLOCKS = ("Q4_0", "Q4_1")
 
 
 def choose(weights: str, source_types: dict[str, int], *, native_kernels: bool = True) -> str:
     """--weights, with `auto` resolved for a model whose weight tensors have these GGML types (count per type;
-    empty for safetensors): q4 when most of them are 4-bit or less and the q4 kernel runs here (measured on
-    SmolLM2-135M Q4_1: 1.2x w8a8's decode speed and closer to the GGUF's own weights, since q4 holds its blocks
-    exactly; benchmarks/results/engine.md), else w8a8 (16-bit sources: int8 is closer to them than 4 bits)."""
+    empty for safetensors): q4 when most of them are blocks q4 holds as they are and its kernel runs here, else
+    w8a8. Measured (benchmarks/results/perplexity*.md, against llama-perplexity on the same GGUF): SmolLM2 Q4_1
+    in q4 +0.8% (w8a8 +2.9%), 1.4x w8a8's decode speed; Qwen2.5-Coder-1.5B Q4_K_M in q4 +2.4%, re-quantized from
+    Q4_K's blocks, in w8a8 +2.0%: so K-quants and 16-bit sources take w8a8."""
     if weights != "auto":
         return weights
     quantized = {t: n for t, n in source_types.items() if t not in ("F32", "F16", "BF16")}
     most = max(quantized, key=lambda t: quantized[t], default="")
-    if most in FOUR_BIT_OR_LESS and native_kernels and native.q4_best_level() >= 0:
+    if most in Q4_BLOCKS and native_kernels and native.q4_best_level() >= 0:
         return "q4"
     return "w8a8"
 
