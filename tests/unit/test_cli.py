@@ -136,11 +136,13 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(
     assert main(["keys", "add", "bad name", "--file", str(path)]) == 2
 
 
+@pytest.mark.slow  # starts `blink serve` (~5 s)
 def test_an_open_server_refuses_a_public_address_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "--allow-unauthenticated" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts `blink serve` (~5 s)
 def test_a_broken_keys_file_stops_the_server_with_its_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -41,6 +41,7 @@ def test_the_document_loads_and_lists_every_route() -> None:
     }
 
 
+@pytest.mark.slow  # generated requests (schemathesis), ~4 s a mode
 @pytest.mark.parametrize("mode", list(GenerationMode))
 def test_generated_bodies_are_answered_as_the_document_says(serve: Serve, mode: GenerationMode) -> None:
     server = serve()

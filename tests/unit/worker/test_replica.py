@@ -67,6 +67,7 @@ def test_cancel_frees_the_sequence_within_one_step(model_dir: Path) -> None:
     with_replica(body)
 
 
+@pytest.mark.slow  # ~13 s: many requests through a real replica (the fast tier keeps the smaller replica tests)
 def test_bad_requests_fail_cleanly_and_the_replica_keeps_serving(model_dir: Path) -> None:
     async def body(bus: MemoryBus, replica: Replica) -> None:
         too_long = GenerateRequest("long", MODEL, Sampling(max_tokens=5), prompt="word " * 5000)
