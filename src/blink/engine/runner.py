@@ -6,14 +6,17 @@ decode row alone, whatever shares its step, and prompt rows by their position on
 batch-invariant too, so a token's logits never depend on its step's company:
 speculative decoding and plain decoding give the same greedy tokens.
 
-A step can be called off partway (`ModelRunner.interrupt`, set from another thread): attention checks it before
-each of the first three quarters of the layers and raises `StepInterrupted`. Nothing of the step counts then: the
-K/V it wrote lie past every sequence's `num_computed`, in blocks no other sequence reads, and are written again
-when the step is run again; no token was sampled, so no random stream moved.
+A decode-only step of a fused q4 model runs every layer in one native call (fused_decode.py), with the same numbers.
+
+A step can be called off partway (`ModelRunner.interrupt`, set from another thread): attention (or the native
+step) checks it before each of the first three quarters of the layers and raises `StepInterrupted`. Nothing of
+the step counts then: the K/V it wrote lie past every sequence's `num_computed`, in blocks no other sequence
+reads, and are written again when the step is run again; no token was sampled, so no random stream moved.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
@@ -25,11 +28,28 @@ from blink.engine.attention import (
     PagedAttention,
     PagedKVCache,
 )
+from blink.engine.fused_decode import FusedDecoder
 from blink.engine.sampler import Proposal, sample, verify
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import Sequence
 from blink.models import native
 from blink.models.llama import LlamaModel
+
+
+class Interrupt(threading.Event):
+    """`ModelRunner.interrupt`: an Event whose state native code sees too, as one byte it polls between layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.byte = ctypes.c_uint8(0)
+
+    def set(self) -> None:
+        self.byte.value = 1
+        super().set()
+
+    def clear(self) -> None:
+        self.byte.value = 0
+        super().clear()
 
 
 class ModelRunner:
@@ -43,10 +63,12 @@ class ModelRunner:
         self._offsets = torch.arange(block_size)
         self._generators: dict[str, torch.Generator | None] = {}
         # set from any thread to call off the step running (if it is interruptible and not too far along)
-        self.interrupt = threading.Event()
+        self.interrupt = Interrupt()
         self._cut = (3 * model.config.num_hidden_layers) // 4  # past it, finishing costs less than a redo
         cfg = model.config
         self.windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)] if cfg.sliding_window else None
+        # decode-only steps in one native call, where the model allows it (fused_decode.py)
+        self.fused = FusedDecoder.for_model(model, self.kv) if self.native else None
 
     def _stop(self, layer: int) -> bool:
         return layer < self._cut and self.interrupt.is_set()
@@ -139,13 +161,13 @@ class ModelRunner:
         elif decode_rows:
             heads = self.model.config.num_attention_heads
             decode = DecodeRows(self.kv, decode_starts, decode_rows, decode_context, heads)
-        backend = PagedAttention(
-            self.kv, torch.tensor(slot_mapping), chunks, decode, self._stop if interruptible else None, self.windows
-        )
-        logits = self.model(
-            torch.tensor(ids), torch.tensor(positions), backend, torch.tensor(sample_rows, dtype=torch.long)
-        )
-        return logits, where
+        step = (torch.tensor(ids), torch.tensor(positions), torch.tensor(slot_mapping))
+        logits_index = torch.tensor(sample_rows, dtype=torch.long)
+        if self.fused is not None and not chunks and isinstance(decode, NativeDecodeRows):
+            interrupt = self.interrupt.byte if interruptible else None
+            return self.fused.forward(*step, decode, logits_index, interrupt, self._cut), where
+        backend = PagedAttention(self.kv, step[2], chunks, decode, self._stop if interruptible else None, self.windows)
+        return self.model(step[0], step[1], backend, logits_index), where
 
     def run(
         self,

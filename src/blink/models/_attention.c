@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "_kernels.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -27,19 +29,6 @@
 #define CLONES
 #endif
 
-typedef struct {
-    const float *q;       /* [rows of the step][H][D] with strides */
-    int64_t q_row, q_head;
-    const float *k, *v;   /* cache [slots][KVH][D], contiguous */
-    float *out;           /* [rows of the step][H][D] with strides */
-    int64_t o_row, o_head;
-    const int64_t *rows;  /* [R]: each decode row's index in the step */
-    const int64_t *lens;  /* [R]: its number of keys */
-    const int64_t *offs;  /* [R]: where its sequence's slots start in `slots` */
-    const int64_t *slots;
-    int64_t heads, kv_heads, dim;
-    float scale;
-} attn_t;
 
 static inline float dot(const float *a, const float *b, int64_t d) {
     float part[LANES] = {0};
@@ -161,6 +150,57 @@ __attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a,
 }
 #endif
 
+static int grouped_path(const attn_t *a) {  /* the AVX-512 path: head_dim 64, at most G_MAX query heads per KV head */
+#ifdef ATTN_X86
+    __builtin_cpu_init();
+    return a->dim == 64 && a->heads / a->kv_heads <= G_MAX && __builtin_cpu_supports("avx512f");
+#else
+    (void)a;
+    return 0;
+#endif
+}
+
+/* floats of scratch `attend_run` needs: the scores of each thread's current unit */
+size_t attend_scratch_floats(const attn_t *a, int64_t r, int threads) {
+    int64_t longest = 1;
+    for (int64_t i = 0; i < r; i++) longest = a->lens[i] > longest ? a->lens[i] : longest;
+    const int64_t per_unit = grouped_path(a) ? a->heads / a->kv_heads : 1;
+    return (size_t)(threads > 0 ? threads : 1) * (size_t)per_unit * (size_t)longest;
+}
+
+/* the `r` decode rows of `a`, on up to `threads` threads; no Python (callable without the GIL) */
+void attend_run(const attn_t *a, int64_t r, int threads, float *scratch) {
+    int64_t longest = 1, keys = 0;
+    for (int64_t i = 0; i < r; i++) {
+        longest = a->lens[i] > longest ? a->lens[i] : longest;
+        keys += a->lens[i];
+    }
+    const int nt = threads > 0 ? threads : 1;
+    const int grouped = grouped_path(a);
+    const int64_t per_unit = grouped ? a->heads / a->kv_heads : 1;  /* scores kept per unit: one row per head */
+    const int64_t units = grouped ? r * a->kv_heads : r * a->heads;
+    const int64_t kv_heads = a->kv_heads, heads = a->heads;
+    /* threads only when there is enough to share: a parallel region costs a few microseconds */
+#pragma omp parallel num_threads(nt) if (nt > 1 && keys * heads * a->dim >= 32768)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *mine = scratch + (size_t)t * per_unit * longest;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; u++) {
+#ifdef ATTN_X86
+            if (grouped) {
+                attend_kv_avx512(a, u / kv_heads, u % kv_heads, mine);
+                continue;
+            }
+#endif
+            attend_one(a, u / heads, u % heads, mine);
+        }
+    }
+}
+
 /* attend_decode(q, q_row, q_head, k, v, out, o_row, o_head, rows, lens, offs, slots, R, heads, kv_heads, dim,
    scale, threads): pointers as integers, strides in elements */
 PyObject *blink_attend_decode(PyObject *self, PyObject *args) {
@@ -180,41 +220,10 @@ PyObject *blink_attend_decode(PyObject *self, PyObject *args) {
                 (const int64_t *)(uintptr_t)prows, (const int64_t *)(uintptr_t)plens,
                 (const int64_t *)(uintptr_t)poffs, (const int64_t *)(uintptr_t)pslots, heads, kv_heads, dim,
                 (float)scale};
-    int64_t longest = 1, keys = 0;
-    for (int64_t i = 0; i < r; i++) {
-        longest = a.lens[i] > longest ? a.lens[i] : longest;
-        keys += a.lens[i];
-    }
-    const int nt = (int)(threads > 0 ? threads : 1);
-    int grouped = 0;  /* the AVX-512 path: head_dim 64, at most G_MAX query heads per KV head */
-#ifdef ATTN_X86
-    __builtin_cpu_init();
-    grouped = dim == 64 && heads / kv_heads <= G_MAX && __builtin_cpu_supports("avx512f");
-#endif
-    const int64_t per_unit = grouped ? heads / kv_heads : 1;  /* scores kept per unit: one row per head */
-    float *scratch = (float *)malloc((size_t)nt * (size_t)per_unit * (size_t)longest * sizeof(float));
+    float *scratch = (float *)malloc(attend_scratch_floats(&a, r, (int)(threads > 0 ? threads : 1)) * sizeof(float));
     if (!scratch) return PyErr_NoMemory();
-    const int64_t units = grouped ? r * kv_heads : r * heads;
     Py_BEGIN_ALLOW_THREADS
-    /* threads only when there is enough to share: a parallel region costs a few microseconds */
-#pragma omp parallel num_threads(nt) if (nt > 1 && keys * heads * dim >= 32768)
-    {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        float *mine = scratch + (size_t)t * per_unit * longest;
-#pragma omp for schedule(static)
-        for (int64_t u = 0; u < units; u++) {
-#ifdef ATTN_X86
-            if (grouped) {
-                attend_kv_avx512(&a, u / kv_heads, u % kv_heads, mine);
-                continue;
-            }
-#endif
-            attend_one(&a, u / heads, u % heads, mine);
-        }
-    }
+    attend_run(&a, r, (int)(threads > 0 ? threads : 1), scratch);
     Py_END_ALLOW_THREADS
     free(scratch);
     Py_RETURN_NONE;

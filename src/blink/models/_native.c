@@ -366,6 +366,7 @@ static PyObject *get_best_level(PyObject *self, PyObject *args) {
 PyObject *blink_attend_decode(PyObject *self, PyObject *args); /* _attention.c */
 PyObject *blink_q4_linear(PyObject *self, PyObject *args);     /* _q4.c */
 PyObject *blink_q4_best_level(PyObject *self, PyObject *args);
+PyObject *blink_decode_layers(PyObject *self, PyObject *args); /* _decode.c */
 
 static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS, "w8a8 linear on raw pointers (see blink.kernels)"},
@@ -373,6 +374,7 @@ static PyMethodDef methods[] = {
     {"best_level", get_best_level, METH_NOARGS, "this CPU's best level: 0 portable, 1 AVX2, 2 AVX-512 VNNI"},
     {"q4_linear", blink_q4_linear, METH_VARARGS, "4-bit linear on raw pointers (see _q4.c)"},
     {"q4_best_level", blink_q4_best_level, METH_NOARGS, "this CPU's best q4 level: 0 portable, 1 AVX2"},
+    {"decode_layers", blink_decode_layers, METH_VARARGS, "a fused q4 model's decode step, all layers (see _decode.c)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,3 +50,28 @@ def q4_linear(
     res: int,
 ) -> None: ...
 def q4_best_level() -> int: ...
+def decode_layers(
+    x: int,
+    m: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    inter: int,
+    layers: int,
+    table: int,
+    eps: float,
+    cos: int,
+    sin: int,
+    positions: int,
+    slot_mapping: int,
+    rows: int,
+    lens: int,
+    offs: int,
+    slots: int,
+    scale: float,
+    threads: int,
+    level: int,
+    flag: int,
+    cut: int,
+) -> int: ...

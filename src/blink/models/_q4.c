@@ -29,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_kernels.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -44,7 +46,7 @@
 #define Q4_UNIT 320      /* bytes per (block, group): nibbles, then d[16], m[16] as fp16 */
 #define Q4_ROWS 4        /* activation rows sharing one pass over a block */
 
-enum { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SWIGLU = 2 };
+enum { PRO_NONE = Q4_PRO_NONE, PRO_RMSNORM = Q4_PRO_RMSNORM, PRO_SWIGLU = Q4_PRO_SWIGLU };
 
 typedef struct {
     const int8_t *xq;   /* [M, K] */
@@ -221,6 +223,41 @@ static int q4_best_level(void) {
     return 0;
 }
 
+int q4_level(void) { return q4_best_level(); }
+
+/* bytes of scratch `q4_run` needs: dx and sx [m, groups], a prologue row [k] per thread, the int8 rows [m, k] */
+size_t q4_scratch_bytes(int64_t m, int64_t k, int threads) {
+    const int nt = threads > 0 ? threads : 1;
+    return ((size_t)2 * m * (k / Q4_GROUP) + (size_t)nt * k) * sizeof(float) + (size_t)m * k + 64;
+}
+
+/* one call of the layer; no Python (callable without the GIL). The caller checked the shapes and level. */
+void q4_run(const q4_call *c, void *scratch) {
+    const int64_t m = c->m, k = c->k, groups = k / Q4_GROUP;
+    const int nt = c->threads > 0 ? c->threads : 1;
+    float *dx = (float *)scratch, *sx = dx + m * groups, *tmp = sx + m * groups;
+    int8_t *xq = (int8_t *)(tmp + (size_t)nt * k);
+    q4_job j = {xq, dx, sx, c->w, c->bias, c->res, c->y, m, k, c->n, groups};
+    const int64_t blocks = (c->n + Q4_CH - 1) / Q4_CH;
+    void (*fn)(const q4_job *, int64_t) = q4_block_portable;
+#ifdef Q4_X86
+    if (c->level >= 1) fn = q4_block_avx2;
+#endif
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && m >= 16)
+    for (int64_t r = 0; r < m; r++) {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        const float *row = q4_prologue(c->x, r, k, c->mode, c->norm, c->eps, tmp + (size_t)t * k);
+        q4_quantize_row(row, k, xq + r * k, dx + r * groups, sx + r * groups);
+    }
+    if (m > 0) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && blocks > 1)
+        for (int64_t b = 0; b < blocks; b++) fn(&j, b);
+    }
+}
+
 PyObject *blink_q4_linear(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long px, pw, pbias, py, pnorm, pres;
@@ -242,36 +279,14 @@ PyObject *blink_q4_linear(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "instruction level %d is not available for q4 on this CPU", level);
         return NULL;
     }
-    const int64_t groups = k / Q4_GROUP;
     const int nt = (int)(threads > 0 ? threads : 1);
-    /* dx and sx [m, groups], a prologue row [k] per thread, then the int8 rows [m, k] */
-    char *buf = (char *)malloc(((size_t)2 * m * groups + (size_t)nt * k) * sizeof(float) + (size_t)m * k + 64);
+    q4_call c = {(const float *)(uintptr_t)px, m, k, (const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pbias,
+                 (float *)(uintptr_t)py, n, nt, level, mode, (const float *)(uintptr_t)pnorm, eps,
+                 (const float *)(uintptr_t)pres};
+    void *buf = malloc(q4_scratch_bytes(m, k, nt));
     if (!buf) return PyErr_NoMemory();
-    float *dx = (float *)buf, *sx = dx + m * groups, *tmp = sx + m * groups;
-    int8_t *xq = (int8_t *)(tmp + (size_t)nt * k);
-    q4_job j = {xq, dx, sx, (const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pbias,
-                (const float *)(uintptr_t)pres, (float *)(uintptr_t)py, m, k, n, groups};
-    const float *norm = (const float *)(uintptr_t)pnorm;
-    const int64_t blocks = (n + Q4_CH - 1) / Q4_CH;
-    void (*fn)(const q4_job *, int64_t) = q4_block_portable;
-#ifdef Q4_X86
-    if (level >= 1) fn = q4_block_avx2;
-#endif
-    const float *x = (const float *)(uintptr_t)px;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && m >= 16)
-    for (int64_t r = 0; r < m; r++) {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        const float *row = q4_prologue(x, r, k, mode, norm, eps, tmp + (size_t)t * k);
-        q4_quantize_row(row, k, xq + r * k, dx + r * groups, sx + r * groups);
-    }
-    if (m > 0) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && blocks > 1)
-        for (int64_t b = 0; b < blocks; b++) fn(&j, b);
-    }
+    q4_run(&c, buf);
     Py_END_ALLOW_THREADS
     free(buf);
     Py_RETURN_NONE;

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch  # first: the kernel's OpenMP then binds to the libgomp torch loaded (one thread pool, not two)
 
@@ -195,6 +196,15 @@ def attend_decode(
     )
 
 
+class DecodeIndex(Protocol):
+    """Where each decode row's keys are (engine/attention.py's NativeDecodeRows): int64, contiguous."""
+
+    rows: torch.Tensor  # [R] each row's index in the step
+    lengths: torch.Tensor  # [R] its number of keys
+    offsets: torch.Tensor  # [R] where its slots start in `slots`
+    slots: torch.Tensor
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # q4: 4-bit weights in blocks of 32 inputs (llama.cpp's Q4_1), activations int8 per 32 (its Q8_1); see _q4.c
 
@@ -281,3 +291,57 @@ def q4_linear(
         0 if residual is None else residual.data_ptr(),
     )
     return y
+
+
+def decode_layers(
+    x: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    inter: int,
+    table: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    decode: DecodeIndex,
+    level: int,
+    interrupt: int,
+    cut: int,
+) -> int:
+    """Every layer of a fused q4 model over the step's decode rows x [M, hidden] fp32, in place (see _decode.c):
+    `table` [layers, 12] int64 holds each layer's pointers (engine/fused_decode.py's FIELDS), cos/sin the rotary
+    tables [positions, dim], `decode` each row's keys (NativeDecodeRows). `interrupt`: the address of a byte set
+    from another thread to stop before a layer below `cut` (0: none). Returns the layers run."""
+    assert _native is not None
+    assert x.is_contiguous() and x.dtype == torch.float32 and table.is_contiguous()
+    for index in (positions, slot_mapping, decode.rows, decode.lengths, decode.offsets, decode.slots):
+        assert index.dtype == torch.int64 and index.is_contiguous()
+    return int(
+        _native.decode_layers(
+            x.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            heads,
+            kv_heads,
+            dim,
+            inter,
+            table.shape[0],
+            table.data_ptr(),
+            eps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            positions.data_ptr(),
+            slot_mapping.data_ptr(),
+            decode.rows.data_ptr(),
+            decode.lengths.data_ptr(),
+            decode.offsets.data_ptr(),
+            decode.slots.data_ptr(),
+            dim**-0.5,
+            torch.get_num_threads(),
+            level,
+            interrupt,
+            cut,
+        )
+    )
