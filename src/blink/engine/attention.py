@@ -11,6 +11,8 @@ groups aligned to KV blocks. A layer with a sliding window (LlamaConfig.window) 
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,14 +27,24 @@ class StepInterrupted(Exception):
     """The step was called off partway (see the module docstring)."""
 
 
+def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled tensor in memory of its own (an anonymous mapping) whose pages the OS backs on first write:
+    the KV pool's resident memory grows with the blocks actually written, up to --kv-cache-mb, instead of all of
+    it at start (torch.zeros writes every page: measured, the default 512 MiB pool was resident at once)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    # private: an unwritten page reads as the kernel's shared zero page (in a shared mapping a read allocates it);
+    # frombuffer keeps the mapping alive as long as the tensor
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)
+
+
 class PagedKVCache:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
         cfg = model.config
         # [slots, KVH, D], plus one slot never written: the zeros that pad a gather (`zero_slot`)
         shape = (num_blocks * block_size + 1, cfg.num_key_value_heads, cfg.head_dim)
-        # torch.zeros maps untouched pages lazily: resident memory grows with the blocks actually written
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.k = [zero_pages(shape, dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [zero_pages(shape, dtype) for _ in range(cfg.num_hidden_layers)]
         self.block_size = block_size
         self.zero_slot = num_blocks * block_size
 

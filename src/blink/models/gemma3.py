@@ -70,6 +70,5 @@ class Gemma3Model(LlamaModel):
         cfg = self.config
         q_scale = math.sqrt(cfg.head_dim) / math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim)
         if q_scale != 1.0:
-            for i in range(cfg.num_hidden_layers):
-                name = f"layers.{i}.self_attn.q_norm.weight"
+            for name in [n for n in state if n.endswith("self_attn.q_norm.weight")]:  # all layers' or one's
                 state[name] = state[name].float() * q_scale

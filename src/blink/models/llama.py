@@ -232,11 +232,12 @@ class LlamaModel(nn.Module):
             sin = torch.cat((-angles[:, :half].sin(), angles[:, half:].sin()), dim=-1)  # [P, D]
             return angles.cos() * scale, sin * scale
 
-    def load_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+    def load_checkpoint(self, state: dict[str, torch.Tensor], *, part: str | None = None) -> None:
         """Load Hugging Face-named weights ("model.layers.0.self_attn.q_proj.weight", ...), fusing q/k/v and
         gate/up into one projection each (a checkpoint may hold them fused already, as Phi-3's); strict. Takes the
         tensors out of `state` (left empty): a part fused away is freed at once, so loading never holds a layer's
-        weights twice."""
+        weights twice. `part` loads a piece of the model, strict within it (loader.load, layer by layer):
+        "layers.<i>." one layer, "rest" everything outside the layers."""
         renamed = {k.removeprefix("model."): v for k, v in state.items()}
         state.clear()
         for i in range(self.config.num_hidden_layers):
@@ -249,12 +250,27 @@ class LlamaModel(nn.Module):
                     names = [f"{prefix}{part}.{kind}" for part in parts]
                     if all(name in renamed for name in names):
                         renamed[f"{prefix}{fused}.{kind}"] = torch.cat([renamed.pop(name) for name in names])
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and part in (None, "rest"):
             renamed.pop("lm_head.weight", None)
-            renamed["lm_head.weight"] = renamed["embed_tokens.weight"]
+            if "embed_tokens.weight" in renamed:
+                renamed["lm_head.weight"] = renamed["embed_tokens.weight"]
         self.fold_checkpoint(renamed)
-        # assign: a model built on the meta device takes these tensors as they are (no second copy in memory)
-        self.load_state_dict(renamed, strict=True, assign=True)
+        if part is None:
+            # assign: a model built on the meta device takes these tensors as they are (no second copy in memory)
+            self.load_state_dict(renamed, strict=True, assign=True)
+        else:
+            prefix = part if part != "rest" else ""
+
+            def mine(name: str) -> bool:
+                return name.startswith(prefix) and (part != "rest" or not name.startswith("layers."))
+
+            foreign = [n for n in renamed if not mine(n)]
+            missing, unexpected = self.load_state_dict(
+                {n: t for n, t in renamed.items() if mine(n)}, strict=False, assign=True
+            )
+            missing = [n for n in missing if mine(n)]
+            if missing or unexpected or foreign:
+                raise RuntimeError(f"{part}: missing {sorted(missing)}, unexpected {sorted(unexpected + foreign)}")
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -118,7 +118,9 @@ def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded = torch.zeros(np_, kp, dtype=torch.int8)
     padded[:n, :k] = weight
     packed = padded.view(np_ // BLOCK, BLOCK, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
-    wsum = padded.to(torch.int32).sum(dim=1, dtype=torch.int32) * 128
+    wsum = torch.empty(np_, dtype=torch.int32)
+    for i in range(0, np_, 4096):  # in chunks: a 49k-row lm_head's int32 copy would be 113 MB at once
+        wsum[i : i + 4096] = padded[i : i + 4096].to(torch.int32).sum(dim=1, dtype=torch.int32) * 128
     return packed, wsum
 
 

@@ -27,6 +27,7 @@ from typing import cast
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from blink.config import WEIGHT_FORMATS
 from blink.models import native
@@ -59,6 +60,9 @@ class Int8WeightOnly(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
+QUANTIZE_ROWS = 4096  # output channels quantized at a time (Int8Linear)
+
+
 class Int8Linear(nn.Module):
     """w8a8: y = x W^T with W int8 per output channel and x quantized to int8 per row (token) on the fly.
 
@@ -85,15 +89,25 @@ class Int8Linear(nn.Module):
         level: int | None = None,
     ) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        smooth = None
+        weight = linear.weight.detach()
+        n, k = weight.shape
+        smooth = factor = None
+        # row by row in chunks: every operation is per row (or a max over rows), so the numbers are the whole
+        # matrix's, and a large layer (a 49k-token lm_head: 113 MB in fp32) never has four fp32 temporaries at once
+        chunks = [slice(i, min(i + QUANTIZE_ROWS, n)) for i in range(0, n, QUANTIZE_ROWS)]
         if input_absmax is not None:  # SmoothQuant: x W^T = (x / s)(W s)^T
-            w_absmax = weight.abs().amax(dim=0).clamp(min=1e-5)  # [K]
+            w_absmax = torch.zeros(k)
+            for rows in chunks:
+                w_absmax = torch.maximum(w_absmax, weight[rows].float().abs().amax(dim=0))
+            w_absmax = w_absmax.clamp(min=1e-5)  # [K]
             factor = (input_absmax.float().clamp(min=1e-5) ** alpha / w_absmax ** (1 - alpha)).clamp(min=1e-5)
-            weight = weight * factor.unsqueeze(0)
             smooth = 1.0 / factor
-        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [N]
-        quantized = torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)  # [N, K]
+        scale = torch.empty(n)  # [N]
+        quantized = torch.empty(n, k, dtype=torch.int8)  # [N, K]
+        for rows in chunks:
+            w = weight[rows].float() if factor is None else weight[rows].float() * factor.unsqueeze(0)
+            scale[rows] = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+            quantized[rows] = torch.round(w / scale[rows].unsqueeze(1)).clamp(-127, 127).to(torch.int8)
         # the C kernel's instruction level (None: the best this CPU has), -1: torch ops
         self.level = native.best_level() if level is None else level
         if self.level >= 0:  # the C kernel's blocked layout (and the sums its unsigned activations add)
@@ -217,30 +231,6 @@ CALIBRATION_TEXT = (
 )
 
 
-@torch.inference_mode()
-def _input_absmax(model: LlamaModel, token_ids: list[int]) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of every linear layer's input over one forward of `token_ids`."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-
-            def record(_: nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor, name: str = name) -> None:
-                absmax = inputs[0].detach().abs().amax(dim=0)
-                seen[name] = torch.maximum(seen[name], absmax) if name in seen else absmax
-
-            hooks.append(module.register_forward_hook(record))
-    try:
-        token_ids = token_ids[: model.positions]  # the rotary tables cover the engine's context only
-        n = len(token_ids)
-        # every row reaches lm_head, so it is calibrated too
-        model(torch.tensor(token_ids), torch.arange(n), CausalAttention(model.config), torch.arange(n))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
-
-
 class HalfEmbedding(nn.Module):
     """Token embeddings kept in fp16, looked up as fp32: a lookup reads one row per token, so half of fp32's
     memory costs nothing in speed (Qwen2.5-1.5B's untied table: 0.9 GB -> 0.45 GB). The quantized formats'
@@ -276,37 +266,107 @@ def choose(weights: str, source_types: dict[str, int], *, native_kernels: bool =
     return "w8a8"
 
 
-def convert(
-    model: LlamaModel, weights: str, calibration_ids: list[int] | None = None, *, native_kernels: bool = True
-) -> LlamaModel:
-    """Put `model`'s weights in format `weights` (one of WEIGHT_FORMATS), in place; returns the model. For w8a8,
-    `calibration_ids` (the tokens of CALIBRATION_TEXT) enable smoothing; without them w8a8 is plain per-channel;
-    with `native_kernels` (and the C kernel built) its layers run in the kernel: the same numbers, faster."""
-    if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
-    if weights == "bf16":
-        keep = {name: buf for name, buf in model.named_buffers() if name.startswith("rope_")}
-        model.to(torch.bfloat16)
-        for name, buf in keep.items():  # rotary tables stay fp32: bf16 angles drift at long positions
-            setattr(model, name, buf)
-        return model
-    if weights == "q4" and not (native_kernels and native.q4_best_level() >= 0):
-        raise ValueError("--weights q4 runs only in blink's C kernel: drop --no-native-kernels, or build it")
-    if weights in ("int8", "w8a8", "q4"):
-        absmax = _input_absmax(model, calibration_ids) if calibration_ids and weights != "int8" else {}
-        for parent_name, parent in list(model.named_modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    full = f"{parent_name}.{name}" if parent_name else name
-                    if weights == "int8":
-                        quantized: nn.Module = Int8WeightOnly(child)
-                    elif weights == "q4" and full != "lm_head" and child.in_features % native.Q4_GROUP == 0:
-                        quantized = Q4Linear(child)
-                    else:
-                        quantized = Int8Linear(child, absmax.get(full), level=None if native_kernels else -1)
-                    setattr(parent, name, quantized)
-        if weights == "q4":
+class Converter:
+    """Puts a model's weights in format `weights` (one of WEIGHT_FORMATS) piece by piece, as loader.load fills
+    the model: `start` once the embeddings are in, `layer(model, i)` as each layer's fp32 weights arrive (they are
+    freed once converted), `finish` for lm_head and the embeddings. For w8a8, `calibration_ids` (the tokens of
+    CALIBRATION_TEXT) enable smoothing: they go through each fp32 layer before it is converted, recording every
+    linear layer's per-input-channel max |x|: the activations of one whole fp32 forward, so converting while
+    loading gives the same numbers as converting a loaded model (`convert`). Without them w8a8 is plain
+    per-channel; with `native_kernels` (and the C kernel built) its layers run in the kernel: the same numbers,
+    faster."""
+
+    def __init__(self, weights: str, calibration_ids: list[int] | None = None, *, native_kernels: bool = True) -> None:
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+        if weights == "q4" and not (native_kernels and native.q4_best_level() >= 0):
+            raise ValueError("--weights q4 runs only in blink's C kernel: drop --no-native-kernels, or build it")
+        self.weights, self.native_kernels = weights, native_kernels
+        self.calibration_ids = calibration_ids if weights not in ("int8", "fp32", "bf16") else None
+        self._x: torch.Tensor | None = None  # the calibration tokens' hidden states before the next layer
+        self._tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def start(self, model: LlamaModel) -> None:
+        if self.calibration_ids:
+            ids = self.calibration_ids[: model.positions]  # the rotary tables cover the engine's context only
+            with torch.inference_mode():
+                self._x = model.embed(torch.tensor(ids))
+                self._tables = model.rotary(torch.arange(len(ids)), self._x.dtype)
+
+    def layer(self, model: LlamaModel, index: int) -> None:
+        layer = model.layers[index]
+        absmax: dict[str, torch.Tensor] = {}
+        if self._x is not None:
+            hooks = [_record_absmax(module, name, absmax) for name, module in layer.named_modules()]
+            try:
+                cos, sin = self._tables[model.rope_for_layer(index)]
+                with torch.inference_mode():
+                    self._x = layer(self._x, cos, sin, CausalAttention(model.config))
+            finally:
+                for hook in hooks:
+                    if hook is not None:
+                        hook.remove()
+        if self.weights in ("int8", "w8a8", "q4"):
+            self._convert_linears(layer, absmax)
+
+    def finish(self, model: LlamaModel) -> None:
+        if self.weights == "bf16":
+            keep = {name: buf for name, buf in model.named_buffers() if name.startswith("rope_")}
+            model.to(torch.bfloat16)
+            for name, buf in keep.items():  # rotary tables stay fp32: bf16 angles drift at long positions
+                setattr(model, name, buf)
+            return
+        if self.weights not in ("int8", "w8a8", "q4"):
+            return
+        absmax = {}
+        if self._x is not None:  # lm_head reads the final norm of every calibration token
+            with torch.inference_mode():
+                absmax["lm_head"] = model.norm(self._x).abs().amax(dim=0)
+            self._x = None
+        self._convert_linears(model, absmax, skip="layers.")
+        if self.weights == "q4":
             fuse_layers(model)
         if isinstance(getattr(model, "embed_tokens", None), nn.Embedding):
             model.embed_tokens = HalfEmbedding(model.embed_tokens)  # type: ignore[assignment]
+
+    def _convert_linears(self, root: nn.Module, absmax: dict[str, torch.Tensor], skip: str | None = None) -> None:
+        """Replace every nn.Linear under `root` (but those under `skip`) by its converted form."""
+        for parent_name, parent in list(root.named_modules()):
+            if skip and parent_name.startswith(skip):
+                continue
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    full = f"{parent_name}.{name}" if parent_name else name
+                    if self.weights == "int8":
+                        quantized: nn.Module = Int8WeightOnly(child)
+                    elif self.weights == "q4" and full != "lm_head" and child.in_features % native.Q4_GROUP == 0:
+                        quantized = Q4Linear(child)
+                    else:
+                        level = None if self.native_kernels else -1
+                        quantized = Int8Linear(child, absmax.get(full), level=level)
+                    setattr(parent, name, quantized)
+
+
+def _record_absmax(module: nn.Module, name: str, seen: dict[str, torch.Tensor]) -> RemovableHandle | None:
+    """A hook recording a linear layer's per-input-channel max |x| into seen[name] (None for other modules)."""
+    if not isinstance(module, nn.Linear):
+        return None
+
+    def record(_: nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
+        absmax = inputs[0].detach().abs().amax(dim=0)
+        seen[name] = torch.maximum(seen[name], absmax) if name in seen else absmax
+
+    return module.register_forward_hook(record)
+
+
+def convert(
+    model: LlamaModel, weights: str, calibration_ids: list[int] | None = None, *, native_kernels: bool = True
+) -> LlamaModel:
+    """Put a loaded model's weights in format `weights`, in place (see Converter, which loader.load also takes
+    to convert while loading); returns the model."""
+    converter = Converter(weights, calibration_ids, native_kernels=native_kernels)
+    converter.start(model)
+    for i in range(len(getattr(model, "layers", ()))):  # any module converts (its linear layers in `finish`)
+        converter.layer(model, i)
+    converter.finish(model)
     return model

@@ -30,11 +30,8 @@ class Serving:
 
 
 def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress: bool) -> Serving:
-    folder = loader.prepare(source.resolve(model.model), model.cache_dir, progress=progress)
-    target, tokenizer = loader.load(folder, context=engine.max_model_len)
-    calibration = tokenizer.encode(quant.CALIBRATION_TEXT)
     weights = weights_for(model.model, engine, model.cache_dir)
-    quant.convert(target, weights, calibration, native_kernels=engine.native_kernels)
+    target, tokenizer = _load(model.model, weights, model, engine, progress=progress)
     if weights in ("w8a8", "q4"):
         kernel = native.describe() if engine.native_kernels else "torch ops (--no-native-kernels)"
         log.info("replica %s: %s layers run on %s", replica_id, weights, kernel)
@@ -44,6 +41,16 @@ def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress:
     llm = LLMEngine(target, tokenizer.stop_token_ids, engine, proposer=proposer, shared_prefixes=shared)
     _give_back_freed_memory()
     return Serving(llm, tokenizer)
+
+
+def _load(
+    name: str, weights: str, model: ModelConfig, engine: EngineConfig, *, progress: bool
+) -> tuple[LlamaModel, Tokenizer]:
+    """The model `name` prepared, loaded and put in `weights` layer by layer as it is read (loader.load)."""
+    folder = loader.prepare(source.resolve(name), model.cache_dir, progress=progress)
+    calibration = Tokenizer.from_folder(folder).encode(quant.CALIBRATION_TEXT)
+    converter = quant.Converter(weights, calibration, native_kernels=engine.native_kernels)
+    return loader.load(folder, context=engine.max_model_len, convert=converter)
 
 
 def weights_for(name: str, engine: EngineConfig, cache_dir: Path) -> str:
@@ -72,16 +79,14 @@ def _proposer(
         return None
     if kind == "ngram":
         return NgramProposer()
-    folder = loader.prepare(source.resolve(draft_name), model.cache_dir, progress=progress)
-    draft, draft_tokenizer = loader.load(folder, context=engine.max_model_len)
+    draft, draft_tokenizer = _load(
+        draft_name, weights_for(draft_name, engine, model.cache_dir), model, engine, progress=progress
+    )
     if draft_tokenizer.tokens != tokenizer.tokens:
         raise ValueError(
             f"draft model {draft_name!r} has another vocabulary than {model.model!r}: speculative decoding "
             "needs the same tokenizer"
         )
-    calibration = draft_tokenizer.encode(quant.CALIBRATION_TEXT)
-    weights = weights_for(draft_name, engine, model.cache_dir)
-    quant.convert(draft, weights, calibration, native_kernels=engine.native_kernels)
     return DraftModelProposer(draft, engine, vocab_size=target.config.vocab_size)
 
 
