@@ -6,7 +6,12 @@
    Each (row, head) is computed alone, in a fixed order: its result does not depend on the other rows of the
    call, their number or lengths, nor on the threads. Dot products go through 16 explicit partial sums (what one
    AVX-512 register, or two AVX2 ones, hold), reduced in a fixed order, and the build forbids FMA contraction,
-   so every instruction set the compiler picks (target_clones) computes the same bits. */
+   so every instruction set the compiler picks (target_clones) computes the same bits.
+
+   Where the CPU has them, a KV head's query heads go together (each key and value read once for all of them):
+   attend_kv_avx512 (head_dim 64) or attend_kv_avx2 (head_dim a multiple of 8), with a polynomial exp. They
+   differ from attend_one in the last bits but are as batch-invariant; a machine uses one path throughout. The
+   AVX2 one measured 2.2-2.7x attend_one's speed on an AMD EPYC (9 heads over 3, head_dim 64, 128-2048 keys). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,7 +33,6 @@
 #else
 #define CLONES
 #endif
-
 
 static inline float dot(const float *a, const float *b, int64_t d) {
     float part[LANES] = {0};
@@ -148,12 +152,101 @@ __attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a,
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[g][c], w));
     }
 }
+/* exp(x) for x <= 0, as exp_avx512 with 8 lanes: the same polynomial and steps; 2^n built in the exponent bits */
+__attribute__((target("avx2"))) static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693145751953125f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(1.428606765330187e-06f)));
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 120));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 24));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 6));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2"))) static inline float sum8(__m256 v) {  /* a fixed tree: 8 -> 4 -> 2 -> 1 */
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+
+/* one (decode row, KV head) for its G query heads at once with AVX2 (head_dim a multiple of 8, at most 256):
+   each key and value row is read once for all G heads. Per head and key the same operations in the same order
+   whatever the rest of the call is; the output sums live in `acc` (G x head_dim floats, L1-resident). */
+__attribute__((target("avx2"))) static void attend_kv_avx2(const attn_t *a, int64_t r, int64_t kvh, float *s) {
+    const int64_t n = a->lens[r], g_n = a->heads / a->kv_heads, d = a->dim, stride = a->kv_heads * d;
+    const int64_t *slot = a->slots + a->offs[r];
+    const float *q = a->q + a->rows[r] * a->q_row + kvh * g_n * a->q_head;
+    float mx[G_MAX];
+    for (int64_t g = 0; g < g_n; g++) mx[g] = -INFINITY;
+    for (int64_t t = 0; t < n; t++) {  /* scores s[g * n + t] */
+        const float *k = a->k + slot[t] * stride + kvh * d;
+        for (int64_t g = 0; g < g_n; g++) {
+            const float *qg = q + g * a->q_head;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(k));
+            for (int64_t i = 8; i < d; i += 8)
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(k + i)));
+            const float v = sum8(acc) * a->scale;
+            s[g * n + t] = v;
+            mx[g] = v > mx[g] ? v : mx[g];
+        }
+    }
+    float inv[G_MAX];
+    for (int64_t g = 0; g < g_n; g++) {  /* p = exp(s - max), 8 at a time, summed lane-wise then reduced */
+        float *sg = s + g * n;
+        const __m256 m = _mm256_set1_ps(mx[g]);
+        __m256 sum = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= n; t += 8) {
+            const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sg + t), m));
+            _mm256_storeu_ps(sg + t, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if (t < n) {  /* the tail through a padded copy: the same lanes as a full vector, padding added as zeros */
+            float tail[8] = {0}, out[8];
+            for (int64_t i = t; i < n; i++) tail[i - t] = sg[i];
+            const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(tail), m));
+            _mm256_storeu_ps(out, e);
+            for (int64_t i = t; i < n; i++) sg[i] = out[i - t];
+            float masked[8] = {0};
+            for (int64_t i = t; i < n; i++) masked[i - t] = out[i - t];
+            sum = _mm256_add_ps(sum, _mm256_loadu_ps(masked));
+        }
+        inv[g] = 1.0f / sum8(sum);
+    }
+    float acc[G_MAX * 256];
+    for (int64_t i = 0; i < g_n * d; i++) acc[i] = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const float *v = a->v + slot[t] * stride + kvh * d;
+        for (int64_t g = 0; g < g_n; g++) {
+            const __m256 p = _mm256_set1_ps(s[g * n + t]);
+            float *o = acc + g * d;
+            for (int64_t i = 0; i < d; i += 8)
+                _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(p, _mm256_loadu_ps(v + i))));
+        }
+    }
+    for (int64_t g = 0; g < g_n; g++) {
+        float *out = a->out + a->rows[r] * a->o_row + (kvh * g_n + g) * a->o_head;
+        const __m256 w = _mm256_set1_ps(inv[g]);
+        for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(acc + g * d + i), w));
+    }
+}
 #endif
 
-static int grouped_path(const attn_t *a) {  /* the AVX-512 path: head_dim 64, at most G_MAX query heads per KV head */
+/* the paths that take a KV head's G query heads at once (at most G_MAX): 2 AVX-512 (head_dim 64), 1 AVX2
+   (head_dim a multiple of 8), 0 none (one query head at a time, attend_one) */
+static int grouped_path(const attn_t *a) {
 #ifdef ATTN_X86
     __builtin_cpu_init();
-    return a->dim == 64 && a->heads / a->kv_heads <= G_MAX && __builtin_cpu_supports("avx512f");
+    if (a->heads / a->kv_heads > G_MAX) return 0;
+    if (a->dim == 64 && __builtin_cpu_supports("avx512f")) return 2;
+    return a->dim % 8 == 0 && a->dim <= 256 && __builtin_cpu_supports("avx2") ? 1 : 0;
 #else
     (void)a;
     return 0;
@@ -191,8 +284,12 @@ void attend_run(const attn_t *a, int64_t r, int threads, float *scratch) {
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; u++) {
 #ifdef ATTN_X86
-            if (grouped) {
+            if (grouped == 2) {
                 attend_kv_avx512(a, u / kv_heads, u % kv_heads, mine);
+                continue;
+            }
+            if (grouped == 1) {
+                attend_kv_avx2(a, u / kv_heads, u % kv_heads, mine);
                 continue;
             }
 #endif
