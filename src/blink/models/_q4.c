@@ -118,8 +118,10 @@ static void q4_block_portable(const q4_job *j, int64_t b) {
 
 #ifdef Q4_X86
 /* `rows` (1-4) rows from r over one block: each 32-byte step of nibbles is unpacked once for all rows; maddubs
-   takes the weights as unsigned (0..15) and the activations as signed, so no sign juggling and no saturation
-   (a pair sums to at most 2 * 15 * 128) */
+   takes the weights as unsigned (0..15) and the activations as signed (-127..127), so no sign juggling and no
+   saturation: a pair sums to at most 2 * 15 * 127 = 3810 in magnitude, so a group's 8 steps add up in int16
+   (at most 30480) and are widened to int32 once per group, not once per step: the same exact sums, fewer
+   instructions (prefill, where the kernel is compute-bound, measured ~1.3x faster) */
 __attribute__((target("avx2,f16c"), always_inline))
 static inline void q4_rows_avx2(const q4_job *j, int64_t b, int64_t r, const int rows) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -129,15 +131,19 @@ static inline void q4_rows_avx2(const q4_job *j, int64_t b, int64_t r, const int
         const uint8_t *unit = j->w + (b * j->groups + g) * Q4_UNIT;
         __m256i sum[Q4_ROWS][2];
         for (int i = 0; i < rows; i++) sum[i][0] = sum[i][1] = _mm256_setzero_si256();
-        for (int s = 0; s < 8; s++) {
+        for (int s = 0; s < 8; s++) {  /* int16 sums: see above */
             const __m256i v = _mm256_loadu_si256((const __m256i *)(unit + s * 32));
             const __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             for (int i = 0; i < rows; i++) {
                 const int8_t *x = j->xq + (r + i) * j->k + g * Q4_GROUP + s * 4;
                 const __m256i xb = _mm256_set1_epi32(*(const int32_t *)x);
-                sum[i][0] = _mm256_add_epi32(sum[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones));
-                sum[i][1] = _mm256_add_epi32(sum[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
+                sum[i][0] = _mm256_add_epi16(sum[i][0], _mm256_maddubs_epi16(w0, xb));
+                sum[i][1] = _mm256_add_epi16(sum[i][1], _mm256_maddubs_epi16(w1, xb));
             }
+        }
+        for (int i = 0; i < rows; i++) {
+            sum[i][0] = _mm256_madd_epi16(sum[i][0], ones);
+            sum[i][1] = _mm256_madd_epi16(sum[i][1], ones);
         }
         const uint16_t *scales = (const uint16_t *)(unit + Q4_NIBBLES);
         const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));
