@@ -75,3 +75,15 @@ def transformers_model() -> Any:
         return transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         ).eval()
+
+
+def served_model(name: str) -> tuple[Any, Any, str]:
+    """(model, tokenizer, weight format) loaded as `blink serve` loads `name` with its defaults: `--weights auto`
+    (q4 for a Q4_0/Q4_1 GGUF, else w8a8), converted layer by layer while loading."""
+    from blink.config import EngineConfig, ModelConfig
+    from blink.worker import loading
+
+    config = ModelConfig(model=name)
+    weights = loading.weights_for(name, EngineConfig(), config.cache_dir)
+    model, tok = loading.load_model(name, weights, config, EngineConfig(), progress=False)
+    return model, tok, weights

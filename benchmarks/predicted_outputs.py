@@ -26,14 +26,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, write_report
-from blink.config import EngineConfig, default_cache_dir
+from benchmarks.common import machine, served_model, write_report
+from blink.config import EngineConfig
 from blink.engine import kv_cache, sampler, scheduler, speculation, speculative
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.engine.speculative import NgramProposer
 from blink.gateway import validation
-from blink.models import loader, quant, rope, source
+from blink.models import rope
 
 SOURCES = [
     sampler.probabilities,
@@ -99,9 +99,7 @@ def timed(
 
 
 def run(model_name: str, tasks: int, stdlib: bool) -> dict[str, Any]:
-    folder = loader.prepare(source.resolve(model_name), default_cache_dir(), progress=False)
-    model, tok = loader.load(folder)
-    quant.convert(model, "w8a8", tok.encode(quant.CALIBRATION_TEXT))
+    model, tok, weights = served_model(model_name)  # the server's default weights (q4 for the default model)
     cfg = EngineConfig(max_num_seqs=16, max_model_len=2048)
     plain = LLMEngine(model, tok.stop_token_ids, cfg)
     spec = LLMEngine(model, tok.stop_token_ids, cfg, proposer=NgramProposer())
@@ -143,7 +141,7 @@ def run(model_name: str, tasks: int, stdlib: bool) -> dict[str, Any]:
             f"{r['unrelated_tok_s']}",
             flush=True,
         )
-    return {"model": model_name, "rows": rows}
+    return {"model": model_name, "weights": weights, "rows": rows}
 
 
 def ratio(rows: list[dict[str, Any]], a: str, b: str) -> float:
@@ -157,11 +155,12 @@ def ratio(rows: list[dict[str, Any]], a: str, b: str) -> float:
 
 def report(data: dict[str, Any]) -> str:
     rows = data["rows"]
-    same = sum(all(r[f"{n}_same"] for n in ("lookup", "predicted", "unrelated")) for r in rows)
+    identical = sum(all(r[f"{n}_same"] for n in ("lookup", "predicted", "unrelated")) for r in rows)
     lines = [
         "# Predicted Outputs: code edits at batch 1",
         "",
-        f"{machine(data['model'])} Command: `python benchmarks/predicted_outputs.py --model {data['model']}`.",
+        f"{machine(data['model'])} Weights: {data.get('weights', 'w8a8')} (the server's default). Command: "
+        f"`python benchmarks/predicted_outputs.py --model {data['model']}`.",
         "",
         "| task | tokens | plain tok/s | lookup tok/s | predicted tok/s | kept / rejected | unrelated tok/s "
         "| same text |",
@@ -181,7 +180,7 @@ def report(data: dict[str, Any]) -> str:
         f"unrelated / lookup **{ratio(rows, 'unrelated', 'lookup'):.2f}x**, lookup / plain "
         f"{ratio(rows, 'lookup', 'plain'):.2f}x. Median per edit, predicted / plain: "
         f"{statistics.median(r['predicted_tok_s'] / r['plain_tok_s'] for r in rows):.2f}x.",
-        f"Identical to plain decoding: {same} of {len(rows)} edits (greedy, every mode).",
+        f"Identical to plain decoding: {identical} of {len(rows)} edits (greedy, every mode).",
     ]
     return "\n".join(lines) + "\n"
 

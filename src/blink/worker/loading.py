@@ -31,7 +31,7 @@ class Serving:
 
 def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress: bool) -> Serving:
     weights = weights_for(model.model, engine, model.cache_dir)
-    target, tokenizer = _load(model.model, weights, model, engine, progress=progress)
+    target, tokenizer = load_model(model.model, weights, model, engine, progress=progress)
     if weights in ("w8a8", "q4"):
         kernel = native.describe() if engine.native_kernels else "torch ops (--no-native-kernels)"
         log.info("replica %s: %s layers run on %s", replica_id, weights, kernel)
@@ -43,7 +43,7 @@ def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress:
     return Serving(llm, tokenizer)
 
 
-def _load(
+def load_model(
     name: str, weights: str, model: ModelConfig, engine: EngineConfig, *, progress: bool
 ) -> tuple[LlamaModel, Tokenizer]:
     """The model `name` prepared, loaded and put in `weights` layer by layer as it is read (loader.load)."""
@@ -79,7 +79,7 @@ def _proposer(
         return None
     if kind == "ngram":
         return NgramProposer()
-    draft, draft_tokenizer = _load(
+    draft, draft_tokenizer = load_model(
         draft_name, weights_for(draft_name, engine, model.cache_dir), model, engine, progress=progress
     )
     if draft_tokenizer.tokens != tokenizer.tokens:
