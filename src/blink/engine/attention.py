@@ -35,6 +35,8 @@ def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # private: an unwritten page reads as the kernel's shared zero page (in a shared mapping a read allocates it);
     # frombuffer keeps the mapping alive as long as the tensor
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KiB pages: where transparent huge pages are "always", one slot
+        pages.madvise(mmap.MADV_NOHUGEPAGE)  # written would make 2 MiB of the pool resident
     return torch.frombuffer(pages, dtype=dtype).view(shape)
 
 
