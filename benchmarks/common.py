@@ -77,13 +77,14 @@ def transformers_model() -> Any:
         ).eval()
 
 
-def served_model(name: str) -> tuple[Any, Any, str]:
-    """(model, tokenizer, weight format) loaded as `blink serve` loads `name` with its defaults: `--weights auto`
-    (q4 for a Q4_0/Q4_1 GGUF, else w8a8), converted layer by layer while loading."""
+def served_model(name: str, weights: str = "auto", *, context: int | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, weight format) loaded as `blink serve` loads `name`: `--weights` (auto: q4 for a
+    Q4_0/Q4_1 GGUF, else w8a8), converted layer by layer while loading, a GGUF's own 4-bit blocks kept in q4."""
     from blink.config import EngineConfig, ModelConfig
     from blink.worker import loading
 
     config = ModelConfig(model=name)
-    weights = loading.weights_for(name, EngineConfig(), config.cache_dir)
-    model, tok = loading.load_model(name, weights, config, EngineConfig(), progress=False)
-    return model, tok, weights
+    engine = EngineConfig(weights=weights, **({"max_model_len": context} if context else {}))
+    chosen = loading.weights_for(name, engine, config.cache_dir)
+    model, tok = loading.load_model(name, chosen, config, engine, progress=False)
+    return model, tok, chosen

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, write_report
+from benchmarks.common import machine, served_model, write_report
 from blink.config import default_cache_dir
-from blink.models import loader, quant, source
+from blink.models import source
 from blink.models.llama import CausalAttention
 
 RAG = Path(__file__).resolve().parents[2] / "shared" / "data" / "rag" / "S09" / "data"
@@ -47,10 +47,7 @@ def held_text(sets: list[str]) -> str:
 
 @torch.inference_mode()
 def blink_perplexity(model_name: str, weights: str, text: str, ctx: int, chunks: int) -> tuple[float, int]:
-    folder = loader.prepare(source.resolve(model_name), default_cache_dir(), progress=False)
-    model, tok = loader.load(folder, context=max(ctx, 512))
-    if weights != "fp32":
-        quant.convert(model, weights, tok.encode(quant.CALIBRATION_TEXT))
+    model, tok, _ = served_model(model_name, weights, context=max(ctx, 512))  # as blink serve loads it
     ids = tok.encode(text)
     nll, count = 0.0, 0
     for c in range(min(chunks, len(ids) // ctx)):
@@ -83,6 +80,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--sets", default="set1,set2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--formats", default="fp32,q4,w8a8", help="blink's weight formats to score")
     parser.add_argument("--llama-perplexity", type=Path, default=HERE / "peers/.venvs/llamaserver/bin/llama-perplexity")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -90,7 +88,7 @@ def main() -> None:
     gguf = source.resolve(args.model).locate(default_cache_dir())
     theirs, their_tokens = llama_perplexity(args.llama_perplexity, gguf, text, args.ctx, args.chunks, args.threads)
     rows: dict[str, Any] = {}
-    for weights in ("fp32", "q4", "w8a8"):
+    for weights in args.formats.split(","):
         ppl, tokens = blink_perplexity(args.model, weights, text, args.ctx, args.chunks)
         rows[weights] = {"perplexity": ppl, "vs_llama_cpp": ppl / theirs - 1, "tokens": tokens}
         print(weights, rows[weights], flush=True)

@@ -92,8 +92,8 @@ class EngineConfig:
         advanced=True,
     )
     weights: str = _help(
-        "weight format of the linear layers (auto: q4 for a Q4_0/Q4_1 GGUF, else w8a8; "
-        "q4: 4-bit weights in blink's C kernel, the GGUF's Q4_1 blocks kept exactly; w8a8: int8 weights and "
+        "weight format of the linear layers (auto: q4 for a Q4_0/Q4_1/Q4_K GGUF, else w8a8; "
+        "q4: 4-bit weights in blink's C kernel, the GGUF's own 4-bit blocks kept; w8a8: int8 weights and "
         "activations; int8: int8 weight-only, closest to fp32)",
         "auto",
         choices=("auto", *WEIGHT_FORMATS),

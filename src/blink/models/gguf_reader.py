@@ -140,6 +140,57 @@ class GGUFModel:
             raise UnsupportedModel(f"{self.path.name}: unexpected tensor {name!r} for a {self.family.name} model")
         return f"model.layers.{index}.{module}.{kind}"
 
+    def q4_blocks(self, hf_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A 4-bit weight's own blocks as q4 holds them (w = d * q + m per 32 inputs: q uint8 [N, K] in 0..15, d
+        and m fp32 [N, K/32]), read from the file (not mapped: its pages stay out of the process's memory), or None
+        for a tensor in another type. Q4_1 is that block; Q4_0 is one with m = -8 d; Q4_K's 256-input super-block
+        holds eight: d = d_super * scale_j, m = -dmin * min_j, exact in fp32 (q4 then keeps them as fp16). Rows of
+        q/k are un-permuted as `tensors()` does."""
+        tensor = self._by_hf_name().get(hf_name)
+        kind = tensor.tensor_type.name if tensor is not None else ""
+        if tensor is None or kind not in ("Q4_0", "Q4_1", "Q4_K"):
+            return None
+        n, k = (int(d) for d in reversed(tensor.shape.tolist()))
+        with self.path.open("rb") as f:
+            f.seek(int(tensor.data_offset))
+            raw = np.frombuffer(f.read(int(tensor.n_bytes)), dtype=np.uint8)
+        q, d, m = _unpack_4bit(raw, kind, n, k)
+        cfg = self.config
+        if self.family.gguf_permuted_qk and hf_name.endswith("q_proj.weight"):
+            q, d, m = (_unpermute(a, cfg.num_attention_heads) for a in (q, d, m))
+        elif self.family.gguf_permuted_qk and hf_name.endswith("k_proj.weight"):
+            q, d, m = (_unpermute(a, cfg.num_key_value_heads) for a in (q, d, m))
+        return q, d, m
+
+    def _by_hf_name(self) -> dict[str, Any]:
+        if not hasattr(self, "_hf_names"):
+            self._hf_names = {self._hf_name(t.name): t for t in self._reader.tensors if t.name not in _ROPE_TENSORS}
+        return self._hf_names
+
+
+def _unpack_4bit(raw: np.ndarray, kind: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [n, k], d [n, k/32], m [n, k/32]) of a Q4_0 / Q4_1 / Q4_K tensor's bytes (ggml's layouts: in a block of
+    32, byte i holds input i in its low nibble and input i + 16 in its high one; Q4_K's 256 inputs are four
+    such 64-input halves, low nibbles first)."""
+    if kind in ("Q4_0", "Q4_1"):
+        size = 18 if kind == "Q4_0" else 20
+        blocks = raw.reshape(n * k // 32, size)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+        m = -8.0 * d if kind == "Q4_0" else blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+        qs = blocks[:, size - 16 :]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [blocks, 32]
+        return q.reshape(n, k), d.reshape(n, k // 32), m.reshape(n, k // 32)
+    blocks = raw.reshape(n * k // 256, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    packed = blocks[:, 4:16].reshape(-1, 3, 4)
+    a, b, c = packed[:, 0], packed[:, 1], packed[:, 2]
+    scale = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1).astype(np.float32)  # [B, 8]
+    low = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1).astype(np.float32)
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # four halves of 64 inputs: low nibbles, then high ones
+    q = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F  # [B, 4, 2, 32]
+    return q.reshape(n, k), (d * scale).reshape(n, k // 32), (-(dmin * low)).reshape(n, k // 32)
+
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     # llama.cpp stored rows as [heads, head_dim/2, 2] (pairs interleaved); the checkpoint has [heads, 2, head_dim/2]

@@ -251,6 +251,17 @@ def q4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.cat([nibbles, scales], dim=-1).contiguous()
 
 
+def q4_unpack(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `q4_pack`: (q uint8 [n, K], d and m fp16 [n, K/32]) of a packed weight with n channels."""
+    blocks, groups = packed.shape[0], packed.shape[1]
+    nibbles = packed[..., :256].reshape(blocks, groups, 8, 8, 4)
+    steps = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=3)  # [blocks, groups, steps, 16 channels, 4 inputs]
+    q = steps.permute(0, 3, 1, 2, 4).reshape(blocks * BLOCK, groups * Q4_GROUP)
+    scales = packed[..., 256:].contiguous().view(torch.float16).view(blocks, groups, 2, BLOCK)
+    d, m = (scales[:, :, i].permute(0, 2, 1).reshape(blocks * BLOCK, groups) for i in (0, 1))
+    return q[:n], d[:n], m[:n]
+
+
 Q4_PLAIN, Q4_RMSNORM, Q4_SWIGLU = 0, 1, 2  # the kernel's prologues (see _q4.c)
 
 

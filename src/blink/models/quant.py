@@ -23,15 +23,17 @@ Both int8 formats are batch-invariant: a token's output does not depend on which
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from blink.config import WEIGHT_FORMATS
 from blink.models import native
-from blink.models.llama import MLP, Attention, CausalAttention, DecoderLayer, LlamaModel, RMSNorm
+from blink.models.llama import MLP, Attention, CausalAttention, DecoderLayer, LlamaConfig, LlamaModel, RMSNorm
 
 
 class Int8WeightOnly(nn.Module):
@@ -153,12 +155,21 @@ class Q4Linear(nn.Module):
     bias: torch.Tensor | None
     norm: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, *, level: int | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        level: int | None = None,
+        blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """`blocks`: (q, d, m) the weights already are in (a GGUF's own 4-bit blocks, Converter), used as they are
+        instead of quantizing the fp32 weights."""
         super().__init__()
         self.level = native.q4_best_level() if level is None else level
         if self.level < 0:
             raise ValueError("--weights q4 needs blink's C kernel, which this install did not build")
-        self.register_buffer("weight_packed", native.q4_pack(*native.q4_quantize(linear.weight.detach())))
+        q, d, m = blocks if blocks is not None else native.q4_quantize(linear.weight.detach())
+        self.register_buffer("weight_packed", native.q4_pack(q, d.half(), m.half()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.prologue, self.eps = native.Q4_PLAIN, 0.0
@@ -247,16 +258,17 @@ class HalfEmbedding(nn.Module):
         return nn.functional.embedding(input_ids, self.weight16).float()
 
 
-# GGUF weight types whose blocks q4's hold as they are (Q4_1 exactly; Q4_0's are Q4_1 blocks with m = -8 d)
-Q4_BLOCKS = ("Q4_0", "Q4_1")
+# GGUF weight types whose blocks q4 keeps as they are (Q4_1 exactly; Q4_0's are Q4_1 blocks with m = -8 d; Q4_K's
+# eight blocks of 32 per super-block with their scale products rounded to fp16): GGUFModel.q4_blocks
+Q4_BLOCKS = ("Q4_0", "Q4_1", "Q4_K")
 
 
 def choose(weights: str, source_types: dict[str, int], *, native_kernels: bool = True) -> str:
     """--weights, with `auto` resolved for a model whose weight tensors have these GGML types (count per type;
-    empty for safetensors): q4 when most of them are blocks q4 holds as they are and its kernel runs here, else
+    empty for safetensors): q4 when most of them are blocks q4 keeps as they are and its kernel runs here, else
     w8a8. Measured (benchmarks/results/perplexity*.md, against llama-perplexity on the same GGUF): SmolLM2 Q4_1
-    in q4 +0.8% (w8a8 +2.9%), 1.4x w8a8's decode speed; Qwen2.5-Coder-1.5B Q4_K_M in q4 +2.4%, re-quantized from
-    Q4_K's blocks, in w8a8 +2.0%: so K-quants and 16-bit sources take w8a8."""
+    in q4 +0.8% (w8a8 +2.9%); Qwen2.5-Coder-1.5B Q4_K_M in q4 from its own blocks +1.0% (re-quantized from
+    their fp32 values it was +2.4%), in w8a8 +2.0%. 8- and 16-bit sources take w8a8."""
     if weights != "auto":
         return weights
     quantized = {t: n for t, n in source_types.items() if t not in ("F32", "F16", "BF16")}
@@ -276,12 +288,22 @@ class Converter:
     per-channel; with `native_kernels` (and the C kernel built) its layers run in the kernel: the same numbers,
     faster."""
 
-    def __init__(self, weights: str, calibration_ids: list[int] | None = None, *, native_kernels: bool = True) -> None:
+    def __init__(
+        self,
+        weights: str,
+        calibration_ids: list[int] | None = None,
+        *,
+        native_kernels: bool = True,
+        blocks: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None,
+    ) -> None:
+        """`blocks`: for q4, a checkpoint weight's own 4-bit blocks by its name ("model.layers.0.mlp.up_proj.weight"),
+        or None where it has none (GGUFModel.q4_blocks): a GGUF's Q4_0/Q4_1/Q4_K weights are then kept as they
+        are, not quantized again from their fp32 values."""
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
         if weights == "q4" and not (native_kernels and native.q4_best_level() >= 0):
             raise ValueError("--weights q4 runs only in blink's C kernel: drop --no-native-kernels, or build it")
-        self.weights, self.native_kernels = weights, native_kernels
+        self.weights, self.native_kernels, self.blocks = weights, native_kernels, blocks
         self.calibration_ids = calibration_ids if weights not in ("int8", "fp32", "bf16") else None
         self._x: torch.Tensor | None = None  # the calibration tokens' hidden states before the next layer
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -307,7 +329,7 @@ class Converter:
                     if hook is not None:
                         hook.remove()
         if self.weights in ("int8", "w8a8", "q4"):
-            self._convert_linears(layer, absmax)
+            self._convert_linears(layer, absmax, index=index, config=model.config)
 
     def finish(self, model: LlamaModel) -> None:
         if self.weights == "bf16":
@@ -329,8 +351,17 @@ class Converter:
         if isinstance(getattr(model, "embed_tokens", None), nn.Embedding):
             model.embed_tokens = HalfEmbedding(model.embed_tokens)  # type: ignore[assignment]
 
-    def _convert_linears(self, root: nn.Module, absmax: dict[str, torch.Tensor], skip: str | None = None) -> None:
-        """Replace every nn.Linear under `root` (but those under `skip`) by its converted form."""
+    def _convert_linears(
+        self,
+        root: nn.Module,
+        absmax: dict[str, torch.Tensor],
+        skip: str | None = None,
+        *,
+        index: int | None = None,
+        config: LlamaConfig | None = None,
+    ) -> None:
+        """Replace every nn.Linear under `root` (but those under `skip`) by its converted form; `index`: the
+        layer `root` is (where its weights' own blocks are looked up)."""
         for parent_name, parent in list(root.named_modules()):
             if skip and parent_name.startswith(skip):
                 continue
@@ -340,11 +371,58 @@ class Converter:
                     if self.weights == "int8":
                         quantized: nn.Module = Int8WeightOnly(child)
                     elif self.weights == "q4" and full != "lm_head" and child.in_features % native.Q4_GROUP == 0:
-                        quantized = Q4Linear(child)
+                        own = self._own_blocks(child, full, index, config) if index is not None else None
+                        quantized = Q4Linear(child, blocks=own)
                     else:
                         level = None if self.native_kernels else -1
                         quantized = Int8Linear(child, absmax.get(full), level=level)
                     setattr(parent, name, quantized)
+
+    def _own_blocks(
+        self, linear: nn.Linear, name: str, index: int, config: LlamaConfig | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Layer `index`'s linear `name` as q4 blocks, taking the checkpoint's own 4-bit blocks where it has them
+        (a fused projection part by part: q, k, v or gate, up; the parts without, such as a Q4_K_M file's Q6_K
+        ones, quantized from their fp32 rows). None where no part has its own blocks. Each part's blocks are
+        checked against its fp32 weights: a mismatch (a mapping gone wrong) raises."""
+        if self.blocks is None or config is None:
+            return None
+        heads, kv, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        inter = config.intermediate_size
+        parts = {
+            "self_attn.qkv_proj": (
+                ("self_attn.q_proj", heads * dim),
+                ("self_attn.k_proj", kv * dim),
+                ("self_attn.v_proj", kv * dim),
+            ),
+            "mlp.gate_up_proj": (("mlp.gate_proj", inter), ("mlp.up_proj", inter)),
+        }.get(name, ((name, linear.out_features),))
+        prefix = f"model.layers.{index}."
+        found = [self.blocks(prefix + part + ".weight") for part, _ in parts]
+        if all(f is None for f in found) and name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+            found = [self.blocks(prefix + name + ".weight")]  # a checkpoint that stores it fused (Phi-3)
+            parts = ((name, linear.out_features),)
+        if all(f is None for f in found):
+            return None
+        weight = linear.weight.detach()
+        q, d, m = native.q4_quantize(weight)
+        d, m = d.float(), m.float()
+        row = 0
+        for (part, rows), own in zip(parts, found, strict=True):
+            if own is not None:
+                oq, od, om = (torch.from_numpy(np.ascontiguousarray(a)) for a in own)
+                if oq.shape != (rows, weight.shape[1]):
+                    raise ValueError(
+                        f"{prefix}{part}: its 4-bit blocks are {tuple(oq.shape)}, the weight is {rows} rows"
+                    )
+                values = (oq.float().view(rows, -1, native.Q4_GROUP) * od.unsqueeze(-1) + om.unsqueeze(-1)).view(
+                    rows, -1
+                )
+                if not torch.equal(values, weight[row : row + rows].float()):
+                    raise ValueError(f"{prefix}{part}: its 4-bit blocks do not give its weights")
+                q[row : row + rows], d[row : row + rows], m[row : row + rows] = oq, od, om
+            row += rows
+        return q, d, m
 
 
 def _record_absmax(module: nn.Module, name: str, seen: dict[str, torch.Tensor]) -> RemovableHandle | None:

@@ -46,10 +46,14 @@ def load(model: ModelConfig, engine: EngineConfig, *, replica_id: str, progress:
 def load_model(
     name: str, weights: str, model: ModelConfig, engine: EngineConfig, *, progress: bool
 ) -> tuple[LlamaModel, Tokenizer]:
-    """The model `name` prepared, loaded and put in `weights` layer by layer as it is read (loader.load)."""
-    folder = loader.prepare(source.resolve(name), model.cache_dir, progress=progress)
+    """The model `name` prepared, loaded and put in `weights` layer by layer as it is read (loader.load); in q4 a
+    GGUF's own 4-bit blocks are kept as they are."""
+    src = source.resolve(name)
+    folder = loader.prepare(src, model.cache_dir, progress=progress)
     calibration = Tokenizer.from_folder(folder).encode(quant.CALIBRATION_TEXT)
-    converter = quant.Converter(weights, calibration, native_kernels=engine.native_kernels)
+    # q4 keeps a GGUF's own 4-bit blocks (Q4_0, Q4_1, Q4_K) as they are
+    blocks = GGUFModel(src.locate(model.cache_dir)).q4_blocks if weights == "q4" and src.kind == "gguf" else None
+    converter = quant.Converter(weights, calibration, native_kernels=engine.native_kernels, blocks=blocks)
     return loader.load(folder, context=engine.max_model_len, convert=converter)
 
 

@@ -94,7 +94,8 @@ def test_without_the_kernel_q4_is_refused_with_a_reason() -> None:
 def test_auto_takes_q4_for_a_model_in_its_blocks_and_w8a8_for_the_rest() -> None:
     assert quant.choose("auto", {"Q4_1": 150, "F32": 61, "Q8_0": 1}) == "q4"
     assert quant.choose("auto", {"Q4_0": 150, "F32": 61}) == "q4"
-    assert quant.choose("auto", {"Q4_K": 120, "Q6_K": 30, "F32": 50}) == "w8a8"  # a Q4_K_M file: re-quantized
+    assert quant.choose("auto", {"Q4_K": 120, "Q6_K": 30, "F32": 50}) == "q4"  # a Q4_K_M file: its own blocks
+    assert quant.choose("auto", {"Q6_K": 120, "F32": 50}) == "w8a8"
     assert quant.choose("auto", {"Q8_0": 150, "F32": 61}) == "w8a8"
     assert quant.choose("auto", {"F16": 150, "F32": 61}) == "w8a8"
     assert quant.choose("auto", {}) == "w8a8"  # safetensors
