@@ -42,7 +42,7 @@ def test_help_shows_the_operator_flags_and_help_all_every_flag(
 
 def test_flags_reach_the_config() -> None:
     args = build_parser().parse_args(["serve", "--port", "9001", "--threads", "2", "--max-num-seqs", "3"])
-    from blink.config import from_flags
+    from blink.cli.flags import from_flags
 
     assert from_flags(GatewayConfig, args).port == 9001
     assert from_flags(EngineConfig, args).max_num_seqs == 3
@@ -82,7 +82,7 @@ def test_a_model_path_that_cannot_be_served_is_one_line_and_status_2(
 
 @pytest.mark.parametrize("command", ["serve", "worker", "prepare"])
 def test_served_model_name_is_a_model_flag(command: str) -> None:
-    from blink.config import from_flags
+    from blink.cli.flags import from_flags
 
     named = from_flags(ModelConfig, build_parser().parse_args([command, "--served-model-name", "my-llama"]))
     assert named.served_model_name == "my-llama" and named.served_name() == "my-llama"

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blink import __version__
+from blink.cli.flags import HelpAll, add_flags, from_flags
 from blink.cli.keys import add_keys_parser, keys_command
 from blink.cli.run import _bad_redis_url, _redis_config, serve, worker
 from blink.config import (
@@ -29,12 +30,9 @@ from blink.config import (
     CacheConfig,
     EngineConfig,
     GatewayConfig,
-    HelpAll,
     ModelConfig,
     RedisConfig,
     ServeConfig,
-    add_flags,
-    from_flags,
 )
 
 __all__ = ["_redis_config", "build_parser", "main"]

@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blink.cli.flags import from_flags
 from blink.config import (
     REDIS_PASSWORD_ENV,
     CacheConfig,
@@ -23,7 +24,6 @@ from blink.config import (
     ModelConfig,
     RedisConfig,
     ServeConfig,
-    from_flags,
     parse_speculative,
 )
 

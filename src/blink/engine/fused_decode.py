@@ -7,7 +7,7 @@ step runs the same kernels with the same float operations in the same order, so 
 module path's (tested), and so every guarantee built on them holds (batch invariance, speculative decoding's
 identity with plain decoding).
 
-When: the model's layers are all fused (quant.fuse_layers: q4 weights, Llama's layer), the family computes
+When: the model's layers are all fused (q4.fuse_layers: q4 weights, Llama's layer), the family computes
 Llama's attention as it is (no q/k norms, one rotary table, no sliding window), the KV cache is fp32 and the C
 kernels are built, and the step holds decode rows only (one per decoding sequence, or 1 + k when it verifies
 guesses); any other step runs the modules (runner.py).
@@ -23,7 +23,7 @@ import torch
 from blink.engine.attention import NativeDecodeRows, PagedKVCache, StepInterrupted
 from blink.models import native
 from blink.models.llama import Attention, DecoderLayer, LlamaModel
-from blink.models.quant import Q4Linear
+from blink.models.q4 import Q4Linear
 
 # one row of pointers per layer, in _decode.c's order
 FIELDS = ("qkv_w", "qkv_b", "norm1", "o_w", "o_b", "gu_w", "gu_b", "norm2", "down_w", "down_b", "kc", "vc")

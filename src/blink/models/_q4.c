@@ -1,4 +1,4 @@
-/* blink.models._native: the 4-bit linear layer (q4), one call (see blink/models/quant.py's Q4Linear).
+/* blink.models._native: the 4-bit linear layer (q4), one call (see blink/models/q4.py's Q4Linear).
 
    Weights: per output channel n, per group g of 32 inputs, w[n, k] = d[n, g] * q[n, k] + m[n, g] with q in 0..15
    and d, m fp16 (llama.cpp's Q4_1 block, which a Q4_1 GGUF's weights round-trip to exactly).

@@ -177,7 +177,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = self.mlp_type(cfg)
 
-    # True once the q4 kernel took over this layer's norms, SwiGLU and residual adds (quant.fuse_layers): the
+    # True once the q4 kernel took over this layer's norms, SwiGLU and residual adds (q4.fuse_layers): the
     # layer is then four native calls and the attention between them
     fused = False
 

@@ -11,16 +11,14 @@ from torch import nn
 
 from blink.config import EngineConfig
 from blink.engine.llm_engine import LLMEngine
-from blink.models import native, quant
+from blink.models import native, q4, quant
 from blink.models.llama import CausalAttention, LlamaConfig, LlamaModel
 from tests.tiny_models import greedy_alone_then_batched
 
 LEVELS = list(range(native.q4_best_level() + 1))  # empty without the kernel: then the tests fail, as they should
 
 
-def reference(
-    x: torch.Tensor, layer: quant.Q4Linear, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
-) -> torch.Tensor:
+def reference(x: torch.Tensor, layer: q4.Q4Linear, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The kernel's formula in torch ops, in the kernel's order of float operations (one op per rounding)."""
     rows, k = x.shape
     groups = k // 32
@@ -51,13 +49,13 @@ def test_the_kernel_computes_the_formula_bit_for_bit_at_every_level(shape: tuple
     q, d, m = native.q4_quantize(linear.weight.detach())
     assert LEVELS, "the C extension blink.models._native did not build: run `make install`"
     for level in LEVELS:
-        layer = quant.Q4Linear(linear, level=level)
+        layer = q4.Q4Linear(linear, level=level)
         assert torch.equal(layer(x), reference(x, layer, q, d, m)), native.Q4_LEVELS[level]
 
 
 def test_a_rows_result_does_not_depend_on_its_batch() -> None:
     torch.manual_seed(1)
-    layer = quant.Q4Linear(nn.Linear(128, 48))
+    layer = q4.Q4Linear(nn.Linear(128, 48))
     x = torch.randn(37, 128)
     whole = layer(x)
     for rows in (1, 2, 3, 5, 16):

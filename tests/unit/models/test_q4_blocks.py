@@ -14,7 +14,7 @@ import transformers
 
 from blink.config import EngineConfig, ModelConfig
 from blink.models import native
-from blink.models.quant import Q4Linear
+from blink.models.q4 import Q4Linear
 from blink.worker import loading
 from tests.tiny_models import TINY, hf_model, write_gguf
 from tests.tiny_tokenizers import family_tokenizer
