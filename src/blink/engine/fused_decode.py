@@ -46,15 +46,12 @@ class FusedDecoder:
         self.eps = projections[0][0].eps
         rows = []
         for (qkv, o, gu, down), kc, vc in zip(projections, kv.k, kv.v, strict=True):
-            rows.append(
-                [
-                    *(_ptr(qkv.weight_packed), _ptr(qkv.bias), _ptr(qkv.norm)),
-                    *(_ptr(o.weight_packed), _ptr(o.bias)),
-                    *(_ptr(gu.weight_packed), _ptr(gu.bias), _ptr(gu.norm)),
-                    *(_ptr(down.weight_packed), _ptr(down.bias)),
-                    *(kc.data_ptr(), vc.data_ptr()),
-                ]
-            )
+            tensors = {
+                **{"qkv_w": qkv.weight_packed, "qkv_b": qkv.bias, "norm1": qkv.norm, "o_w": o.weight_packed},
+                **{"o_b": o.bias, "gu_w": gu.weight_packed, "gu_b": gu.bias, "norm2": gu.norm},
+                **{"down_w": down.weight_packed, "down_b": down.bias, "kc": kc, "vc": vc},
+            }
+            rows.append([_ptr(tensors[field]) for field in FIELDS])
         # the table holds raw pointers: the tensors it names are the model's buffers and the cache's, which live as
         # long as the runner that holds this
         self.table = torch.tensor(rows, dtype=torch.int64)

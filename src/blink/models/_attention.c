@@ -208,15 +208,15 @@ __attribute__((target("avx2"))) static void attend_kv_avx2(const attn_t *a, int6
             _mm256_storeu_ps(sg + t, e);
             sum = _mm256_add_ps(sum, e);
         }
-        if (t < n) {  /* the tail through a padded copy: the same lanes as a full vector, padding added as zeros */
-            float tail[8] = {0}, out[8];
+        if (t < n) {  /* the tail through a padded copy: the same lanes as a full vector, padding summed as zeros */
+            float tail[8] = {0};
             for (int64_t i = t; i < n; i++) tail[i - t] = sg[i];
-            const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(tail), m));
-            _mm256_storeu_ps(out, e);
-            for (int64_t i = t; i < n; i++) sg[i] = out[i - t];
-            float masked[8] = {0};
-            for (int64_t i = t; i < n; i++) masked[i - t] = out[i - t];
-            sum = _mm256_add_ps(sum, _mm256_loadu_ps(masked));
+            _mm256_storeu_ps(tail, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(tail), m)));
+            for (int64_t i = 0; i < 8; i++) {
+                if (t + i < n) sg[t + i] = tail[i];
+                else tail[i] = 0.0f;
+            }
+            sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail));
         }
         inv[g] = 1.0f / sum8(sum);
     }

@@ -235,7 +235,6 @@ def load(
     folder: Path,
     *,
     context: int | None = None,
-    dtype: torch.dtype = torch.float32,
     convert: Converter | None = None,
 ) -> tuple[LlamaModel, Tokenizer]:
     """Load a prepared or Hugging Face folder into an eval-mode model and its tokenizer; the rotary tables cover
@@ -254,15 +253,10 @@ def load(
             model.load_checkpoint(state, part="rest" if piece is None else f"layers.{piece}.")
         except (RuntimeError, KeyError) as e:
             raise UnsupportedModel(f"{folder}: its weights do not match a {family.name} model: {e}") from None
-        _check_loaded(folder, model, piece)
-        _check_loaded(folder, model, None)  # the rest comes first: a layer without it has no embeddings
-        if convert is not None:
+        if convert is not None:  # (load_checkpoint checked the piece whole)
             convert.start(model) if piece is None else convert.layer(model, piece)
-    _check_loaded(folder, model, None)
-    for i in range(config.num_hidden_layers):
-        _check_loaded(folder, model, i)
+    for piece in (None, *range(config.num_hidden_layers)):  # a piece with no tensors at all
+        _check_loaded(folder, model, piece)
     if convert is not None:
         convert.finish(model)
-    else:
-        model.to(dtype)
     return model.eval(), Tokenizer.from_folder(folder)

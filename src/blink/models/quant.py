@@ -321,23 +321,22 @@ class Converter:
         if all(f is None for f in found):
             return None
         weight = linear.weight.detach()
-        q, d, m = native.q4_quantize(weight)
-        d, m = d.float(), m.float()
-        row = 0
+        pieces, row = [], 0
         for (part, rows), own in zip(parts, found, strict=True):
-            if own is not None:
+            mine = weight[row : row + rows]
+            if own is None:  # quantized from its values, as without blocks
+                q, d, m = native.q4_quantize(mine)
+                pieces.append((q, d.float(), m.float()))
+            else:
                 oq, od, om = (torch.from_numpy(np.ascontiguousarray(a)) for a in own)
-                if oq.shape != (rows, weight.shape[1]):
-                    raise ValueError(
-                        f"{prefix}{part}: its 4-bit blocks are {tuple(oq.shape)}, the weight is {rows} rows"
-                    )
-                values = (oq.float().view(rows, -1, native.Q4_GROUP) * od.unsqueeze(-1) + om.unsqueeze(-1)).view(
-                    rows, -1
-                )
-                if not torch.equal(values, weight[row : row + rows].float()):
+                if oq.shape != mine.shape:
+                    raise ValueError(f"{prefix}{part}: 4-bit blocks of {tuple(oq.shape)} for {rows} rows")
+                values = oq.float().view(rows, -1, native.Q4_GROUP) * od.unsqueeze(-1) + om.unsqueeze(-1)
+                if not torch.equal(values.view(rows, -1), mine.float()):
                     raise ValueError(f"{prefix}{part}: its 4-bit blocks do not give its weights")
-                q[row : row + rows], d[row : row + rows], m[row : row + rows] = oq, od, om
+                pieces.append((oq, od, om))
             row += rows
+        q, d, m = (torch.cat(column) for column in zip(*pieces, strict=True))
         return q, d, m
 
 
