@@ -8,8 +8,8 @@
        y[r, n] = sum_g ( float(sum_{k in g} xq[r, k] * q[n, k]) * (dx[r, g] * d[n, g]) + m[n, g] * sx[r, g] )
 
    The inner sums are exact int32; the float operations run in the same order for every (r, n) at every
-   instruction level and batch size (compiled without FMA contraction): batch-invariant, and the AVX2 path is bit
-   for bit the portable one (tested).
+   instruction level and batch size (compiled without FMA contraction): batch-invariant, and the AVX2 and AVX-512
+   VNNI paths are bit for bit the portable one (tested at every level the CPU has).
 
    Layout, per block of 16 output channels and group of 32 inputs, 320 bytes: 8 steps of 4 inputs x 16 channels
    as nibbles (byte c * 4 + i of a step holds input i of channel c in its low nibble and of channel c + 8 in its
@@ -178,6 +178,63 @@ static void q4_block_avx2(const q4_job *j, int64_t b) {
         }
     }
 }
+
+/* AVX-512 VNNI: a step's 32 bytes become one vector of 16 channels x 4 inputs (the low nibbles in the lower half,
+   the high ones in the upper: channel c's lane is c), and one vpdpbusd per step and row adds its four products
+   into the channel's int32 sum, which is the AVX2 path's group sum exactly (no saturation: vpdpbusd, not
+   vpdpbusds). The float operations are the AVX2 path's, lane for lane in the same order: bit for bit the same
+   results. A group's 8 unpacked steps stay in registers for up to Q4_ROWS_VNNI rows. */
+#define Q4_ROWS_VNNI 8
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,f16c"), always_inline))
+static inline void q4_rows_vnni(const q4_job *j, int64_t b, int64_t r, const int rows) {
+    const __m512i low = _mm512_set1_epi8(0x0F), shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+    __m512 acc[Q4_ROWS_VNNI];
+    for (int i = 0; i < rows; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < j->groups; g++) {
+        const uint8_t *unit = j->w + (b * j->groups + g) * Q4_UNIT;
+        __m512i w[8], sum[Q4_ROWS_VNNI];
+        for (int s = 0; s < 8; s++) {
+            const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(unit + s * 32)));
+            w[s] = _mm512_and_si512(_mm512_srlv_epi64(v, shift), low);
+        }
+        for (int i = 0; i < rows; i++) sum[i] = _mm512_setzero_si512();
+        for (int s = 0; s < 8; s++)
+            for (int i = 0; i < rows; i++) {
+                const int8_t *x = j->xq + (r + i) * j->k + g * Q4_GROUP + s * 4;
+                sum[i] = _mm512_dpbusd_epi32(sum[i], w[s], _mm512_set1_epi32(*(const int32_t *)x));
+            }
+        const uint16_t *scales = (const uint16_t *)(unit + Q4_NIBBLES);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + Q4_CH)));
+        for (int i = 0; i < rows; i++) {
+            const __m512 dx = _mm512_set1_ps(j->dx[(r + i) * j->groups + g]);
+            const __m512 sx = _mm512_set1_ps(j->sx[(r + i) * j->groups + g]);
+            acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(sum[i]), _mm512_mul_ps(dx, d)));
+            acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(mn, sx));
+        }
+    }
+    float out[Q4_CH];
+    for (int i = 0; i < rows; i++) {
+        _mm512_storeu_ps(out, acc[i]);
+        q4_store(j, r + i, b * Q4_CH, out);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,f16c")))
+static void q4_block_vnni(const q4_job *j, int64_t b) {
+    for (int64_t r = 0; r < j->m; r += Q4_ROWS_VNNI) {
+        switch (j->m - r < Q4_ROWS_VNNI ? j->m - r : Q4_ROWS_VNNI) {
+            case 8: q4_rows_vnni(j, b, r, 8); break;
+            case 7: q4_rows_vnni(j, b, r, 7); break;
+            case 6: q4_rows_vnni(j, b, r, 6); break;
+            case 5: q4_rows_vnni(j, b, r, 5); break;
+            case 4: q4_rows_vnni(j, b, r, 4); break;
+            case 3: q4_rows_vnni(j, b, r, 3); break;
+            case 2: q4_rows_vnni(j, b, r, 2); break;
+            default: q4_rows_vnni(j, b, r, 1); break;
+        }
+    }
+}
 #endif
 
 /* one row's groups to int8: dx = max|x| / 127, xq = round(x * (127 / max|x|)) half to even, sx = dx * sum(xq) */
@@ -224,7 +281,11 @@ static const float *q4_prologue(const float *x, int64_t r, int64_t k, int mode, 
 static int q4_best_level(void) {
 #ifdef Q4_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return 1;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vnni"))
+        return 2;
+    return 1;
 #endif
     return 0;
 }
@@ -247,7 +308,8 @@ void q4_run(const q4_call *c, void *scratch) {
     const int64_t blocks = (c->n + Q4_CH - 1) / Q4_CH;
     void (*fn)(const q4_job *, int64_t) = q4_block_portable;
 #ifdef Q4_X86
-    if (c->level >= 1) fn = q4_block_avx2;
+    if (c->level >= 2) fn = q4_block_vnni;
+    else if (c->level >= 1) fn = q4_block_avx2;
 #endif
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && m >= 16)
     for (int64_t r = 0; r < m; r++) {

@@ -211,7 +211,7 @@ class DecodeIndex(Protocol):
 # q4: 4-bit weights in blocks of 32 inputs (llama.cpp's Q4_1), activations int8 per 32 (its Q8_1); see _q4.c
 
 Q4_GROUP = 32
-Q4_LEVELS = ("portable", "avx2")
+Q4_LEVELS = ("portable", "avx2", "avx512-vnni")
 
 
 def q4_best_level() -> int:
