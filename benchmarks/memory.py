@@ -73,14 +73,16 @@ def main() -> None:
     stages.append((f"{args.requests} requests, {tokens} tokens of KV", status()))
 
     weights_mib = model.weight_bytes() / 2**20
-    kv_per_token = engine.runner.kv.bytes_per_block(model, 1, model.dtype) / 1024
+    kv_dtype = engine.runner.kv.k[0].dtype
+    kv_per_token = engine.runner.kv.bytes_per_block(model, 1, kv_dtype) / 1024
     lines = [
         "# Where the memory goes: one process doing what `blink serve` does",
         "",
         machine(),
         f"Command: `python benchmarks/memory.py --requests {args.requests}`. Defaults: --weights auto ({weights}), "
         f"--kv-cache-mb {engine_config.kv_cache_mb}, --max-model-len {engine_config.max_model_len}. The model's "
-        f"weights and buffers: {weights_mib:.0f} MiB; KV: {kv_per_token:.0f} KiB a token (fp32).",
+        f"weights and buffers: {weights_mib:.0f} MiB; KV: {kv_per_token:.1f} KiB a token "
+        f"({str(kv_dtype).removeprefix('torch.')}, --kv-cache-dtype {engine_config.kv_cache_dtype}).",
         "",
         "| stage | resident MiB | added MiB | peak so far MiB | of which file-backed MiB |",
         "|---|---|---|---|---|",

@@ -330,3 +330,29 @@ def greedy_alone_then_batched(engine: Any, prompts: list[list[int]], max_tokens:
                 if out.token_id is not None:
                     got[out.request_id].append(out.token_id)
     return [got[str(i)] for i in range(len(prompts))]
+
+
+def random_llama(seed: int, **changes: Any) -> Any:
+    """A tiny Llama-shaped blink model with random weights (no files): for engine tests that need a model, not
+    a family's exact configuration."""
+    from blink.models.llama import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    raw: dict[str, Any] = {
+        "vocab_size": 96,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        **changes,
+    }
+    model = LlamaModel(LlamaConfig.from_dict(raw))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()

@@ -24,7 +24,16 @@ def _help(
 
 
 WEIGHT_FORMATS = ("w8a8", "q4", "int8", "fp32", "bf16")
+KV_CACHE_DTYPES = ("auto", "fp16", "fp32")
 SPECULATIVE_POLICIES = ("adaptive", "always")
+
+
+def kv_cache_bytes(weights: str, kv_cache_dtype: str) -> int:
+    """Bytes per KV cache element for `--weights` and `--kv-cache-dtype` as given (before the model is loaded; the
+    engine resolves `auto` from the loaded model: runner.kv_cache_dtype, the same rule)."""
+    if kv_cache_dtype == "fp32" or (kv_cache_dtype == "auto" and weights == "fp32"):
+        return 4
+    return 2
 
 
 def default_cache_dir() -> Path:
@@ -82,6 +91,13 @@ class EngineConfig:
         "longest prompt one pre-load may prefill (its cap on speculative KV)", 1024, advanced=True
     )
     kv_cache_mb: int = _help("memory for the paged KV cache, in MiB (all sequences and the prefix cache)", 512)
+    kv_cache_dtype: str = _help(
+        "precision of the KV cache: auto (fp16 for quantized weights, as llama.cpp's default cache; the model's own "
+        "dtype for fp32 and bf16 weights), fp16 (half the memory of fp32 per token), fp32",
+        "auto",
+        choices=KV_CACHE_DTYPES,
+        advanced=True,
+    )
     block_size: int = _help("tokens per KV cache block", 16, advanced=True)
     prefix_caching: bool = _help("reuse the KV of prompt prefixes already computed", True, advanced=True)
     shared_prefixes: str = _help(

@@ -26,6 +26,8 @@ from blink.cli.flags import HelpAll, add_flags, from_flags
 from blink.cli.keys import add_keys_parser, keys_command
 from blink.cli.run import _bad_redis_url, _redis_config, serve, worker
 from blink.config import (
+    KV_CACHE_DTYPES,
+    WEIGHT_FORMATS,
     BenchConfig,
     CacheConfig,
     EngineConfig,
@@ -33,6 +35,7 @@ from blink.config import (
     ModelConfig,
     RedisConfig,
     ServeConfig,
+    kv_cache_bytes,
 )
 
 __all__ = ["_redis_config", "build_parser", "main"]
@@ -131,6 +134,10 @@ def _add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     inspect.add_argument("--max-model-len", type=int, default=EngineConfig().max_model_len, help="as for serve")
     inspect.add_argument("--kv-cache-mb", type=int, default=EngineConfig().kv_cache_mb, help="as for serve")
+    inspect.add_argument("--weights", default=EngineConfig().weights, choices=("auto", *WEIGHT_FORMATS), help="as for serve")
+    inspect.add_argument(
+        "--kv-cache-dtype", default=EngineConfig().kv_cache_dtype, choices=KV_CACHE_DTYPES, help="as for serve"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,7 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from blink.models import inspection
 
         info = inspection.report(
-            args.model, args.cache_dir, max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb
+            args.model,
+            args.cache_dir,
+            max_model_len=args.max_model_len,
+            kv_cache_mb=args.kv_cache_mb,
+            kv_dtype_bytes=kv_cache_bytes(args.weights, args.kv_cache_dtype),
         )
         print(json.dumps(info, indent=1) if args.json else inspection.render(info))
         return 0 if info["servable"] else 1

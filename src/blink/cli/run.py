@@ -24,6 +24,7 @@ from blink.config import (
     ModelConfig,
     RedisConfig,
     ServeConfig,
+    kv_cache_bytes,
     parse_speculative,
 )
 
@@ -75,7 +76,7 @@ def _preflight(model: ModelConfig, engine: EngineConfig) -> str | None:
 
         limits = {"max_model_len": engine.max_model_len, "kv_cache_mb": engine.kv_cache_mb}
         info = inspection.report(
-            model.model, model.cache_dir, **limits, kv_dtype_bytes=2 if engine.weights == "bf16" else 4
+            model.model, model.cache_dir, **limits, kv_dtype_bytes=kv_cache_bytes(engine.weights, engine.kv_cache_dtype)
         )
         if not info["servable"]:
             return str(info["reason"])

@@ -153,8 +153,8 @@ class DecodeGroup:
         self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, out: torch.Tensor, window: int | None
     ) -> None:
         b, r, length, kvh, g, d = self.b, self.r, self.length, self.kvh, self.g, self.dim
-        keys = kc.index_select(0, self.slots).view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-        values = vc.index_select(0, self.slots).view(b, length, kvh, d).transpose(1, 2)
+        keys = kc.index_select(0, self.slots).to(q.dtype).view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+        values = vc.index_select(0, self.slots).to(q.dtype).view(b, length, kvh, d).transpose(1, 2)
         qs = q.index_select(0, self.index).view(b, r, kvh, g, d).transpose(1, 2).reshape(b, kvh * r * g, 1, d)
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=self._mask(window), enable_gqa=True)
         o = o.view(b, kvh, r, g, d).transpose(1, 2).reshape(b * r, kvh * g, d)
@@ -247,8 +247,8 @@ class PagedAttention:
         if self.stop is not None and self.stop(layer):
             raise StepInterrupted
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [slots, KVH, D]
-        kc.index_copy_(0, self.slot_mapping, k)
-        vc.index_copy_(0, self.slot_mapping, v)
+        kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))  # an fp16 cache: rounded to nearest even
+        vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
         out = torch.empty_like(q)  # [N, H, D]
         bs = self.cache.block_size
         window = self.windows[layer] if self.windows else None
@@ -258,6 +258,7 @@ class PagedAttention:
             else:  # [1, KVH, L, D], gathered once per layer
                 keys = kc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
                 values = vc.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)  # an fp16 cache: widened, exactly
             for rows, offset, block_end, mask in groups:
                 n = rows.stop - rows.start
                 queries = q.new_zeros(1, q.shape[1], bs, q.shape[2])  # [1, H, block, D]

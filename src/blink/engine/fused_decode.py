@@ -8,8 +8,8 @@ module path's (tested), and so every guarantee built on them holds (batch invari
 identity with plain decoding).
 
 When: the model's layers are all fused (q4.fuse_layers: q4 weights, Llama's layer), the family computes
-Llama's attention as it is (no q/k norms, one rotary table, no sliding window), the KV cache is fp32 and the C
-kernels are built, and the step holds decode rows only (one per decoding sequence, or 1 + k when it verifies
+Llama's attention as it is (no q/k norms, one rotary table, no sliding window), the KV cache is fp32 or fp16 and
+the C kernels are built, and the step holds decode rows only (one per decoding sequence, or 1 + k when it verifies
 guesses); any other step runs the modules (runner.py).
 """
 
@@ -56,6 +56,7 @@ class FusedDecoder:
         # long as the runner that holds this
         self.table = torch.tensor(rows, dtype=torch.int64)
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
+        self.half = kv.k[0].dtype == torch.float16
 
     @staticmethod
     def for_model(model: LlamaModel, kv: PagedKVCache) -> FusedDecoder | None:
@@ -72,7 +73,8 @@ class FusedDecoder:
             or cfg.head_dim % 2
         ):
             return None
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (*kv.k, *kv.v)):
+        kv_dtype = kv.k[0].dtype
+        if kv_dtype not in native.KV_DTYPES or any(t.dtype != kv_dtype or not t.is_contiguous() for t in (*kv.k, *kv.v)):
             return None
         projections: list[tuple[Q4Linear, ...]] = []
         for layer in cast(list[DecoderLayer], list(model.layers)):
@@ -134,6 +136,7 @@ class FusedDecoder:
             self.level,
             0 if interrupt is None else ctypes.addressof(interrupt),
             cut,
+            self.half,
         )
         if done < self.layers:
             raise StepInterrupted

@@ -26,7 +26,7 @@ from blink.config import EngineConfig, resolve_threads
 from blink.engine.attention import PagedKVCache, StepInterrupted
 from blink.engine.errors import ContextTooLong, RequestRejected
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import ModelRunner
+from blink.engine.runner import ModelRunner, kv_cache_dtype
 from blink.engine.sampler import Proposal
 from blink.engine.scheduler import ScheduledBatch, Scheduler
 from blink.engine.sequence import FinishReason, SamplingParams, SeqStatus, Sequence, StepOutput
@@ -60,7 +60,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, model.positions)
         self.vocab_size = model.config.vocab_size
         self.stop_token_ids = stop_token_ids
-        dtype = model.dtype
+        dtype = kv_cache_dtype(model, config.kv_cache_dtype)
         per_block = PagedKVCache.bytes_per_block(model, config.block_size, dtype)
         num_blocks = config.kv_cache_mb * 2**20 // per_block
         if num_blocks < -(-self.max_model_len // config.block_size):
@@ -84,7 +84,11 @@ class LLMEngine:
             background_step_tokens=config.background_step_tokens,
         )
         self.runner = ModelRunner(
-            model, num_blocks=num_blocks, block_size=config.block_size, native_kernels=config.native_kernels
+            model,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            native_kernels=config.native_kernels,
+            kv_dtype=dtype,
         )
         self._seqs: dict[str, Sequence] = {}
         self.background_prefill_tokens = 0  # prompt tokens computed for prefill-only sequences (pre-loading)

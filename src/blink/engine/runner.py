@@ -36,6 +36,22 @@ from blink.models import native
 from blink.models.llama import LlamaModel
 
 
+def kv_cache_dtype(model: LlamaModel, choice: str = "auto") -> torch.dtype:
+    """The KV cache's dtype for --kv-cache-dtype `choice`. auto: fp16 for a model with quantized linear layers
+    (q4, w8a8, int8: their activations are fp32, and fp16 keys and values are what llama.cpp keeps by default, at
+    half the bytes per token), the model's own dtype otherwise (fp32 and bf16 weights: a reference run keeps its
+    precision)."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "fp16":
+        return torch.float16
+    if choice != "auto":
+        raise ValueError(f"unknown KV cache dtype {choice!r}: auto, fp16 or fp32")
+    from blink.models.quant import quantized
+
+    return torch.float16 if model.dtype == torch.float32 and quantized(model) else model.dtype
+
+
 class Interrupt(threading.Event):
     """`ModelRunner.interrupt`: an Event whose state native code sees too, as one byte it polls between layers."""
 
@@ -53,11 +69,22 @@ class Interrupt(threading.Event):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int, native_kernels: bool = True) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        num_blocks: int,
+        block_size: int,
+        native_kernels: bool = True,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        """`kv_dtype`: the KV cache's (kv_cache_dtype; default: the model's dtype)."""
         self.model = model
-        self.dtype = model.dtype
-        # decode attention in the C kernel: fp32 caches (every format but bf16), when it is built
-        self.native = native_kernels and native.available() and self.dtype == torch.float32
+        self.dtype = model.dtype if kv_dtype is None else kv_dtype
+        # decode attention in the C kernel: fp32 activations (every format but bf16), an fp32 or fp16 cache
+        self.native = (
+            native_kernels and native.available() and model.dtype == torch.float32 and self.dtype in native.KV_DTYPES
+        )
         self.kv = PagedKVCache(model, num_blocks, block_size, self.dtype)
         self.block_size = block_size
         self._offsets = torch.arange(block_size)
@@ -136,19 +163,24 @@ class ModelRunner:
                 ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slot_mapping.extend(self._slots(table, start, start + n))
-            # the decode path only for output tokens: a one-token prompt chunk (a pre-load, or a chunk shrunk by
-            # the budget) would otherwise join the decoders' attention call and change its numerics (measured:
-            # a live stream's greedy tokens changed when a pre-load's chunk shared its step)
-            if decoding:
-                decode_starts.append(start)
-                decode_rows.append(slice(row, row + n))
-                decode_context.append(self._context(table, start + n))
-            else:  # its keys: up to the end of its last block (see PagedAttention)
-                keys_end = -(-(start + n) // self.block_size) * self.block_size
+            # prompt tokens through the prompt path, output tokens through the decode path, each as it was first
+            # computed: a one-token prompt chunk (a pre-load, or a chunk shrunk by the budget) would otherwise join
+            # the decoders' attention call and change its numerics (measured: a live stream's greedy tokens changed
+            # when a pre-load's chunk shared its step); and output tokens computed again after a preemption (a
+            # chunk past the prompt) get decode rows, bit for bit the K/V they had, so what follows is what it
+            # would have been (as prompt rows their K/V differed in the last bits, enough to change greedy tokens
+            # with an fp16 cache)
+            split = min(max(len(seq.prompt_token_ids), start), start + n)  # this chunk's first output position
+            if split > start:  # prompt rows; their keys: up to the end of their last block (see PagedAttention)
+                keys_end = -(-split // self.block_size) * self.block_size
                 used = table[: keys_end // self.block_size]
                 one_run = all(b == used[0] + i for i, b in enumerate(used))
                 span = slice(used[0] * self.block_size, used[0] * self.block_size + keys_end) if one_run else None
-                chunks.append(Chunk(slice(row, row + n), start, self._context(table, keys_end), span))
+                chunks.append(Chunk(slice(row, row + split - start), start, self._context(table, keys_end), span))
+            if split < start + n:  # output rows
+                decode_starts.append(split)
+                decode_rows.append(slice(row + split - start, row + n))
+                decode_context.append(self._context(table, start + n))
             if start + n >= seq.num_tokens and not seq.prefill_only:
                 first = len(sample_rows)
                 sample_rows.extend(range(row + n - 1 - len(extra), row + n))

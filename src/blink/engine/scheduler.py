@@ -21,7 +21,8 @@ sequence.
 When blocks run out a running sequence is preempted, instead of the step failing: the lowest-priority one, then the
 one whose tenant holds the most sequences, then the latest to arrive. Preemption is by recompute (as vLLM's): its
 blocks are freed (the registered ones stay in the prefix cache) and it waits, ahead of its tenant's later requests,
-with its prompt and the tokens generated so far; re-admitted, it prefills them all and samples its next token (its
+with its prompt and the tokens generated so far; re-admitted, it computes them again (the runner takes its output
+tokens as decode rows, as they were first computed: bit for bit the same K/V) and samples its next token (its
 sampling generator lives in the runner and goes on where it was), so nothing is emitted twice and greedy output
 is what it would have been. A sequence
 whose deadline has passed is finished (EXPIRED) at the next step, waiting or running, and frees its blocks.

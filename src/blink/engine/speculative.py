@@ -34,7 +34,7 @@ import torch
 from blink.config import EngineConfig
 from blink.engine.attention import PagedKVCache
 from blink.engine.kv_cache import BlockManager
-from blink.engine.runner import ModelRunner
+from blink.engine.runner import ModelRunner, kv_cache_dtype
 from blink.engine.sampler import Proposal, draw, probabilities
 from blink.engine.scheduler import ScheduledBatch
 from blink.engine.sequence import SamplingParams, Sequence
@@ -133,11 +133,15 @@ class DraftModelProposer:
 
     def __init__(self, model: LlamaModel, config: EngineConfig, *, vocab_size: int, catch_up_tokens: int = 256) -> None:
 
-        dtype = model.dtype
+        dtype = kv_cache_dtype(model, config.kv_cache_dtype)
         num_blocks = config.kv_cache_mb * 2**20 // PagedKVCache.bytes_per_block(model, config.block_size, dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=False)
         self.runner = ModelRunner(
-            model, num_blocks=num_blocks, block_size=config.block_size, native_kernels=config.native_kernels
+            model,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            native_kernels=config.native_kernels,
+            kv_dtype=dtype,
         )
         self.vocab_size = vocab_size
         self.catch_up_tokens = catch_up_tokens

@@ -11,7 +11,10 @@
    Where the CPU has them, a KV head's query heads go together (each key and value read once for all of them):
    attend_kv_avx512 (head_dim 64) or attend_kv_avx2 (head_dim a multiple of 8), with a polynomial exp. They
    differ from attend_one in the last bits but are as batch-invariant; a machine uses one path throughout. The
-   AVX2 one measured 2.2-2.7x attend_one's speed on an AMD EPYC (9 heads over 3, head_dim 64, 128-2048 keys). */
+   AVX2 one measured 2.2-2.7x attend_one's speed on an AMD EPYC (9 heads over 3, head_dim 64, 128-2048 keys).
+
+   The cache holds fp32 or fp16 keys and values (`half`); an fp16 one is widened to fp32 as it is read (exactly),
+   so every path computes what it computes on an fp32 cache holding the same values. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,6 +47,14 @@ static inline float dot(const float *a, const float *b, int64_t d) {
     return part[0];
 }
 
+/* the `d` floats at element `at` of a cache tensor: in place when it is fp32, widened into `buf` when fp16 */
+static inline const float *kv_row(const attn_t *a, const void *base, int64_t at, int64_t d, float *buf) {
+    if (!a->half) return (const float *)base + at;
+    const uint16_t *h = (const uint16_t *)base + at;
+    for (int64_t i = 0; i < d; i++) buf[i] = half_to_float(h[i]);
+    return buf;
+}
+
 /* one (decode row, query head); `s` is scratch for the row's scores */
 CLONES
 static void attend_one(const attn_t *a, int64_t r, int64_t h, float *s) {
@@ -51,9 +62,10 @@ static void attend_one(const attn_t *a, int64_t r, int64_t h, float *s) {
     const int64_t stride = a->kv_heads * d;
     const float *q = a->q + a->rows[r] * a->q_row + h * a->q_head;
     const int64_t *slot = a->slots + a->offs[r];
+    float row[256];  /* a widened fp16 key or value */
     float mx = -INFINITY;
     for (int64_t t = 0; t < n; t++) {
-        s[t] = dot(q, a->k + slot[t] * stride + kvh * d, d) * a->scale;
+        s[t] = dot(q, kv_row(a, a->k, slot[t] * stride + kvh * d, d, row), d) * a->scale;
         mx = s[t] > mx ? s[t] : mx;
     }
     float sum = 0.0f;
@@ -65,7 +77,7 @@ static void attend_one(const attn_t *a, int64_t r, int64_t h, float *s) {
     float acc[256];  /* head_dim <= 256 (checked by the caller) */
     for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
     for (int64_t t = 0; t < n; t++) {
-        const float *v = a->v + slot[t] * stride + kvh * d;
+        const float *v = kv_row(a, a->v, slot[t] * stride + kvh * d, d, row);
         const float p = s[t];
         for (int64_t i = 0; i < d; i++) acc[i] = acc[i] + p * v[i];
     }
@@ -98,6 +110,12 @@ __attribute__((target("avx512f"))) static inline __m512 exp_avx512(__m512 x) {
    head_dim 64: AVX-512, 4 registers a vector. Per head and key the same operations in the same order whatever
    the rest of the call is. */
 #define G_MAX 8
+/* 16 floats of a cache tensor at element `at` (fp16 widened) */
+__attribute__((target("avx512f"))) static inline __m512 load16(const attn_t *a, const void *base, int64_t at) {
+    if (a->half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + at)));
+    return _mm512_loadu_ps((const float *)base + at);
+}
+
 __attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a, int64_t r, int64_t kvh, float *s) {
     const int64_t n = a->lens[r], g_n = a->heads / a->kv_heads, stride = a->kv_heads * 64;
     const int64_t *slot = a->slots + a->offs[r];
@@ -107,9 +125,9 @@ __attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a,
     float mx[G_MAX];
     for (int64_t g = 0; g < g_n; g++) mx[g] = -INFINITY;
     for (int64_t t = 0; t < n; t++) {  /* scores s[g * n + t] */
-        const float *k = a->k + slot[t] * stride + kvh * 64;
-        const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
-                     k3 = _mm512_loadu_ps(k + 48);
+        const int64_t k = slot[t] * stride + kvh * 64;
+        const __m512 k0 = load16(a, a->k, k), k1 = load16(a, a->k, k + 16), k2 = load16(a, a->k, k + 32),
+                     k3 = load16(a, a->k, k + 48);
         for (int64_t g = 0; g < g_n; g++) {
             const __m512 d = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(q[g][0], k0), _mm512_mul_ps(q[g][1], k1)),
                                            _mm512_add_ps(_mm512_mul_ps(q[g][2], k2), _mm512_mul_ps(q[g][3], k3)));
@@ -135,9 +153,9 @@ __attribute__((target("avx512f"))) static void attend_kv_avx512(const attn_t *a,
     for (int64_t g = 0; g < g_n; g++)
         for (int c = 0; c < 4; c++) o[g][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < n; t++) {
-        const float *v = a->v + slot[t] * stride + kvh * 64;
-        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
-                     v3 = _mm512_loadu_ps(v + 48);
+        const int64_t v = slot[t] * stride + kvh * 64;
+        const __m512 v0 = load16(a, a->v, v), v1 = load16(a, a->v, v + 16), v2 = load16(a, a->v, v + 32),
+                     v3 = load16(a, a->v, v + 48);
         for (int64_t g = 0; g < g_n; g++) {
             const __m512 p = _mm512_set1_ps(s[g * n + t]);
             o[g][0] = _mm512_add_ps(o[g][0], _mm512_mul_ps(p, v0));
@@ -179,19 +197,25 @@ __attribute__((target("avx2"))) static inline float sum8(__m256 v) {  /* a fixed
 /* one (decode row, KV head) for its G query heads at once with AVX2 (head_dim a multiple of 8, at most 256):
    each key and value row is read once for all G heads. Per head and key the same operations in the same order
    whatever the rest of the call is; the output sums live in `acc` (G x head_dim floats, L1-resident). */
-__attribute__((target("avx2"))) static void attend_kv_avx2(const attn_t *a, int64_t r, int64_t kvh, float *s) {
+/* 8 floats of a cache tensor at element `at` (fp16 widened) */
+__attribute__((target("avx2,f16c"))) static inline __m256 load8(const attn_t *a, const void *base, int64_t at) {
+    if (a->half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + at)));
+    return _mm256_loadu_ps((const float *)base + at);
+}
+
+__attribute__((target("avx2,f16c"))) static void attend_kv_avx2(const attn_t *a, int64_t r, int64_t kvh, float *s) {
     const int64_t n = a->lens[r], g_n = a->heads / a->kv_heads, d = a->dim, stride = a->kv_heads * d;
     const int64_t *slot = a->slots + a->offs[r];
     const float *q = a->q + a->rows[r] * a->q_row + kvh * g_n * a->q_head;
     float mx[G_MAX];
     for (int64_t g = 0; g < g_n; g++) mx[g] = -INFINITY;
     for (int64_t t = 0; t < n; t++) {  /* scores s[g * n + t] */
-        const float *k = a->k + slot[t] * stride + kvh * d;
+        const int64_t k = slot[t] * stride + kvh * d;
         for (int64_t g = 0; g < g_n; g++) {
             const float *qg = q + g * a->q_head;
-            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(k));
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(a, a->k, k));
             for (int64_t i = 8; i < d; i += 8)
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(k + i)));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(qg + i), load8(a, a->k, k + i)));
             const float v = sum8(acc) * a->scale;
             s[g * n + t] = v;
             mx[g] = v > mx[g] ? v : mx[g];
@@ -223,12 +247,12 @@ __attribute__((target("avx2"))) static void attend_kv_avx2(const attn_t *a, int6
     float acc[G_MAX * 256];
     for (int64_t i = 0; i < g_n * d; i++) acc[i] = 0.0f;
     for (int64_t t = 0; t < n; t++) {
-        const float *v = a->v + slot[t] * stride + kvh * d;
+        const int64_t v = slot[t] * stride + kvh * d;
         for (int64_t g = 0; g < g_n; g++) {
             const __m256 p = _mm256_set1_ps(s[g * n + t]);
             float *o = acc + g * d;
             for (int64_t i = 0; i < d; i += 8)
-                _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(p, _mm256_loadu_ps(v + i))));
+                _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(p, load8(a, a->v, v + i))));
         }
     }
     for (int64_t g = 0; g < g_n; g++) {
@@ -246,7 +270,8 @@ static int grouped_path(const attn_t *a) {
     __builtin_cpu_init();
     if (a->heads / a->kv_heads > G_MAX) return 0;
     if (a->dim == 64 && __builtin_cpu_supports("avx512f")) return 2;
-    return a->dim % 8 == 0 && a->dim <= 256 && __builtin_cpu_supports("avx2") ? 1 : 0;
+    const int f16c = !a->half || __builtin_cpu_supports("f16c");
+    return a->dim % 8 == 0 && a->dim <= 256 && __builtin_cpu_supports("avx2") && f16c ? 1 : 0;
 #else
     (void)a;
     return 0;
@@ -299,24 +324,25 @@ void attend_run(const attn_t *a, int64_t r, int threads, float *scratch) {
 }
 
 /* attend_decode(q, q_row, q_head, k, v, out, o_row, o_head, rows, lens, offs, slots, R, heads, kv_heads, dim,
-   scale, threads): pointers as integers, strides in elements */
+   scale, threads, half): pointers as integers, strides in elements; half: the cache is fp16 */
 PyObject *blink_attend_decode(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long pq, pk, pv, pout, prows, plens, poffs, pslots;
     long long q_row, q_head, o_row, o_head, r, heads, kv_heads, dim, threads;
     double scale;
-    if (!PyArg_ParseTuple(args, "KLLKKKLLKKKKLLLLdL", &pq, &q_row, &q_head, &pk, &pv, &pout, &o_row, &o_head, &prows,
-                          &plens, &poffs, &pslots, &r, &heads, &kv_heads, &dim, &scale, &threads))
+    int half;
+    if (!PyArg_ParseTuple(args, "KLLKKKLLKKKKLLLLdLp", &pq, &q_row, &q_head, &pk, &pv, &pout, &o_row, &o_head, &prows,
+                          &plens, &poffs, &pslots, &r, &heads, &kv_heads, &dim, &scale, &threads, &half))
         return NULL;
     if (r < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > 256) {
         PyErr_SetString(PyExc_ValueError, "attend_decode: bad shapes (head_dim at most 256)");
         return NULL;
     }
-    attn_t a = {(const float *)(uintptr_t)pq, q_row, q_head, (const float *)(uintptr_t)pk,
-                (const float *)(uintptr_t)pv, (float *)(uintptr_t)pout, o_row, o_head,
+    attn_t a = {(const float *)(uintptr_t)pq, q_row, q_head, (const void *)(uintptr_t)pk,
+                (const void *)(uintptr_t)pv, (float *)(uintptr_t)pout, o_row, o_head,
                 (const int64_t *)(uintptr_t)prows, (const int64_t *)(uintptr_t)plens,
                 (const int64_t *)(uintptr_t)poffs, (const int64_t *)(uintptr_t)pslots, heads, kv_heads, dim,
-                (float)scale};
+                (float)scale, half};
     float *scratch = (float *)malloc(attend_scratch_floats(&a, r, (int)(threads > 0 ? threads : 1)) * sizeof(float));
     if (!scratch) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS

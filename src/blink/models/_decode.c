@@ -6,7 +6,7 @@
    order (compiled without FMA contraction), so the results are bit for bit the same (tested):
      qkv  = q4(rmsnorm(x)) (+ bias)
      q, k = v * cos + roll(v, D/2) * sin       (llama.py's rotary; sin signed)
-     cache[slot] = k, v
+     cache[slot] = k, v                        (rounded to fp16, nearest even, for an fp16 cache)
      a    = each row's attention over its keys in the cache (_attention.c)
      x    = q4(a) (+ bias) + x
      gu   = q4(rmsnorm(x)) (+ bias)
@@ -45,19 +45,30 @@ static void rotate(float *v, int64_t heads, int64_t dim, const float *cos, const
     }
 }
 
+/* n floats into a cache tensor at element `at`: copied, or rounded to fp16 */
+static void store_kv(void *cache, int64_t at, const float *src, int64_t n, int half) {
+    if (!half) {
+        memcpy((float *)cache + at, src, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)cache + at;
+    for (int64_t i = 0; i < n; i++) dst[i] = float_to_half(src[i]);
+}
+
 /* decode_layers(x, m, hidden, heads, kv_heads, dim, inter, layers, table, eps, cos, sin, positions, slot_mapping,
-   rows, lens, offs, slots, scale, threads, level, flag, cut) -> the layers run (== layers unless interrupted).
-   x [m, hidden] fp32 is updated in place; cos/sin the rotary tables [positions][dim]; the index arrays int64. */
+   rows, lens, offs, slots, scale, threads, level, flag, cut, half) -> the layers run (== layers unless
+   interrupted). x [m, hidden] fp32 is updated in place; cos/sin the rotary tables [positions][dim]; the index
+   arrays int64; half: the KV cache is fp16. */
 PyObject *blink_decode_layers(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long px, ptable, pcos, psin, ppos, pslot, prows, plens, poffs, pslots, pflag;
     long long m, hidden, heads, kv_heads, dim, inter, layers, threads, cut;
-    int level;
+    int level, half;
     float eps;
     double scale;
-    if (!PyArg_ParseTuple(args, "KLLLLLLLKfKKKKKKKKdLiKL", &px, &m, &hidden, &heads, &kv_heads, &dim, &inter,
+    if (!PyArg_ParseTuple(args, "KLLLLLLLKfKKKKKKKKdLiKLp", &px, &m, &hidden, &heads, &kv_heads, &dim, &inter,
                           &layers, &ptable, &eps, &pcos, &psin, &ppos, &pslot, &prows, &plens, &poffs, &pslots, &scale,
-                          &threads, &level, &pflag, &cut))
+                          &threads, &level, &pflag, &cut, &half))
         return NULL;
     if (m <= 0 || layers < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > 256 ||
         dim % 2 != 0 || hidden % 32 != 0 || (heads * dim) % 32 != 0 || inter % 32 != 0) {
@@ -77,7 +88,7 @@ PyObject *blink_decode_layers(PyObject *self, PyObject *args) {
     volatile const uint8_t *flag = PTR(volatile const uint8_t *, pflag);
     attn_t a = {NULL, width, dim, NULL, NULL, NULL, heads * dim, dim, PTR(const int64_t *, prows),
                 PTR(const int64_t *, plens), PTR(const int64_t *, poffs), PTR(const int64_t *, pslots), heads,
-                kv_heads, dim, (float)scale};
+                kv_heads, dim, (float)scale, half};
     /* one buffer: qkv [m, width], attention [m, heads * dim], gate/up [m, 2 * inter], a rotary row [dim], the
        attention's scratch, then the q4 layers' (sized for the widest input) */
     const int64_t widest = inter > hidden ? (inter > heads * dim ? inter : heads * dim) : (hidden > heads * dim ? hidden : heads * dim);
@@ -100,12 +111,12 @@ PyObject *blink_decode_layers(PyObject *self, PyObject *args) {
         const q4_call c_qkv = {x, m, hidden, PTR(const uint8_t *, t[T_QKV_W]), PTR(const float *, t[T_QKV_B]), qkv,
                                width, nt, level, Q4_PRO_RMSNORM, PTR(const float *, t[T_NORM1]), eps, NULL};
         q4_run(&c_qkv, q4s);
-        float *kc = PTR(float *, t[T_KC]), *vc = PTR(float *, t[T_VC]);
+        void *kc = PTR(void *, t[T_KC]), *vc = PTR(void *, t[T_VC]);
         for (int64_t r = 0; r < m; r++) {
             float *v = qkv + r * width;
             rotate(v, qk, dim, cos + positions[r] * dim, sin + positions[r] * dim, tmp);
-            memcpy(kc + slot[r] * row_kv, v + heads * dim, (size_t)row_kv * sizeof(float));
-            memcpy(vc + slot[r] * row_kv, v + qk * dim, (size_t)row_kv * sizeof(float));
+            store_kv(kc, slot[r] * row_kv, v + heads * dim, row_kv, half);
+            store_kv(vc, slot[r] * row_kv, v + qk * dim, row_kv, half);
         }
         a.k = kc;
         a.v = vc;

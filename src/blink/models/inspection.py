@@ -25,7 +25,7 @@ _FLOAT_BYTES = 4  # the KV cache and embeddings are fp32
 def report(
     model: str, cache_dir: Path, *, max_model_len: int = 2048, kv_cache_mb: int = 512, kv_dtype_bytes: int = 4
 ) -> dict[str, Any]:
-    """`kv_dtype_bytes`: 4 for an fp32 KV cache (every weight format but bf16), 2 for bf16."""
+    """`kv_dtype_bytes`: 4 for an fp32 KV cache, 2 for fp16 or bf16 (config.kv_cache_bytes)."""
     out: dict[str, Any] = {"model": model}
     try:
         src = source.resolve(model)

@@ -158,6 +158,10 @@ def linear(
     return y
 
 
+# the KV cache dtypes the decode attention kernel reads
+KV_DTYPES = (torch.float32, torch.float16)
+
+
 def attend_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -171,11 +175,12 @@ def attend_decode(
     """Decode attention in place: for each i, step row `rows[i]` of q [N, H, D] attends to `lengths[i]` keys
     and values of the cache [slots, KVH, D] at slots[offsets[i]:], and its output goes to the same row of out
     [N, H, D]. Each (row, head) is computed alone and in a fixed order (see _attention.c): bit for bit the same
-    whatever the other rows are. fp32; the cache contiguous; q and out may be strided views (last dim dense);
-    the index tensors int64 and contiguous."""
+    whatever the other rows are. q and out fp32, the cache fp32 or fp16 (widened as it is read) and contiguous;
+    q and out may be strided views (last dim dense); the index tensors int64 and contiguous."""
     assert _native is not None
     heads, dim = q.shape[1], q.shape[2]
     assert q.stride(2) == out.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == out.dtype == torch.float32 and k_cache.dtype == v_cache.dtype in KV_DTYPES
     _native.attend_decode(
         q.data_ptr(),
         q.stride(0),
@@ -195,6 +200,7 @@ def attend_decode(
         dim,
         dim**-0.5,
         torch.get_num_threads(),
+        k_cache.dtype == torch.float16,
     )
 
 
@@ -322,11 +328,14 @@ def decode_layers(
     level: int,
     interrupt: int,
     cut: int,
+    half: bool = False,
 ) -> int:
     """Every layer of a fused q4 model over the step's decode rows x [M, hidden] fp32, in place (see _decode.c):
     `table` [layers, 12] int64 holds each layer's pointers (engine/fused_decode.py's FIELDS), cos/sin the rotary
     tables [positions, dim], `decode` each row's keys (NativeDecodeRows). `interrupt`: the address of a byte set
-    from another thread to stop before a layer below `cut` (0: none). Returns the layers run."""
+    from another thread to stop before a layer below `cut` (0: none); `half`: the cache tensors in `table` are
+    fp16 (each K/V row rounded to nearest even as it is written, as torch's .to(torch.float16)). Returns the layers
+    run."""
     assert _native is not None
     assert x.is_contiguous() and x.dtype == torch.float32 and table.is_contiguous()
     for index in (positions, slot_mapping, decode.rows, decode.lengths, decode.offsets, decode.slots):
@@ -356,5 +365,6 @@ def decode_layers(
             level,
             interrupt,
             cut,
+            half,
         )
     )

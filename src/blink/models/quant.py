@@ -179,6 +179,11 @@ class HalfEmbedding(nn.Module):
 Q4_BLOCKS = ("Q4_0", "Q4_1", "Q4_K")
 
 
+def quantized(model: nn.Module) -> bool:
+    """Whether any linear layer of `model` has int8 or 4-bit weights (its activations stay fp32)."""
+    return any(isinstance(m, (Int8Linear, Int8WeightOnly, Q4Linear)) for m in model.modules())
+
+
 def choose(weights: str, source_types: dict[str, int], *, native_kernels: bool = True) -> str:
     """--weights, with `auto` resolved for a model whose weight tensors have these GGML types (count per type;
     empty for safetensors): q4 when most of them are blocks q4 keeps as they are and its kernel runs here, else

@@ -50,9 +50,14 @@ def tiny(seed: int, *, bias: bool = False, family: type[LlamaModel] = LlamaModel
     return model.eval()
 
 
-def engine(model: LlamaModel, *, fused: bool) -> LLMEngine:
+def engine(model: LlamaModel, *, fused: bool, kv: str = "auto") -> LLMEngine:
     config = EngineConfig(
-        max_model_len=128, kv_cache_mb=4, block_size=4, prediction_tokens=6, speculative_policy="always"
+        max_model_len=128,
+        kv_cache_mb=4,
+        block_size=4,
+        prediction_tokens=6,
+        speculative_policy="always",
+        kv_cache_dtype=kv,
     )
     e = LLMEngine(model, frozenset(), config)
     if not fused:
@@ -82,12 +87,16 @@ def run(e: LLMEngine, prompts: list[list[int]], predictions: list[list[int] | No
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-biases"])
-def test_native_steps_give_the_module_paths_logits_bit_for_bit(bias: bool) -> None:
+@pytest.mark.parametrize("kv", ["auto", "fp32"], ids=["fp16-cache", "fp32-cache"])
+def test_native_steps_give_the_module_paths_logits_bit_for_bit(bias: bool, kv: str) -> None:
+    """Logits, tokens and the K/V each path wrote (rounded to fp16 in C by the native step, by torch in the
+    module path) are the same bits."""
     model = quant.convert(tiny(5, bias=bias), "q4")
-    fused, modules = engine(model, fused=True), engine(model, fused=False)
+    fused, modules = engine(model, fused=True, kv=kv), engine(model, fused=False, kv=kv)
     assert fused.runner.fused is not None
+    assert fused.runner.kv.k[0].dtype == (torch.float16 if kv == "auto" else torch.float32)
     prompts = [[1 + (i * j) % 90 for j in range(6 + 7 * i)] for i in range(4)]
-    _, plain = run(engine(model, fused=False), prompts, [None] * 4)
+    _, plain = run(engine(model, fused=False, kv=kv), prompts, [None] * 4)
     # predictions: the plain answer with one token changed (verification rows that are partly right), and none
     predictions = [[*plain[0][:5], (plain[0][5] + 1) % 96, *plain[0][6:]], None, plain[2], None]
     got, got_tokens = run(fused, prompts, predictions)
@@ -96,6 +105,8 @@ def test_native_steps_give_the_module_paths_logits_bit_for_bit(bias: bool) -> No
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+    for mine, theirs in zip(fused.runner.kv.k + fused.runner.kv.v, modules.runner.kv.k + modules.runner.kv.v, strict=True):
+        assert torch.equal(mine, theirs)
     assert fused.speculator.policy.accepted > 0  # verification rows did run
 
 

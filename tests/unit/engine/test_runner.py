@@ -49,21 +49,24 @@ def attend(
     if kind == "native":
         NativeDecodeRows(starts, rows, contexts).attend(kc, vc, q, out, None)
     else:
-        DecodeRows(cache, starts, rows, contexts, HEADS).attend(kc, vc, q, out, None)  # type: ignore[arg-type]
+        DecodeRows(cache, starts, rows, contexts, q.shape[1]).attend(kc, vc, q, out, None)  # type: ignore[arg-type]
     return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("seed", range(6))
-def test_a_decode_row_is_the_same_alone_batched_and_verifying_guesses(two_threads: None, seed: int, kind: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-cache", "fp16-cache"])
+def test_a_decode_row_is_the_same_alone_batched_and_verifying_guesses(
+    two_threads: None, seed: int, kind: str, dtype: torch.dtype
+) -> None:
     gen = torch.Generator().manual_seed(seed)
-    kc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
-    vc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen)
+    kc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen).to(dtype)
+    vc = torch.randn(SLOTS + 1, KVH, DIM, generator=gen).to(dtype)
     kc[SLOTS] = vc[SLOTS] = 0  # the zero slot
     order = torch.randperm(SLOTS, generator=gen)  # paged: a sequence's slots anywhere in the cache
     start = 100 + 50 * seed
     mine = order[:1024]
-    row = torch.randn(1, HEADS, DIM, generator=gen)
+    row = torch.randn(1, HEADS, DIM, generator=gen)  # queries stay fp32 whatever the cache
     alone = attend(kc, vc, [(start, row, mine)], kind)
     others = [(300 + 150 * i, torch.randn(1, HEADS, DIM, generator=gen), order[1024 * (i + 1) :]) for i in range(3)]
     batched = attend(kc, vc, [(start, row, mine), *others], kind)  # one over 512 keys: SDPA pads all to 1024
@@ -90,6 +93,21 @@ def test_decode_attention_is_causal_attention_over_the_rows_own_keys(two_threads
             want = F.scaled_dot_product_attention(q[j].unsqueeze(1), keys, values, enable_gqa=True)  # [H, 1, D]
             torch.testing.assert_close(got[at + j], want[:, 0], rtol=1e-5, atol=1e-5)
         at += len(q)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("group", [GROUP, 9], ids=["grouped-heads", "one-head-at-a-time"])  # 9: past the C kernel's 8
+def test_an_fp16_cache_gives_what_an_fp32_cache_of_the_same_values_gives(two_threads: None, kind: str, group: int) -> None:
+    """fp16 keys and values are widened to fp32 exactly as they are read, in every path (the C kernel's grouped
+    and one-head paths, SDPA's): the same bits as an fp32 cache holding those values."""
+    gen = torch.Generator().manual_seed(11)
+    half_k = torch.randn(SLOTS + 1, KVH, DIM, generator=gen).half()
+    half_v = (torch.randn(SLOTS + 1, KVH, DIM, generator=gen) * 1e-3).half()  # small values: some subnormal
+    half_k[SLOTS] = half_v[SLOTS] = 0
+    order = torch.randperm(SLOTS, generator=gen)
+    heads = KVH * group
+    seqs = [(70, torch.randn(2, heads, DIM, generator=gen), order[:300]), (5, torch.randn(1, heads, DIM), order[300:])]
+    assert torch.equal(attend(half_k, half_v, seqs, kind), attend(half_k.float(), half_v.float(), seqs, kind))
 
 
 def test_sequences_share_an_attention_call_only_with_ones_of_as_many_rows() -> None:

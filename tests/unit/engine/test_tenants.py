@@ -144,3 +144,62 @@ def test_only_a_newcomer_that_fairness_gives_its_own_step_calls_one_off(model_an
     # a holds 1 of 4 slots, below its share of 2 beside b: b's request just joins the next step; a's own
     # requests never call its steps off
     assert answers == {"a": [False], "b": [False]} and engine.interrupted_steps == 0
+
+
+def test_a_preempted_sequence_recomputes_its_output_bit_for_bit() -> None:
+    """A sequence preempted by recompute gets back the K/V its output tokens had (they are computed again as decode
+    rows, as they first were), so every later logit is bit for bit what it would have been, with the fp16 cache
+    quantized weights get as well as fp32 (as prompt rows they differed in the last bits, and fp16 rounding turned
+    that into different greedy tokens on the real model)."""
+    import torch
+
+    from blink.config import EngineConfig
+    from blink.models import quant
+    from tests.tiny_models import random_llama
+
+    model = quant.convert(random_llama(4), "q4")
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    # a1 is preempted 6 tokens into its answer, its positions 20-25 in a block not yet full: they are recomputed
+    # (a full block's K/V would come back from the prefix cache)
+    prompts = {"a0": [5 + i % 50 for i in range(21)], "a1": [7 + (3 * i) % 60 for i in range(20)], "b0": [9, 8, 7, 6]}
+
+    def engine(kv: str, seqs: int) -> LLMEngine:
+        config = EngineConfig(max_model_len=128, kv_cache_mb=4, block_size=16, max_num_seqs=seqs, speculative="off")
+        return LLMEngine(model, frozenset(), EngineConfig(**{**config.__dict__, "kv_cache_dtype": kv}))
+
+    def record(e: LLMEngine) -> dict[str, list[torch.Tensor]]:
+        """Each request's logits row per emitted token."""
+        rows: dict[str, list[torch.Tensor]] = {}
+        forward = e.runner.forward
+
+        def recording(batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+            logits, where = forward(batch, *args, **kwargs)
+            for seq, at in zip(batch.sequences, where, strict=True):
+                if at is not None:
+                    rows.setdefault(seq.request_id, []).append(logits[at][-1].clone())
+            return logits, where
+
+        e.runner.forward = recording  # type: ignore[method-assign]
+        return rows
+
+    for kv in ("auto", "fp32"):
+        roomy = engine(kv, 4)
+        want = record(roomy)
+        for rid, prompt in prompts.items():
+            roomy.generate(prompt, params, request_id=rid)
+        tight = engine(kv, 2)
+        assert tight.runner.kv.k[0].dtype == (torch.float16 if kv == "auto" else torch.float32)
+        got = record(tight)
+        tight.add_request("a0", prompts["a0"], params, tenant="a")
+        tight.add_request("a1", prompts["a1"], params, tenant="a")
+        for _ in range(6):
+            tight.step()
+        tight.add_request("b0", prompts["b0"], params, tenant="b")
+        tight.step()
+        assert any(s.num_preemptions for s in tight.scheduler.waiting), "a1 was meant to give its slot to b0"
+        while tight.has_work():
+            tight.step()
+        for rid in prompts:
+            assert len(got[rid]) == len(want[rid]) == 20
+            assert all(torch.equal(a, b) for a, b in zip(got[rid], want[rid], strict=True)), (kv, rid)
+        assert no_blocks_held(tight)

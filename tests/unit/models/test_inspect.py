@@ -48,9 +48,13 @@ def test_a_folder_and_its_gguf(tiny_folder: Path, capsys: pytest.CaptureFixture[
 
 def test_the_kv_budget_is_checked_against_the_model(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, info = _inspect(capsys, str(tiny_folder), "--kv-cache-mb", "1", "--max-model-len", "4096")
-    per_token = 2 * 6 * 1 * 256 * 4  # K and V, 6 layers, 1 KV head of 256, fp32
+    per_token = 2 * 6 * 1 * 256 * 2  # K and V, 6 layers, 1 KV head of 256, fp16 (the default for quantized weights)
     assert info["memory"]["kv_bytes_per_token"] == per_token
     assert status == 1 and not info["servable"] and "--kv-cache-mb 1" in info["reason"]
+    _, info = _inspect(capsys, str(tiny_folder), "--kv-cache-mb", "1", "--kv-cache-dtype", "fp32")
+    assert info["memory"]["kv_bytes_per_token"] == 2 * per_token
+    _, info = _inspect(capsys, str(tiny_folder), "--kv-cache-mb", "1", "--weights", "fp32")
+    assert info["memory"]["kv_bytes_per_token"] == 2 * per_token  # fp32 weights keep an fp32 cache
 
 
 def test_an_unsupported_architecture_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
