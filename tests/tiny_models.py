@@ -332,9 +332,9 @@ def greedy_alone_then_batched(engine: Any, prompts: list[list[int]], max_tokens:
     return [got[str(i)] for i in range(len(prompts))]
 
 
-def random_llama(seed: int, **changes: Any) -> Any:
-    """A tiny Llama-shaped blink model with random weights (no files): for engine tests that need a model, not
-    a family's exact configuration."""
+def random_llama(seed: int, family: Any = None, **changes: Any) -> Any:
+    """A tiny Llama-shaped blink model (`family`: a LlamaModel subclass, default LlamaModel) with random weights (no
+    files): for engine tests that need a model, not a family's exact configuration."""
     from blink.models.llama import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
@@ -352,7 +352,7 @@ def random_llama(seed: int, **changes: Any) -> Any:
         "attention_bias": False,
         **changes,
     }
-    model = LlamaModel(LlamaConfig.from_dict(raw))
+    model = (family or LlamaModel)(LlamaConfig.from_dict(raw))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return model.eval()

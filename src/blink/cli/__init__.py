@@ -134,7 +134,9 @@ def _add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     inspect.add_argument("--max-model-len", type=int, default=EngineConfig().max_model_len, help="as for serve")
     inspect.add_argument("--kv-cache-mb", type=int, default=EngineConfig().kv_cache_mb, help="as for serve")
-    inspect.add_argument("--weights", default=EngineConfig().weights, choices=("auto", *WEIGHT_FORMATS), help="as for serve")
+    inspect.add_argument(
+        "--weights", default=EngineConfig().weights, choices=("auto", *WEIGHT_FORMATS), help="as for serve"
+    )
     inspect.add_argument(
         "--kv-cache-dtype", default=EngineConfig().kv_cache_dtype, choices=KV_CACHE_DTYPES, help="as for serve"
     )

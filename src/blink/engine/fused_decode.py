@@ -74,7 +74,9 @@ class FusedDecoder:
         ):
             return None
         kv_dtype = kv.k[0].dtype
-        if kv_dtype not in native.KV_DTYPES or any(t.dtype != kv_dtype or not t.is_contiguous() for t in (*kv.k, *kv.v)):
+        if kv_dtype not in native.KV_DTYPES or any(
+            t.dtype != kv_dtype or not t.is_contiguous() for t in (*kv.k, *kv.v)
+        ):
             return None
         projections: list[tuple[Q4Linear, ...]] = []
         for layer in cast(list[DecoderLayer], list(model.layers)):

@@ -33,6 +33,7 @@ def attend_decode(
     dim: int,
     scale: float,
     threads: int,
+    half: bool,
 ) -> None: ...
 def q4_linear(
     x: int,
@@ -74,4 +75,5 @@ def decode_layers(
     level: int,
     flag: int,
     cut: int,
+    half: bool,
 ) -> int: ...

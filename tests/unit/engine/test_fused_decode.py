@@ -16,8 +16,9 @@ from blink.engine.fused_decode import FusedDecoder
 from blink.engine.llm_engine import LLMEngine
 from blink.engine.sequence import SamplingParams
 from blink.models import quant
-from blink.models.llama import LlamaConfig, LlamaModel
+from blink.models.llama import LlamaModel
 from blink.models.qwen3 import Qwen3Model
+from tests.tiny_models import random_llama
 
 
 @pytest.fixture(autouse=True)
@@ -29,25 +30,7 @@ def two_threads() -> Iterator[None]:
 
 
 def tiny(seed: int, *, bias: bool = False, family: type[LlamaModel] = LlamaModel, **changes: object) -> LlamaModel:
-    torch.manual_seed(seed)
-    raw: dict[str, object] = {
-        "vocab_size": 96,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": False,
-        "attention_bias": bias,
-        **changes,
-    }
-    model = family(LlamaConfig.from_dict(raw))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
+    return random_llama(seed, family, attention_bias=bias, **changes)  # type: ignore[no-any-return]
 
 
 def engine(model: LlamaModel, *, fused: bool, kv: str = "auto") -> LLMEngine:
@@ -105,7 +88,9 @@ def test_native_steps_give_the_module_paths_logits_bit_for_bit(bias: bool, kv: s
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
-    for mine, theirs in zip(fused.runner.kv.k + fused.runner.kv.v, modules.runner.kv.k + modules.runner.kv.v, strict=True):
+    for mine, theirs in zip(
+        fused.runner.kv.k + fused.runner.kv.v, modules.runner.kv.k + modules.runner.kv.v, strict=True
+    ):
         assert torch.equal(mine, theirs)
     assert fused.speculator.policy.accepted > 0  # verification rows did run
 

@@ -97,7 +97,9 @@ def test_decode_attention_is_causal_attention_over_the_rows_own_keys(two_threads
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("group", [GROUP, 9], ids=["grouped-heads", "one-head-at-a-time"])  # 9: past the C kernel's 8
-def test_an_fp16_cache_gives_what_an_fp32_cache_of_the_same_values_gives(two_threads: None, kind: str, group: int) -> None:
+def test_an_fp16_cache_gives_what_an_fp32_cache_of_the_same_values_gives(
+    two_threads: None, kind: str, group: int
+) -> None:
     """fp16 keys and values are widened to fp32 exactly as they are read, in every path (the C kernel's grouped
     and one-head paths, SDPA's): the same bits as an fp32 cache holding those values."""
     gen = torch.Generator().manual_seed(11)
