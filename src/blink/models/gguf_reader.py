@@ -36,11 +36,18 @@ _GLOBAL_NAMES = {
 }
 
 
+# the metadata arrays with an element per vocabulary entry: gguf's reader parses each element into numpy objects
+# (measured: ~100 MiB for a 49k vocabulary, held as long as the reader)
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
+
+
 class GGUFModel:
     """An opened GGUF file (memory-mapped): `family` and `config` are read at once, `fields()` on demand (the
-    tokenizer's metadata among them); `tensors()` dequantizes one tensor at a time."""
+    tokenizer's metadata among them); `tensors()` dequantizes one tensor at a time. `metadata=False` (a caller that
+    needs the tensors only: loading a prepared model) lets the vocabulary arrays go once the config is read;
+    `fields()` then reads the file's metadata again."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, metadata: bool = True) -> None:
         import gguf
 
         self.path = path
@@ -59,6 +66,10 @@ class GGUFModel:
             raise UnsupportedModel(f"{path.name}: {e}") from None
         self.arch = arch
         self.config = dataclasses.replace(config, **self._rope_tensors(config))
+        self._trimmed = not metadata
+        if not metadata:
+            for key in _VOCAB_ARRAYS:
+                self._reader.fields.pop(key, None)
 
     def _field(self, key: str, default: Any = None) -> Any:
         f = self._reader.fields.get(key)
@@ -67,7 +78,8 @@ class GGUFModel:
     def fields(self) -> dict[str, Any]:
         """All the file's metadata (not its header's counts, nor the tensors) as plain values: strings, numbers,
         booleans, and lists of them for arrays. The tokenizer's keys feed `gguf_tokenizer.hf_files`."""
-        return {key: field.contents() for key, field in self._reader.fields.items() if not key.startswith("GGUF.")}
+        fields = self._gguf.GGUFReader(str(self.path)).fields if self._trimmed else self._reader.fields
+        return {key: field.contents() for key, field in fields.items() if not key.startswith("GGUF.")}
 
     def _rope_tensors(self, config: LlamaConfig) -> dict[str, Any]:
         """Rotary scaling a GGUF stores as tensors: Llama 3's divisors per frequency, Phi-3's LongRoPE factors."""

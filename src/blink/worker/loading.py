@@ -52,7 +52,8 @@ def load_model(
     folder = loader.prepare(src, model.cache_dir, progress=progress)
     calibration = Tokenizer.from_folder(folder).encode(quant.CALIBRATION_TEXT)
     # q4 keeps a GGUF's own 4-bit blocks (Q4_0, Q4_1, Q4_K) as they are
-    blocks = GGUFModel(src.locate(model.cache_dir)).q4_blocks if weights == "q4" and src.kind == "gguf" else None
+    gguf = GGUFModel(src.locate(model.cache_dir), metadata=False) if weights == "q4" and src.kind == "gguf" else None
+    blocks = gguf.q4_blocks if gguf is not None else None
     converter = quant.Converter(weights, calibration, native_kernels=engine.native_kernels, blocks=blocks)
     return loader.load(folder, context=engine.max_model_len, convert=converter)
 
@@ -62,7 +63,7 @@ def weights_for(name: str, engine: EngineConfig, cache_dir: Path) -> str:
     if engine.weights != "auto":
         return engine.weights
     src = source.resolve(name)
-    types = GGUFModel(src.locate(cache_dir)).weight_types() if src.kind == "gguf" else {}
+    types = GGUFModel(src.locate(cache_dir), metadata=False).weight_types() if src.kind == "gguf" else {}
     return quant.choose("auto", types, native_kernels=engine.native_kernels)
 
 

@@ -63,3 +63,25 @@ def test_q4_serves_the_files_own_blocks(family: str, qtype: str, tmp_path: Path)
                 assert torch.equal(got, want), name
             checked += 1
     assert checked == 4 * len(model.layers)
+
+
+def test_a_gguf_opened_for_its_tensors_drops_the_vocabulary_and_still_reads_all_metadata(tmp_path: Path) -> None:
+    """Loading opens the GGUF for its tensors only (metadata=False): the reader's per-entry vocabulary arrays go
+    (~100 MiB for a 49k vocabulary, held through the load before), the config is the same, and fields() reads the
+    file's metadata again, whole."""
+    from blink.models.gguf_reader import _VOCAB_ARRAYS, GGUFModel
+
+    tok_folder = tmp_path / "tok"
+    family_tokenizer("llama", tok_folder)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(str(tok_folder)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = hf_model(TINY["llama"], vocab)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(TINY["llama"], reference, tok_folder, path, "Q4_1")
+    full, lean = GGUFModel(path), GGUFModel(path, metadata=False)
+    assert "tokenizer.ggml.tokens" in full._reader.fields
+    assert not any(key in lean._reader.fields for key in _VOCAB_ARRAYS)
+    assert lean.config == full.config and lean.family is full.family
+    assert lean.weight_types() == full.weight_types()
+    assert lean.fields() == full.fields() and len(full.fields()["tokenizer.ggml.tokens"]) == vocab
