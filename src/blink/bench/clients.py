@@ -115,7 +115,9 @@ class _Base:
         await self.http.aclose()
 
     async def run(self, job: Job, t0: float, users: int = 0) -> Result:
-        result = Result(job.index, time.perf_counter() - t0, users)
+        # The job's own start, the instant the closed loop chose its stage by: a clock read here, a moment later,
+        # can fall in the next stage and count this session there with the last stage's users.
+        result = Result(job.index, job.at_s, users)
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):
                 await self.session(job, result, t0)
