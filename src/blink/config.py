@@ -72,7 +72,8 @@ class EngineConfig:
         "tokens one engine step may run (prompt chunks and decodes)", 512, advanced=True
     )
     prefill_chunk_tokens: int = _help(
-        "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay)",
+        "prompt tokens one step may prefill while streams are decoding (bounds their inter-token delay; a burst of "
+        "prompts outnumbering the decoding streams takes the whole step budget)",
         16,
         advanced=True,
     )

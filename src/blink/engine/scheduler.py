@@ -7,6 +7,15 @@ share of the batch take a slot from the tenant holding the most), each starting 
 its tokens in its tenant's partition (`BlockManager.lookup`), while the budget, the batch size and the KV blocks
 allow. While any sequence is decoding, prompt chunks share a smaller budget
 (`prefill_chunk_tokens`), so a long prompt arriving mid-stream delays the others' next token by one small chunk.
+Except in a burst: when live prompts still waiting for their first token outnumber the live streams that had
+their first token before the oldest of them arrived (8 users arriving together, the first of them already
+decoding), prompt chunks get the whole step budget, as with nobody decoding. Small chunks would hold the many first
+tokens back for many steps (at 16 tokens a step, seven 101-token prompts take 45 steps) to spare the few streams one
+long gap. A stream whose first token came after the burst arrived (one of the burst, or one that jumped ahead of
+it) does not count, so a burst larger than one step's budget, or one whose last members arrive a step late (the
+gateway admits requests one by one), keeps the whole budget to its end. A stream of a tenant with no
+prompt in the burst vetoes it: one tenant's burst never lengthens another's inter-token gaps (a tenant sending a
+burst each step would otherwise stall everyone else's streams every step).
 A chunk's cost grows with the context it attends to, so that budget counts each prompt token as
 1 + context / `PREFILL_ATTENTION_TOKENS` tokens: deep into a long prompt, chunks get smaller, and a step stays about
 as long as the first chunk's (measured: 32-token chunks at 1,000 tokens of context took 2x the step time of chunks
@@ -100,8 +109,9 @@ class _Budget:
 
     @classmethod
     def start(cls, sched: Scheduler) -> _Budget:
-        decoding = any(s.num_computed >= s.num_tokens - 1 for s in sched.running)
         live_decoding = any(s.priority == 0 and s.num_computed >= s.num_tokens - 1 for s in sched.running)
+        # a burst (see the module docstring): as with nobody decoding, prompt chunks take the whole budget
+        decoding = any(s.num_computed >= s.num_tokens - 1 for s in sched.running) and not _burst(sched)
         budget = sched.max_num_batched_tokens
         return cls(
             tokens=budget,
@@ -132,6 +142,29 @@ class _Budget:
             if seq.priority > 0:
                 self.background -= cost
                 self.background_seqs -= 1
+
+
+def _burst(sched: Scheduler) -> bool:
+    """Live prompts waiting for their first token (admitted or not) outnumber the live streams that had their first
+    token before the oldest of them arrived, and every such stream's tenant has a prompt among them (see the module
+    docstring)."""
+    prompts = [s for s in sched.waiting if s.priority == 0 and not s.output_token_ids]
+    prompts += [
+        s for s in sched.running if s.priority == 0 and s.num_computed < s.num_tokens - 1 and not s.output_token_ids
+    ]
+    if not prompts:
+        return False
+    since = min(s.arrival for s in prompts)
+    streams = [
+        s
+        for s in sched.running
+        if s.priority == 0
+        and s.num_computed >= s.num_tokens - 1
+        and s.first_token is not None
+        and s.first_token <= since
+    ]
+    tenants = {s.tenant for s in prompts}
+    return len(prompts) > len(streams) and all(s.tenant in tenants for s in streams)
 
 
 class Scheduler:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from blink.engine.kv_cache import BlockManager, CacheSalt
 from blink.engine.scheduler import Scheduler
 from blink.engine.sequence import SamplingParams, SeqStatus, Sequence
@@ -12,8 +14,8 @@ _clock = iter(range(1_000_000))
 
 def seq(rid: str, tenant: str | None, n: int = 4, *, priority: int = 0) -> Sequence:
     """A request of `tenant` with its own tokens (no two share a prefix), arriving after every earlier one."""
-    arrival = float(next(_clock))
-    first = 1000 + int(arrival) * 100
+    first = 1000 + next(_clock) * 100
+    arrival = time.monotonic()  # comparable with a first token's time (the scheduler's bursts)
     tokens = list(range(first, first + n))
     params = SamplingParams(max_tokens=100, temperature=0)
     return Sequence(rid, tokens, params, priority=priority, salt=CacheSalt(tenant), arrival=arrival)
@@ -40,8 +42,10 @@ def test_the_tenant_with_the_fewest_running_sequences_is_admitted_first() -> Non
     for s in later:
         sched.add(s)
     batch = run(sched)
-    assert list(chunks(batch)) == ["a0", "a1", "b0", "a2"]  # b0 came last but its tenant had nothing running
-    assert [s.request_id for s in sched.waiting] == ["a3", "a4"]  # within a tenant: arrival order
+    # b0 came last but its tenant had nothing running; 4 first tokens waiting for 2 streams are a burst (whole
+    # budget), so the 5 slots fill
+    assert list(chunks(batch)) == ["a0", "a1", "b0", "a2", "a3"]
+    assert [s.request_id for s in sched.waiting] == ["a4"]  # within a tenant: arrival order
 
 
 def test_a_single_tenant_is_admitted_in_arrival_order_as_before() -> None:
@@ -141,3 +145,16 @@ def test_nobody_sits_out_for_a_newcomer_that_does_not_fit() -> None:
     sched.add(seq("c0", "c"))
     for _ in range(3):
         assert chunks(run(sched)) == {"a0": 1}  # a keeps decoding
+
+
+def test_one_tenants_burst_never_stalls_another_tenants_stream() -> None:
+    sched = make(seqs=8, budget=64, chunk=4)
+    b = seq("b0", "b")
+    sched.add(b)
+    run(sched)  # b streams
+    burst = [seq(f"a{i}", "a", 8) for i in range(4)]
+    for s in burst:
+        sched.add(s)
+    batch = chunks(run(sched))
+    assert batch["b0"] == 1 and sum(n for rid, n in batch.items() if rid != "b0") <= 4  # small chunks, not 32
+    assert sum(chunks(run(sched)).values()) <= 5

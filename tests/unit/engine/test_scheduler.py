@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from blink.engine.kv_cache import BlockManager
@@ -33,6 +35,7 @@ def run(sched: Scheduler, now: float = 0.0) -> ScheduledBatch:
         sched.blocks.commit(s.request_id, s.token_ids, s.num_computed)
         if s.num_computed == s.num_tokens:
             s.output_token_ids.append(7)
+            s.first_token = s.first_token or time.monotonic()
     return batch
 
 
@@ -225,3 +228,32 @@ def test_blocks_computed_by_background_work_are_counted_once_when_live_work_reus
     sched.add(seq("again", 12, first=1))  # reusing them a second time is not counted again
     run(sched)
     assert sched.background_tokens_used == 2 * BS
+
+
+def test_a_burst_of_prompts_takes_the_whole_budget_while_its_first_member_decodes() -> None:
+    sched = make(budget=64, chunk=4)
+    sched.add(seq("a", 8))
+    run(sched)  # a decodes from now on
+    for rid in "bcd":
+        sched.add(seq(rid, 12, first=20 + 20 * "bcd".index(rid)))
+    assert chunks(run(sched)) == {"a": 1, "b": 12, "c": 12, "d": 12}  # 3 first tokens wait, 1 stream decodes
+
+
+def test_one_prompt_arriving_mid_stream_still_takes_small_chunks() -> None:
+    sched = make(budget=64, chunk=4)
+    for rid in "ab":
+        sched.add(seq(rid, 4, first=1 + 10 * "ab".index(rid)))
+    run(sched)
+    sched.add(seq("c", 12, first=50))  # 1 first token waits, 2 streams decode
+    assert chunks(run(sched)) == {"a": 1, "b": 1, "c": 4}
+
+
+def test_a_burst_larger_than_one_step_keeps_the_whole_budget_to_its_end() -> None:
+    sched = make(budget=40, chunk=4)
+    sched.add(seq("a", 8))
+    run(sched)  # a decodes from now on
+    for i, rid in enumerate("bcdef"):
+        sched.add(seq(rid, 12, first=20 + 20 * i))
+    assert chunks(run(sched)) == {"a": 1, "b": 12, "c": 12, "d": 12, "e": 3}  # 39 of 40
+    # b, c, d decode now, and outnumber the 2 prompts left, but began decoding after those arrived
+    assert chunks(run(sched)) == {"a": 1, "b": 1, "c": 1, "d": 1, "e": 9, "f": 12}
