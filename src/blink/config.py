@@ -63,8 +63,26 @@ class ModelConfig:
         return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
+ENGINES = ("blink", "openai")  # worker/engines: blink's own (worker/replica.py), an OpenAI-compatible upstream
+UPSTREAM_API_KEY_ENV = ("BLINK_UPSTREAM_API_KEY",)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
+    engine: str = _help(
+        "the engine a replica drives: blink (its own, on this machine's CPU) or openai (an OpenAI-compatible "
+        "server at --upstream: llama-server, vllm serve, SGLang, TGI, another blink; its key from "
+        "BLINK_UPSTREAM_API_KEY)",
+        "blink",
+        choices=ENGINES,
+    )
+    upstream: str = _help("--engine openai: the upstream server's URL (http://host:port, with or without /v1)", "")
+    upstream_model: str = _help(
+        "--engine openai: the upstream's model id (empty: the first its /v1/models lists); clients use "
+        "--served-model-name, else this, else the --model name",
+        "",
+    )
+    upstream_api_key: str = field(default="", repr=False, metadata={"env": UPSTREAM_API_KEY_ENV})
     threads: int = _help("torch threads for the model (0: one per core)", 0)
     max_num_seqs: int = _help("sequences decoded together in one batch", 16)
     max_model_len: int = _help("longest prompt + output, in tokens", 2048)

@@ -24,7 +24,7 @@ from pathlib import Path
 from blink import __version__
 from blink.cli.flags import HelpAll, add_flags, from_flags
 from blink.cli.keys import add_keys_parser, keys_command
-from blink.cli.run import _bad_redis_url, _redis_config, serve, worker
+from blink.cli.run import _bad_redis_url, _engine_config, _redis_config, serve, worker
 from blink.config import (
     KV_CACHE_DTYPES,
     WEIGHT_FORMATS,
@@ -185,14 +185,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keys":
         return keys_command(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream request and health check otherwise
     if args.command == "worker":
-        return worker(from_flags(ModelConfig, args), from_flags(EngineConfig, args), _redis_config(args))
+        return worker(from_flags(ModelConfig, args), _engine_config(args), _redis_config(args))
     gateway = from_flags(GatewayConfig, args)
     if not gateway.api_keys and os.environ.get("BLINK_API_KEYS"):
         gateway = dataclasses.replace(gateway, api_keys=os.environ["BLINK_API_KEYS"])
     config = ServeConfig(
         model=from_flags(ModelConfig, args),
-        engine=from_flags(EngineConfig, args),
+        engine=_engine_config(args),
         gateway=gateway,
         cache=from_flags(CacheConfig, args),
         redis=_redis_config(args),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from blink.cli.flags import from_flags
 from blink.config import (
     REDIS_PASSWORD_ENV,
+    UPSTREAM_API_KEY_ENV,
     CacheConfig,
     EngineConfig,
     GatewayConfig,
@@ -34,8 +35,47 @@ if TYPE_CHECKING:
     from blink.gateway.service import Gateway
     from blink.semantic_cache.embedder import LazyEmbedder
     from blink.worker.replica import Replica
+    from blink.worker.upstream import UpstreamReplica
 
 log = logging.getLogger("blink")
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The flags, and the upstream's API key from the environment (never a flag: argv is visible to every user)."""
+    key = next((os.environ[name] for name in UPSTREAM_API_KEY_ENV if os.environ.get(name)), "")
+    return dataclasses.replace(from_flags(EngineConfig, args), upstream_api_key=key)
+
+
+def served_name(model: ModelConfig, engine: EngineConfig) -> str:
+    """The pool's name, the `model` clients give: an upstream's model id unless --served-model-name says."""
+    if engine.engine == "openai" and not model.served_model_name and engine.upstream_model:
+        return engine.upstream_model
+    return model.served_name()
+
+
+def _replica(bus: Bus, model: ModelConfig, engine: EngineConfig) -> Replica | UpstreamReplica:
+    """The replica --engine asks for: blink's own engine on this machine, or one driving an upstream server."""
+    if engine.engine == "openai":
+        from blink.worker.engines.openai import OpenAIUpstream
+        from blink.worker.upstream import UpstreamReplica
+
+        upstream = OpenAIUpstream(
+            engine.upstream, engine.upstream_model, api_key=engine.upstream_api_key, max_model_len=engine.max_model_len
+        )
+        return UpstreamReplica(bus, upstream, served_name(model, engine), max_concurrent=engine.max_num_seqs)
+    from blink.worker.replica import Replica
+
+    return Replica(bus, model, engine)
+
+
+def _check_upstream(engine: EngineConfig) -> str | None:
+    """Why --engine openai cannot start (no usable --upstream URL); None if it can."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(engine.upstream)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        return f"--engine openai needs --upstream http(s)://host:port (got {engine.upstream!r})"
+    return None
 
 
 def _redis_config(args: argparse.Namespace) -> RedisConfig:
@@ -102,22 +142,22 @@ def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
     """`blink worker`: one replica on the Redis bus, until SIGTERM or SIGINT."""
     import signal
 
-    from blink.worker.replica import Replica
-
     if not redis.redis:
         print("blink worker: --redis is required (the bus the gateways use)", file=sys.stderr)
         return 2
-    problem = _bad_redis_url(redis) or _preflight(model, engine)
+    local = _check_upstream(engine) if engine.engine == "openai" else _preflight(model, engine)
+    problem = _bad_redis_url(redis) or local
     if problem is not None:
         print(f"blink: {problem}", file=sys.stderr)
         return 2
     gw = GatewayConfig()
-    log.info("worker: loading %s, served as %r (the pool gateways route to)", model.model, model.served_name())
+    what = engine.upstream if engine.engine == "openai" else model.model
+    log.info("worker: %s, served as %r (the pool gateways route to)", what, served_name(model, engine))
 
     async def main() -> None:
         bus = _bus(redis, gw.max_pending_requests, gw.stream_queue_events)
         await bus.start()
-        replica = Replica(bus, model, engine)
+        replica = _replica(bus, model, engine)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,7 +205,6 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     from blink.preload.store import MemoryContextStore, TenantStores
     from blink.semantic_cache.cache import open_cache
     from blink.semantic_cache.embedder import LazyEmbedder
-    from blink.worker.replica import Replica
 
     local = config.redis.local_replica or not config.redis.redis
     if not config.redis.local_replica and not config.redis.redis:
@@ -173,7 +212,8 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
         return 2
     problem = _bad_redis_url(config.redis, config.cache)
     if problem is None and local:
-        problem = _preflight(config.model, config.engine)
+        upstream = config.engine.engine == "openai"
+        problem = _check_upstream(config.engine) if upstream else _preflight(config.model, config.engine)
     if problem is not None:
         print(f"blink: {problem}", file=sys.stderr)
         return 2
@@ -187,8 +227,8 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     password = config.redis.redis_password or None
     sessions = RedisSessions(config.redis.redis, gw.session_ttl_s, password=password) if config.redis.redis else None
     documents = TenantStores(lambda: MemoryContextStore(embedder.embed))
-    gateway = Gateway(bus, gw, [config.model.served_name()], documents, cache, sessions, auth)
-    replica = Replica(bus, config.model, config.engine) if local else None
+    gateway = Gateway(bus, gw, [served_name(config.model, config.engine)], documents, cache, sessions, auth)
+    replica = _replica(bus, config.model, config.engine) if local else None
 
     lifespan = _lifespan(config, bus, gateway, replica, embedder)
     try:
@@ -211,7 +251,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
 
 
 def _lifespan(
-    config: ServeConfig, bus: Bus, gateway: Gateway, replica: Replica | None, embedder: LazyEmbedder
+    config: ServeConfig, bus: Bus, gateway: Gateway, replica: Replica | UpstreamReplica | None, embedder: LazyEmbedder
 ) -> Callable[[Any], AbstractAsyncContextManager[None]]:
     """What `blink serve` starts beside the HTTP server, and stops after it: the bus, the local replica (drained,
     or with --redis handed back), the semantic cache's embedder, the session store."""
@@ -227,10 +267,12 @@ def _lifespan(
             loading.add_done_callback(_report_embedder)
         model = config.model
         where = f"http://{config.gateway.host}:{config.gateway.port}"
+        name = served_name(model, config.engine)
         if replica is None:
-            log.info("listening on %s; serving %r from the workers on the bus", where, model.served_name())
+            log.info("listening on %s; serving %r from the workers on the bus", where, name)
         else:
-            log.info("listening on %s; loading %s, served as %r", where, model.model, model.served_name())
+            what = config.engine.upstream if config.engine.engine == "openai" else model.model
+            log.info("listening on %s; loading %s, served as %r", where, what, name)
         yield
         if replica is not None:  # with --redis it may hold other gateways' requests: drained, or handed back
             await replica.stop(drain_s=config.redis.drain_timeout_s if config.redis.redis else 0.0)
