@@ -69,14 +69,12 @@ def test_a_plain_prompt_goes_to_completions() -> None:
     assert sent[0]["path"] == "/v1/completions" and sent[0]["prompt"] == "Q"
 
 
-def test_a_preload_asks_for_one_token_of_what_comes_before_the_message_being_typed() -> None:
+def test_a_preload_asks_for_one_token_of_the_conversation_as_typed_so_far() -> None:
     sent: list[dict[str, Any]] = []
     engine = upstream(httpx.Response(200, content=sse({"choices": [{"delta": {"content": "A"}}]})), sent)
     draft = GenerateRequest("p", "m", Sampling(), messages=CHAT, prefill_only=True, open_last=True, priority=1)
-    run(engine, draft)
-    assert sent[0]["messages"] == [CHAT[0]] and sent[0]["max_tokens"] == 1
-    alone = GenerateRequest("q", "m", Sampling(), messages=CHAT[1:], prefill_only=True, open_last=True)
-    assert run(engine, alone) == [End(FinishStatus.STOP)] and len(sent) == 1  # nothing before it: no request
+    assert run(engine, draft)[-1] == End(FinishStatus.STOP, 0, 1, 0)
+    assert sent[0]["messages"] == list(CHAT) and sent[0]["max_tokens"] == 1 and sent[0]["temperature"] == 0
 
 
 def test_each_tenant_gets_its_own_cache_salt_and_its_name_never_leaves() -> None:
@@ -206,3 +204,25 @@ def test_a_request_past_its_deadline_ends_as_such() -> None:
         assert engine.closed == ["a"]
 
     with_replica(engine, body)
+
+
+def test_a_pooled_connection_the_upstream_closed_is_retried_once_on_a_new_one() -> None:
+    calls: list[int] = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return httpx.Response(200, content=STREAM)
+
+    engine = OpenAIUpstream("http://up:8000", "m", transport=httpx.MockTransport(flaky))
+    assert run(engine, GenerateRequest("r", "m", Sampling(), prompt="Q"))[-1] == End(FinishStatus.LENGTH, 9, 2, 4)
+    assert len(calls) == 2
+
+    def closed(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    engine = OpenAIUpstream("http://up:8000", "m", transport=httpx.MockTransport(closed))
+    [end] = run(engine, GenerateRequest("r", "m", Sampling(), prompt="Q"))
+    assert isinstance(end, End) and end.error_code == "engine_failure" and len(calls) == 4  # twice, not forever

@@ -3,9 +3,9 @@ engine of a replica, over one pooled keep-alive HTTP client.
 
 A chat request goes to the upstream's /v1/chat/completions, a plain prompt to /v1/completions, both streamed with
 usage in the last chunk (`stream_options.include_usage`). Cancel closes the stream: the upstream sees its client
-go and frees the request. A pre-load is a one-token request for the prompt's prefix (a chat whose last message is
-still being typed sends the messages before it), so the upstream's prompt cache holds it (llama-server's
-`cache_prompt`, vLLM's automatic prefix caching) when the real request comes. A tenant's requests carry
+go and frees the request. A pre-load is a one-token request for the conversation with the message being typed as
+it stands, so the upstream's prompt cache holds that prefix (llama-server's `cache_prompt`, vLLM's automatic prefix
+caching) when the real request comes. A tenant's requests carry
 `cache_salt` (vLLM's per-tenant prefix-cache partition; servers that do not know it ignore it). Health is the
 upstream's /health (or blink's /readyz) answering 200.
 """
@@ -121,23 +121,30 @@ class OpenAIUpstream:
 
     async def stream(self, request: GenerateRequest) -> AsyncGenerator[Delta | End, None]:
         path, body = self._body(request)
-        if body is None:  # a pre-load with nothing before the message being typed
-            yield End(FinishStatus.STOP)
-            return
         self._running += 1
         try:
-            async with self._http.stream("POST", path, json=body) as response:
-                if response.status_code != 200:
-                    yield _error(response.status_code, await response.aread())
+            for attempt in range(2):
+                started = False
+                try:
+                    async with self._http.stream("POST", path, json=body) as response:
+                        started = True
+                        if response.status_code != 200:
+                            yield _error(response.status_code, await response.aread())
+                            return
+                        async for item in _events(response, chat=request.messages is not None):
+                            yield item
                     return
-                async for item in _events(response, chat=request.messages is not None):
-                    yield item
+                except httpx.RemoteProtocolError:
+                    # a pooled connection the upstream had closed while idle (llama-server does): once more on a
+                    # new one, as long as nothing came back on the old
+                    if started or attempt:
+                        raise
         except httpx.HTTPError as exc:
             yield End(FinishStatus.ERROR, error_code="engine_failure", error_message=f"upstream: {exc!r}")
         finally:
             self._running -= 1
 
-    def _body(self, request: GenerateRequest) -> tuple[str, dict[str, Any] | None]:
+    def _body(self, request: GenerateRequest) -> tuple[str, dict[str, Any]]:
         s = request.sampling
         body: dict[str, Any] = {"model": self.model, "stream": True, "stream_options": {"include_usage": True}}
         if request.prefill_only:
@@ -160,12 +167,9 @@ class OpenAIUpstream:
             body["cache_salt"] = hashlib.sha256(f"blink-tenant:{request.tenant}".encode()).hexdigest()[:32]
         if request.messages is None:
             return "/v1/completions", body | {"prompt": request.prompt or ""}
-        messages = list(request.messages)
-        if request.open_last:  # the user is still typing the last one: warm what comes before it
-            messages = messages[:-1]
-        if not messages:
-            return "/v1/chat/completions", None
-        return "/v1/chat/completions", body | {"messages": messages}
+        # a pre-load's last message is still being typed: sent as it stands, its template's tokens up to the
+        # text typed so far are the finished prompt's first tokens, which the upstream's prompt cache then holds
+        return "/v1/chat/completions", body | {"messages": list(request.messages)}
 
 
 async def _events(response: httpx.Response, *, chat: bool) -> AsyncGenerator[Delta | End, None]:
@@ -175,8 +179,8 @@ async def _events(response: httpx.Response, *, chat: bool) -> AsyncGenerator[Del
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
-        if data == "[DONE]":
-            break
+        if data == "[DONE]":  # read on to the body's end: a connection read to its end goes back to the pool
+            continue
         chunk = json.loads(data)
         if isinstance(chunk.get("error"), dict):  # an error in the middle of the stream
             err = chunk["error"]
