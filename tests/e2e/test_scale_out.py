@@ -22,7 +22,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from blink.gateway.keys import KeyFile
-from tests.e2e.conftest import MODEL, Server
+from tests.e2e.conftest import MODEL, Server, serving
 from tests.e2e.test_realtime import recv, until
 from tests.redis_server import RedisServer
 
@@ -114,17 +114,25 @@ def replica_id_of(log: Path) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("stop", "engine"), [("kill -9", "blink"), ("SIGTERM", "blink"), ("kill -9", "openai"), ("SIGTERM", "openai")]
+)
 def test_a_stream_survives_its_worker_stopping_when_another_can_take_over(
-    tmp_path: Path, model_dir: Path, stop: str
+    tmp_path: Path, model_dir: Path, stop: str, engine: str
 ) -> None:
     """kill -9: the survivor claims the dead worker's request once its heartbeats stop. SIGTERM: the worker drains
-    for --drain-timeout-s (1 s here: too short for this answer), then hands the request back."""
+    for --drain-timeout-s (1 s here: too short for this answer), then hands the request back. `openai`: both
+    workers drive one upstream server (`--engine openai`; a blink serve here, without its semantic cache, which
+    would answer the stream from the reference's answer)."""
     question = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     settings = {"temperature": 0, "max_tokens": 600, "extra_body": {"cache": False, "ignore_eos": True}}
     with RedisServer() as redis, ExitStack() as stack:
         logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-        flags = ("--drain-timeout-s", "1")
+        flags: tuple[str, ...] = ("--drain-timeout-s", "1")
+        if engine == "openai":
+            upstream_flags = ("--no-semantic-cache", "--resume-window-s", "0")
+            upstream = stack.enter_context(serving(tmp_path / "upstream.log", *upstream_flags))
+            flags += ("--engine", "openai", "--upstream", upstream.base)
         workers = [start_worker(redis, stack.enter_context(log.open("wb")), *flags) for log in logs]
         gateway = Server(tmp_path / "gateway.log", "--redis", redis.url, "--no-local-replica")
         try:

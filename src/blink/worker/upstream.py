@@ -198,9 +198,15 @@ class UpstreamReplica:
         re-delivers them (another replica continues each; pre-loads, not worth a restart, end cancelled), else
         ended as cancelled."""
         hand_back = self.bus.reclaims and self._stopping.is_set()
+        handed = 0
         for request_id, task in list(self._tasks.items()):
+            request = self._requests[request_id]
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            if not hand_back or self._requests[request_id].prefill_only:
+            if hand_back and not request.prefill_only:
+                handed += 1
+            else:
                 await self.bus.publish(Finished(request_id, FinishStatus.CANCELLED))
+        if handed:
+            log.info("replica %s: handed back %d request(s) to the pool", self.replica_id, handed)
