@@ -27,7 +27,9 @@ def sse(*chunks: dict[str, Any]) -> bytes:
 
 def upstream(answer: httpx.Response, sent: list[dict[str, Any]]) -> OpenAIUpstream:
     def handle(request: httpx.Request) -> httpx.Response:
-        sent.append({"path": request.url.path, **json.loads(request.content)})
+        sent.append(
+            {"path": request.url.path, "traceparent": request.headers.get("traceparent"), **json.loads(request.content)}
+        )
         return answer
 
     return OpenAIUpstream("http://up:8000/v1", "m", transport=httpx.MockTransport(handle))
@@ -59,6 +61,13 @@ def test_a_chat_streams_its_deltas_then_ends_with_the_upstreams_usage() -> None:
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert (body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == (5, 0.5, 3, ["x"])
     assert "top_k" not in body and "ignore_eos" not in body and "cache_salt" not in body  # not asked for
+    assert body["traceparent"] is None
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    run(
+        upstream(httpx.Response(200, content=STREAM), sent),
+        GenerateRequest("t", "m", Sampling(), messages=CHAT, traceparent=parent),
+    )
+    assert sent[1]["traceparent"] == parent  # the upstream's spans join the request's trace
 
 
 def test_a_plain_prompt_goes_to_completions() -> None:
@@ -71,9 +80,10 @@ def test_a_plain_prompt_goes_to_completions() -> None:
 
 def test_a_preload_asks_for_one_token_of_the_conversation_as_typed_so_far() -> None:
     sent: list[dict[str, Any]] = []
-    engine = upstream(httpx.Response(200, content=sse({"choices": [{"delta": {"content": "A"}}]})), sent)
+    one = sse({"choices": [{"delta": {"content": "A"}, "finish_reason": "length"}]})  # its one token
+    engine = upstream(httpx.Response(200, content=one), sent)
     draft = GenerateRequest("p", "m", Sampling(), messages=CHAT, prefill_only=True, open_last=True, priority=1)
-    assert run(engine, draft)[-1] == End(FinishStatus.STOP, 0, 1, 0)
+    assert run(engine, draft) == [End(FinishStatus.STOP, 0, 1, 0)]  # its token is the upstream's, not the user's
     assert sent[0]["messages"] == list(CHAT) and sent[0]["max_tokens"] == 1 and sent[0]["temperature"] == 0
 
 

@@ -13,6 +13,7 @@ upstream's /health (or blink's /readyz) answering 200.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -121,18 +122,24 @@ class OpenAIUpstream:
 
     async def stream(self, request: GenerateRequest) -> AsyncGenerator[Delta | End, None]:
         path, body = self._body(request)
+        # W3C trace context: an upstream that traces (vLLM, blink) makes its spans children of this request's
+        headers = {"traceparent": request.traceparent} if request.traceparent else {}
         self._running += 1
         try:
             for attempt in range(2):
                 started = False
                 try:
-                    async with self._http.stream("POST", path, json=body) as response:
+                    async with self._http.stream("POST", path, json=body, headers=headers) as response:
                         started = True
                         if response.status_code != 200:
                             yield _error(response.status_code, await response.aread())
                             return
                         async for item in _events(response, chat=request.messages is not None):
-                            yield item
+                            if not request.prefill_only:
+                                yield item
+                            elif isinstance(item, End):  # a pre-load says nothing, and ends once its prompt is in
+                                done = item.status is not FinishStatus.ERROR
+                                yield dataclasses.replace(item, status=FinishStatus.STOP) if done else item
                     return
                 except httpx.RemoteProtocolError:
                     # a pooled connection the upstream had closed while idle (llama-server does): once more on a
