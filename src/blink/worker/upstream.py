@@ -138,8 +138,9 @@ class UpstreamReplica:
             while len(self._cancelled) > REMEMBERED_CANCELS:
                 self._cancelled.popitem(last=False)
             return
-        task.cancel()  # the stream closes: the upstream frees the request
-        with contextlib.suppress(asyncio.CancelledError):
+        if not task.cancel():  # it ended already and published its own Finished
+            return
+        with contextlib.suppress(asyncio.CancelledError):  # the stream closes: the upstream frees the request
             await task
         await self.bus.publish(Finished(request_id, FinishStatus.CANCELLED))
 

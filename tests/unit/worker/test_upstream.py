@@ -236,3 +236,10 @@ def test_a_pooled_connection_the_upstream_closed_is_retried_once_on_a_new_one() 
     engine = OpenAIUpstream("http://up:8000", "m", transport=httpx.MockTransport(closed))
     [end] = run(engine, GenerateRequest("r", "m", Sampling(), prompt="Q"))
     assert isinstance(end, End) and end.error_code == "engine_failure" and len(calls) == 4  # twice, not forever
+
+
+@pytest.mark.parametrize("line", [b"data: {not json\n\n", b"data: [1, 2]\n\n", b'data: {"choices": [{"text": 3}]}\n\n'])
+def test_a_malformed_stream_ends_the_request_instead_of_raising(line: bytes) -> None:
+    answer = httpx.Response(200, content=line + b"data: [DONE]\n\n")
+    items = run(upstream(answer, []), GenerateRequest("r", "m", Sampling(), prompt="Q"))
+    assert isinstance(items[-1], End) and items[-1].error_code == "engine_failure"

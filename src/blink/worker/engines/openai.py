@@ -148,6 +148,8 @@ class OpenAIUpstream:
                         raise
         except httpx.HTTPError as exc:
             yield End(FinishStatus.ERROR, error_code="engine_failure", error_message=f"upstream: {exc!r}")
+        except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not the shape of an OpenAI chunk
+            yield End(FinishStatus.ERROR, error_code="engine_failure", error_message=f"upstream's stream: {exc!r}")
         finally:
             self._running -= 1
 
@@ -202,6 +204,8 @@ async def _events(response: httpx.Response, *, chat: bool) -> AsyncGenerator[Del
         for choice in chunk.get("choices") or []:
             text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             if text:
+                if not isinstance(text, str):
+                    raise TypeError(f"a chunk's text is {type(text).__name__}, not a string")
                 tokens += 1
                 yield Delta(text, tokens)
             reason = choice.get("finish_reason") or reason
