@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 
 from tests.e2e.conftest import MODEL, Server
 from tests.e2e.test_realtime import ask, recv, until
+from tests.e2e.test_semantic_cache import COMPLETES
 from tests.redis_server import RedisServer, TlsProxy
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def test_serve_and_worker_use_a_password_protected_redis_over_tls_with_the_passw
                 assert password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
             # the bus and the semantic cache (Vector Sets) through TLS: a miss, then the stored answer
             question = [{"role": "user", "content": "What is the capital of Italy?"}]
-            body = {"model": MODEL, "messages": question, "temperature": 0, "max_tokens": 60, "stop": ["."]}
+            body = {"model": MODEL, "messages": question, "temperature": 0, "max_tokens": 60, "stop": COMPLETES}
             answers = [httpx.post(f"{gateway.base}/v1/chat/completions", json=body, timeout=60) for _ in range(2)]
             assert [a.status_code for a in answers] == [200, 200], answers[0].text
             assert [a.headers["x-blink-cache"] for a in answers] == ["miss", "hit"]
