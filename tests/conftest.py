@@ -14,11 +14,13 @@ from tests.redis_server import RedisServer
 MODEL = "smollm2-135m-instruct"
 
 
-OPT_IN = ("qwen", "gemma")  # markers of tests that need an opt-in model (make install-qwen, make install-gemma)
+# markers of opt-in tests: an opt-in model (make install-qwen, make install-gemma) or engine (make install-vllm)
+OPT_IN = ("qwen", "gemma", "vllm")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `qwen` or `gemma` need an opt-in model: deselected unless the -m expression names the marker."""
+    """Tests marked `qwen`, `gemma` or `vllm` need an opt-in install: deselected unless the -m expression names the
+    marker."""
     expression = config.getoption("markexpr") or ""
     for marker in OPT_IN:
         if marker in expression:
@@ -27,6 +29,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = [item for item in items if not item.get_closest_marker(marker)]
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir() -> Path:
+    """The default model exported as a Hugging Face folder (for vLLM, which reads no GGUF), once into the cache:
+    benchmarks/peers/export_hf.py, which also checks it holds the weights blink serves."""
+    import subprocess
+    import sys
+
+    out = default_cache_dir() / "hf" / MODEL
+    script = Path(__file__).parents[1] / "benchmarks" / "peers" / "export_hf.py"
+    subprocess.run([sys.executable, str(script), "--out", str(out)], check=True, capture_output=True, timeout=600)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -63,16 +63,16 @@ class ModelConfig:
         return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
-ENGINES = ("blink", "openai")  # worker/engines: blink's own (worker/replica.py), an OpenAI-compatible upstream
+ENGINES = ("blink", "vllm", "openai")  # blink's own (worker/replica.py), vLLM's AsyncLLM, an OpenAI-compatible server
 UPSTREAM_API_KEY_ENV = ("BLINK_UPSTREAM_API_KEY",)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     engine: str = _help(
-        "the engine a replica drives: blink (its own, on this machine's CPU) or openai (an OpenAI-compatible "
-        "server at --upstream: llama-server, vllm serve, SGLang, TGI, another blink; its key from "
-        "BLINK_UPSTREAM_API_KEY)",
+        "the engine a replica drives: blink (its own, on this machine's CPU), vllm (vLLM's AsyncLLM in the worker, "
+        "for a Hugging Face folder --model; `make install-vllm`) or openai (an OpenAI-compatible server at "
+        "--upstream: llama-server, vllm serve, SGLang, TGI, another blink; its key from BLINK_UPSTREAM_API_KEY)",
         "blink",
         choices=ENGINES,
     )
@@ -83,6 +83,12 @@ class EngineConfig:
         "",
     )
     upstream_api_key: str = field(default="", repr=False, metadata={"env": UPSTREAM_API_KEY_ENV})
+    vllm_args: str = _help(
+        "--engine vllm: more vLLM engine arguments, a JSON object of AsyncEngineArgs' fields (e.g. "
+        '\'{"dtype": "float32", "speculative_config": {...}}\'); they win over blink\'s flags',
+        "",
+        advanced=True,
+    )
     threads: int = _help("torch threads for the model (0: one per core)", 0)
     max_num_seqs: int = _help("sequences decoded together in one batch", 16)
     max_model_len: int = _help("longest prompt + output, in tokens", 2048)

@@ -1,7 +1,8 @@
 """The engine contract, run against every engine a replica can drive: what the gateway sees on the bus from a replica
-of blink's own engine (worker/replica.py) and from one driving an OpenAI-compatible upstream (worker/upstream.py with
-engines/openai.py, the upstream a real `blink serve` process on 127.0.0.1). Each replica runs on the in-memory bus
-in a loop of its own thread, shared by the module's tests."""
+of blink's own engine (worker/replica.py), from one driving an OpenAI-compatible upstream (worker/upstream.py with
+engines/openai.py, the upstream a real `blink serve` process on 127.0.0.1), and (opt-in: make install-vllm,
+pytest -m vllm) from one driving vLLM's AsyncLLM (engines/vllm.py, the default model exported as a Hugging Face
+folder). Each replica runs on the in-memory bus in a loop of its own thread, shared by the module's tests."""
 
 from __future__ import annotations
 
@@ -44,10 +45,15 @@ class Harness:
 
     async def _start(self) -> asyncio.Task[None]:
         task = asyncio.create_task(self.replica.run())
-        await asyncio.wait_for(self.replica.ready.wait(), 180)
+        ready = asyncio.create_task(self.replica.ready.wait())
+        await asyncio.wait([task, ready], timeout=170, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():  # the engine did not start: its own error
+            ready.cancel()
+            task.result()
+        assert ready.done(), "the replica was not ready in time"
         return task
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 180) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def events(self, request: GenerateRequest, *, cancel_after: int = 0) -> list[object]:
@@ -74,10 +80,29 @@ class Harness:
         self.loop.close()
 
 
-@pytest.fixture(scope="module", params=["blink", "openai"])
+# vLLM starts in seconds without torch.compile's minutes of warm-up (its answers are the same)
+VLLM_TEST_ARGS = {"compilation_config": {"mode": 0}}
+
+
+@pytest.fixture(scope="module", params=["blink", "openai", pytest.param("vllm", marks=pytest.mark.vllm)])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     with contextlib.ExitStack() as stack:
-        if request.param == "blink":
+        if request.param == "vllm":
+            from blink.worker.engines.vllm import VLLMEngine
+
+            vllm = VLLMEngine(
+                request.getfixturevalue("hf_model_dir"),
+                max_model_len=512,
+                max_num_seqs=4,
+                kv_cache_mb=128,
+                extra_args=VLLM_TEST_ARGS,
+            )
+
+            def vllm_idle() -> bool:  # vLLM's own count of the requests it has not finished
+                return vllm._llm is not None and vllm._llm.get_num_unfinished_requests() == 0
+
+            harness = Harness(lambda bus: UpstreamReplica(bus, vllm, MODEL), vllm_idle)
+        elif request.param == "blink":
             config = EngineConfig(max_num_seqs=4, warmup_steps=1, max_model_len=512)
             harness = Harness(
                 lambda bus: Replica(bus, ModelConfig(cache_dir=default_cache_dir()), config, progress=False),

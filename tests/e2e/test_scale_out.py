@@ -24,6 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from blink.gateway.keys import KeyFile
 from tests.e2e.conftest import MODEL, Server, serving
 from tests.e2e.test_realtime import recv, until
+from tests.e2e.test_semantic_cache import COMPLETES
+from tests.e2e.test_vllm_engine import VLLM_FLAGS
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -62,7 +64,7 @@ def test_a_gateway_and_worker_processes_serve_through_redis_and_a_dead_worker_is
             statuses = []
             for _ in range(2):
                 raw = client.chat.completions.with_raw_response.create(
-                    model=MODEL, messages=first, temperature=0, max_tokens=60, stop=["."]
+                    model=MODEL, messages=first, temperature=0, max_tokens=60, stop=COMPLETES
                 )
                 statuses.append(raw.headers["x-blink-cache"])
             assert statuses == ["miss", "hit"]
@@ -101,6 +103,24 @@ def test_a_gateway_and_worker_processes_serve_through_redis_and_a_dead_worker_is
             gateway.stop()
 
 
+def wait_for_no_process_owned_by(owner: int, timeout: float = 20) -> None:
+    """Wait until no process is left that vLLM started for the blink process `owner` (BLINK_VLLM_OWNER)."""
+    mark = f"BLINK_VLLM_OWNER={owner}".encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if mark in environ.read_bytes().split(b"\0"):
+                    left.append(environ.parent.name)
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"processes {left} outlived the worker that started them"
+        time.sleep(0.2)
+
+
 def wait_for_ready_replicas(gateway: Server, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while sum(r["state"] == "ready" for r in gateway.readyz()["replicas"]) < n:
@@ -115,24 +135,36 @@ def replica_id_of(log: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("stop", "engine"), [("kill -9", "blink"), ("SIGTERM", "blink"), ("kill -9", "openai"), ("SIGTERM", "openai")]
+    ("stop", "engine"),
+    [
+        ("kill -9", "blink"),
+        ("SIGTERM", "blink"),
+        ("kill -9", "openai"),
+        ("SIGTERM", "openai"),
+        pytest.param("kill -9", "vllm", marks=pytest.mark.vllm),
+        pytest.param("SIGTERM", "vllm", marks=pytest.mark.vllm),
+    ],
 )
 def test_a_stream_survives_its_worker_stopping_when_another_can_take_over(
-    tmp_path: Path, model_dir: Path, stop: str, engine: str
+    tmp_path: Path, request: pytest.FixtureRequest, stop: str, engine: str
 ) -> None:
     """kill -9: the survivor claims the dead worker's request once its heartbeats stop. SIGTERM: the worker drains
     for --drain-timeout-s (1 s here: too short for this answer), then hands the request back. `openai`: both
     workers drive one upstream server (`--engine openai`; a blink serve here, without its semantic cache, which
-    would answer the stream from the reference's answer)."""
+    would answer the stream from the reference's answer). `vllm` (opt-in): each worker runs its own vLLM."""
     question = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     settings = {"temperature": 0, "max_tokens": 600, "extra_body": {"cache": False, "ignore_eos": True}}
     with RedisServer() as redis, ExitStack() as stack:
         logs = [tmp_path / f"worker{i}.log" for i in range(2)]
         flags: tuple[str, ...] = ("--drain-timeout-s", "1")
+        if engine != "vllm":
+            request.getfixturevalue("model_dir")  # blink's model, prepared once before the processes start
         if engine == "openai":
             upstream_flags = ("--no-semantic-cache", "--resume-window-s", "0")
             upstream = stack.enter_context(serving(tmp_path / "upstream.log", *upstream_flags))
             flags += ("--engine", "openai", "--upstream", upstream.base)
+        elif engine == "vllm":
+            flags += ("--model", str(request.getfixturevalue("hf_model_dir")), *VLLM_FLAGS)
         workers = [start_worker(redis, stack.enter_context(log.open("wb")), *flags) for log in logs]
         gateway = Server(tmp_path / "gateway.log", "--redis", redis.url, "--no-local-replica")
         try:
@@ -163,6 +195,8 @@ def test_a_stream_survives_its_worker_stopping_when_another_can_take_over(
             if stop == "SIGTERM":
                 assert workers[victim].wait(30) == 0
                 assert "handed back 1 request(s)" in logs[victim].read_text()
+            if engine == "vllm":  # the dead worker's vLLM processes ended with it (engines/vllm_guard.py)
+                wait_for_no_process_owned_by(workers[victim].pid)
             assert "".join(received) == reference.choices[0].message.content  # nothing lost, nothing twice
             # it really was a takeover: the survivor claimed the request and the gateway replayed its restart
             assert "continues on" in (tmp_path / "gateway.log").read_text()

@@ -54,7 +54,29 @@ def served_name(model: ModelConfig, engine: EngineConfig) -> str:
 
 
 def _replica(bus: Bus, model: ModelConfig, engine: EngineConfig) -> Replica | UpstreamReplica:
-    """The replica --engine asks for: blink's own engine on this machine, or one driving an upstream server."""
+    """The replica --engine asks for: blink's own engine on this machine, vLLM's in this process, or one driving an
+    upstream server."""
+    if engine.engine == "vllm":
+        from blink.models import source
+        from blink.worker.engines import vllm
+        from blink.worker.upstream import UpstreamReplica
+
+        kind, draft = parse_speculative(engine.speculative)
+        vllm_engine = vllm.VLLMEngine(
+            source.resolve(model.model).locate(model.cache_dir),
+            max_model_len=engine.max_model_len,
+            max_num_seqs=engine.max_num_seqs,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            kv_cache_mb=engine.kv_cache_mb,
+            block_size=engine.block_size,
+            prefix_caching=engine.prefix_caching,
+            speculative=vllm.speculative_config(
+                kind, str(source.resolve(draft).locate(model.cache_dir)) if draft else "", engine.speculative_tokens
+            ),
+            extra_args=vllm.parse_args(engine.vllm_args),
+        )
+        # twice its batch: vLLM has the next requests queued when one ends (the rest waits on the bus)
+        return UpstreamReplica(bus, vllm_engine, served_name(model, engine), max_concurrent=2 * engine.max_num_seqs)
     if engine.engine == "openai":
         from blink.worker.engines.openai import OpenAIUpstream
         from blink.worker.upstream import UpstreamReplica
@@ -76,6 +98,33 @@ def _check_upstream(engine: EngineConfig) -> str | None:
     if url.scheme not in ("http", "https") or not url.netloc:
         return f"--engine openai needs --upstream http(s)://host:port (got {engine.upstream!r})"
     return None
+
+
+def _check_vllm(model: ModelConfig, engine: EngineConfig) -> str | None:
+    """Why --engine vllm cannot serve --model (vLLM missing, not a Hugging Face folder, bad --vllm-args or draft)."""
+    from blink.errors import BlinkError
+    from blink.models import source
+    from blink.worker.engines import vllm
+
+    try:
+        problem = vllm.check(source.resolve(model.model).locate(model.cache_dir), engine.vllm_args)
+        kind, draft = parse_speculative(engine.speculative)
+        if problem is None and kind == "draft":
+            problem = vllm.check(source.resolve(draft).locate(model.cache_dir), "")
+    except BlinkError as exc:
+        return exc.message
+    except ValueError as exc:
+        return str(exc)
+    return problem
+
+
+def _check_engine(model: ModelConfig, engine: EngineConfig) -> str | None:
+    """Why the replica --engine asks for cannot start; None if it can."""
+    if engine.engine == "openai":
+        return _check_upstream(engine)
+    if engine.engine == "vllm":
+        return _check_vllm(model, engine)
+    return _preflight(model, engine)
 
 
 def _redis_config(args: argparse.Namespace) -> RedisConfig:
@@ -145,8 +194,7 @@ def worker(model: ModelConfig, engine: EngineConfig, redis: RedisConfig) -> int:
     if not redis.redis:
         print("blink worker: --redis is required (the bus the gateways use)", file=sys.stderr)
         return 2
-    local = _check_upstream(engine) if engine.engine == "openai" else _preflight(model, engine)
-    problem = _bad_redis_url(redis) or local
+    problem = _bad_redis_url(redis) or _check_engine(model, engine)
     if problem is not None:
         print(f"blink: {problem}", file=sys.stderr)
         return 2
@@ -212,8 +260,7 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
         return 2
     problem = _bad_redis_url(config.redis, config.cache)
     if problem is None and local:
-        upstream = config.engine.engine == "openai"
-        problem = _check_upstream(config.engine) if upstream else _preflight(config.model, config.engine)
+        problem = _check_engine(config.model, config.engine)
     if problem is not None:
         print(f"blink: {problem}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ Read from the replicas' latest heartbeats at scrape time (label replica, model):
     blink_kv_blocks_free, blink_queue_wait_seconds (estimate), blink_speculative_proposed_tokens_total,
     blink_speculative_accepted_tokens_total
 and blink_queue_depth{model}: requests waiting for a first token, this gateway's not yet accepted by a replica plus
-the replicas' waiting sequences.
+the replicas' waiting sequences. With a local `--engine vllm` replica, vLLM's own metrics (`vllm:*`, from its
+Prometheus stat logger) follow blink's.
 
 Each gateway has its own registry (tests run several in one process); nothing here is global.
 """
@@ -154,4 +155,18 @@ class Metrics:
         self.prefix_hit_tokens.labels(model).inc(cached_tokens)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + generate_latest(_VLLMMetrics())
+
+
+class _VLLMMetrics:
+    """vLLM's own metrics (`vllm:*`) where an `--engine vllm` replica runs in this process: its stat logger keeps
+    them in prometheus_client's global registry; nothing elsewhere."""
+
+    def collect(self) -> Iterator[Metric]:
+        import sys
+
+        if "vllm" not in sys.modules:
+            return
+        from prometheus_client import REGISTRY
+
+        yield from (family for family in REGISTRY.collect() if family.name.startswith("vllm:"))

@@ -4,7 +4,9 @@ it stops on a bus that re-delivers), one task per request instead of blink's ste
 
     LOADING (the engine starts: the upstream answers) ──▶ READY ──▶ DRAINING ──▶ STOPPED
 
-A heartbeat while the engine does not answer says LOADING, so gateways route around it until it does again.
+A heartbeat while the engine does not answer says LOADING, so gateways route around it until it does again. Its
+figures are the engine's own (EngineLoad); its prefixes, the affinity keys of the requests served last (an
+upstream's prefix cache cannot be asked which it still holds, and likely holds the newest).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from blink.bus.messages import (
     TokenEvent,
 )
 from blink.worker.engines.base import Delta, End, StreamingEngine
+from blink.worker.status import HEARTBEAT_PREFIXES
 
 log = logging.getLogger("blink.worker")
 
 REMEMBERED_CANCELS = 10_000
+REMEMBERED_PREFIXES = 256  # affinity keys of the requests served last: the upstream's prefix cache likely holds them
 
 
 class UpstreamReplica:
@@ -57,6 +61,8 @@ class UpstreamReplica:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._requests: dict[str, GenerateRequest] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._prefixes: OrderedDict[str, None] = OrderedDict()  # newest last
+        self._preloaded_tokens = 0  # prompt tokens pre-loads had the engine compute, since start
         self._stopping = asyncio.Event()
         self._drain_until = 0.0
 
@@ -103,7 +109,13 @@ class UpstreamReplica:
             running=load.running,
             waiting=load.waiting,
             max_model_len=load.max_model_len,
-            speculative="upstream",
+            kv_blocks_in_use=load.kv_blocks_in_use,
+            kv_blocks_total=load.kv_blocks_total,
+            speculative=load.speculative,
+            spec_proposed=load.spec_proposed,
+            spec_accepted=load.spec_accepted,
+            prefixes=tuple(reversed(self._prefixes))[:HEARTBEAT_PREFIXES],
+            background_prefill_tokens=self._preloaded_tokens,
         )
         await self.bus.heartbeat(status)
 
@@ -176,6 +188,13 @@ class UpstreamReplica:
         end = end or End(
             FinishStatus.ERROR, error_code="engine_failure", error_message="the engine's stream ended early"
         )
+        if req.prefill_only and end.status is FinishStatus.STOP:  # prompt tokens the pre-load had computed
+            self._preloaded_tokens += max(0, end.prompt_tokens - end.cached_tokens)
+        if req.affinity is not None and end.status in (FinishStatus.STOP, FinishStatus.LENGTH):
+            self._prefixes[req.affinity] = None  # its prompt went through the upstream's prefix cache just now
+            self._prefixes.move_to_end(req.affinity)
+            while len(self._prefixes) > REMEMBERED_PREFIXES:
+                self._prefixes.popitem(last=False)
         now = time.monotonic()
         timings = {"prefill_ms": round(((first or now) - started) * 1000, 1)}
         if first:

@@ -243,3 +243,42 @@ def test_a_malformed_stream_ends_the_request_instead_of_raising(line: bytes) -> 
     answer = httpx.Response(200, content=line + b"data: [DONE]\n\n")
     items = run(upstream(answer, []), GenerateRequest("r", "m", Sampling(), prompt="Q"))
     assert isinstance(items[-1], End) and items[-1].error_code == "engine_failure"
+
+
+class Loaded(Scripted):
+    """A Scripted engine with figures of its own, as vLLM's are."""
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            running=2,
+            waiting=1,
+            max_model_len=128,
+            kv_blocks_in_use=7,
+            kv_blocks_total=70,
+            speculative="ngram",
+            spec_proposed=10,
+            spec_accepted=6,
+        )
+
+
+def test_heartbeats_carry_the_engines_figures_the_prefixes_served_and_preloaded_tokens() -> None:
+    async def body(bus: MemoryBus) -> None:
+        served = [
+            GenerateRequest("a", "m", Sampling(), prompt="Q", affinity="session-1"),
+            GenerateRequest("b", "m", Sampling(), prompt="Q", affinity="session-2", prefill_only=True, priority=1),
+        ]
+        for req in served:
+            _ = [e async for e in await bus.submit(req)]
+        # a heartbeat sent since both ended (an older one may have been sent between them): the prefixes newest
+        # first, and the pre-load's prompt (3 tokens, none cached)
+        for _ in range(500):
+            status = bus.replicas()[0]
+            if status.prefixes == ("session-2", "session-1") and status.background_prefill_tokens == 3:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"no heartbeat with both requests: {status}")
+        assert (status.running, status.waiting, status.kv_blocks_in_use, status.kv_blocks_total) == (2, 1, 7, 70)
+        assert (status.speculative, status.spec_proposed, status.spec_accepted) == ("ngram", 10, 6)
+
+    with_replica(Loaded(["a"]), body)

@@ -34,11 +34,17 @@ class End:
 
 @dataclass(frozen=True)
 class EngineLoad:
-    """What a heartbeat says of the engine: requests it runs and holds back, and the context it takes."""
+    """What a heartbeat says of the engine: requests it runs and holds back, the context it takes, its KV cache
+    (blocks held by requests, of all), and its speculative decoding (guessed tokens verified, and accepted)."""
 
     running: int = 0
     waiting: int = 0
     max_model_len: int = 0
+    kv_blocks_in_use: int = 0
+    kv_blocks_total: int = 0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+    speculative: str = "off"  # the engine's speculative decoding, as the heartbeat names it
 
 
 class StreamingEngine(Protocol):

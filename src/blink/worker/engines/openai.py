@@ -118,7 +118,7 @@ class OpenAIUpstream:
         await self._http.aclose()
 
     def load(self) -> EngineLoad:
-        return EngineLoad(running=self._running, max_model_len=self.max_model_len)
+        return EngineLoad(running=self._running, max_model_len=self.max_model_len, speculative="upstream")
 
     async def stream(self, request: GenerateRequest) -> AsyncGenerator[Delta | End, None]:
         path, body = self._body(request)
