@@ -1,15 +1,21 @@
-"""blink with vLLM inside (`blink serve --engine vllm`) against `vllm serve` alone: same model (SmolLM2-135M-Instruct
-exported as a Hugging Face folder), same engine arguments, both running, one run.
+"""blink in front of an engine, against that engine alone, one run, both up at once:
+
+  --against vllm         `blink serve --engine vllm` (vLLM's AsyncLLM inside blink) beside `vllm serve`, same model
+                         (SmolLM2-135M-Instruct exported as a Hugging Face folder) and engine arguments
+  --against llamaserver  `blink serve --engine openai` in front of llama-server, beside that llama-server reached
+                         directly (same GGUF)
 
 1. The path: the time to first token of a ~100-token chat (greedy, 8 tokens, streamed over SSE), one prompt again
-   and again so both answer from their prefix cache (what is left is the path, not the model), sent to each server
+   and again so both answer from their prefix cache (what is left is the path, not the model), sent to each
    alternately (--rounds pairs); blink's added latency is the median of the pairs' differences.
 2. Typing: a user with their own instructions (~300 tokens, unique: nothing of theirs is cached before they type)
    types a question word by word (--word-ms, +-30%). Through blink, every word is a draft on the WebSocket
-   (pre-loading), then the submit; `vllm serve` sees only the submit, the same chat. Submit -> first token, measured
-   by this client, for --users users one after another, each server alternately first.
+   (pre-loading), then the submit; the engine alone sees only the submit, the same chat. Submit -> first token,
+   measured by this client, for --users users one after another, each side alternately first.
 
-  make install-vllm && python benchmarks/vllm_engine.py [--rounds 30] [--users 12] [--out benchmarks/results]
+  make install-vllm && python benchmarks/front.py --against vllm [--rounds 30] [--users 12]
+  benchmarks/peers/setup.sh llamaserver && python benchmarks/front.py --against llamaserver
+Writes results/front-<against>.{md,json}.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, write_report
-from benchmarks.peers.servers import MODEL_NAME, Env, Launch, Peer, Server
+from benchmarks.peers.servers import MODEL_NAME, PEERS, Env, Launch, Peer, Server
 from benchmarks.peers.workload import Prompts
 from benchmarks.preload import send, submit, until
-from benchmarks.upstream import ttft
+from benchmarks.upstream import front, ttft
 from blink.config import default_cache_dir
+from blink.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
 HF = default_cache_dir() / "hf" / MODEL_NAME  # where tests/conftest.py's hf_model_dir exports it
@@ -136,8 +143,28 @@ def p90(values: list[float]) -> float:
     return statistics.quantiles(values, n=10)[-1] if len(values) > 1 else values[0]
 
 
+# --against: (engine alone, blink in front of it, what the report calls each, the setting of the run)
+SETUPS: dict[str, tuple[Peer, Peer, str, str, str]] = {
+    "vllm": (
+        Peer("vllm-alone", "vllm serve", "/health", 600, vllm_alone, lambda env: []),
+        Peer("blink-vllm", "blink serve --engine vllm", "/readyz", 600, blink_vllm, lambda env: []),
+        "vllm serve alone",
+        "blink --engine vllm",
+        "vLLM CPU build (bf16), both with block size 32, prefix caching, no speculative decoding, no torch.compile",
+    ),
+    "llamaserver": (
+        PEERS["llamaserver"],
+        front(["--no-semantic-cache"]),
+        "llama-server directly",
+        "blink --engine openai in front of it",
+        "SmolLM2-135M-Instruct Q4_1; llama-server -np 8 with 2 threads, blink's gateway with 1",
+    ),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", choices=sorted(SETUPS), default="vllm")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--users", type=int, default=12)
     parser.add_argument("--word-ms", type=float, default=250)
@@ -146,11 +173,12 @@ def main() -> None:
     args = parser.parse_args()
     if not (HF / "model.safetensors").is_file():
         sys.exit(f"no Hugging Face export at {HF}: python benchmarks/peers/export_hf.py --out {HF}")
-    env = Env(REPO, REPO / "benchmarks/peers/.venvs", HF, HF, 2, REPO / ".venv/bin/blink")
-    logs = Path("/tmp") / "blink-vllm-bench"
-    alone_peer = Peer("vllm-alone", "vllm serve", "/health", 600, vllm_alone, lambda env: [])
-    blink_peer = Peer("blink-vllm", "blink serve --engine vllm", "/readyz", 600, blink_vllm, lambda env: [])
-    with Server(alone_peer, env, args.port, logs / "vllm.log") as alone:
+    gguf = registry.get(MODEL_NAME).locate()
+    env = Env(REPO, REPO / "benchmarks/peers/.venvs", gguf, HF, 2, REPO / ".venv/bin/blink")
+    alone_peer, blink_peer, alone_name, blink_name, setting = SETUPS[args.against]
+    logs = Path("/tmp") / f"blink-front-{args.against}"
+    # blink in front of llama-server finds it on the port before its own (upstream.front)
+    with Server(alone_peer, env, args.port, logs / "alone.log") as alone:
         alone.wait_ready()
         with Server(blink_peer, env, args.port + 1, logs / "blink.log") as blink:
             blink.wait_ready()
@@ -160,6 +188,7 @@ def main() -> None:
             print(f"measured in {time.monotonic() - started:.0f} s", flush=True)
     diffs = [b - a for a, b in zip(ms["alone"], ms["blink"], strict=True)]
     runs: dict[str, Any] = {
+        "against": args.against,
         "path_ttft_ms": ms,
         "added_median_ms": statistics.median(diffs),
         "added_p90_ms": p90(diffs),
@@ -167,12 +196,11 @@ def main() -> None:
         "typing_ratio_median": statistics.median(typed["blink"]) / statistics.median(typed["alone"]),
     }
     lines = [
-        "# blink with vLLM inside (`--engine vllm`) against `vllm serve` alone\n",
-        f"`python benchmarks/vllm_engine.py --rounds {args.rounds} --users {args.users} --word-ms {args.word_ms:g}`; "
-        f"{machine()}; vLLM CPU build (bf16), both with block size 32, prefix caching, no speculative decoding, no "
-        "torch.compile; both servers up at once.\n",
-        "| what | vllm serve alone, median (ms) | blink --engine vllm, median (ms) | blink, p90 (ms) | "
-        "vllm serve, p90 (ms) | blink / alone |",
+        f"# {blink_name} against {alone_name}\n",
+        f"`python benchmarks/front.py --against {args.against} --rounds {args.rounds} --users {args.users} "
+        f"--word-ms {args.word_ms:g}`; {machine()}; {setting}; both up at once.\n",
+        f"| what | {alone_name}, median (ms) | {blink_name}, median (ms) | blink, p90 (ms) | alone, p90 (ms) "
+        "| blink / alone |",
         "|---|---|---|---|---|---|",
         f"| the path: one ~100-token chat again and again (prefix-cache hits), TTFT | {median(ms['alone']):.1f}"
         f" | {median(ms['blink']):.1f} | {p90(ms['blink']):.1f} | {p90(ms['alone']):.1f} | added "
@@ -180,11 +208,11 @@ def main() -> None:
         f"| typing, then submit: submit -> first token ({args.users} users, ~300-token instructions of their own) | "
         f"{median(typed['alone']):.1f} | {median(typed['blink']):.1f} | {p90(typed['blink']):.1f} "
         f"| {p90(typed['alone']):.1f} | **{runs['typing_ratio_median']:.2f}x** |",
-        "\nAdded: the median of each pair's difference (blink minus vllm serve). Typing: through blink every word "
-        "is a draft on the WebSocket, so vLLM's prefix cache holds the instructions and the words typed before the "
-        "submit; `vllm serve` computes the whole prompt after it.\n",
+        "\nAdded: the median of each pair's difference (through blink minus alone). Typing: through blink every "
+        "word is a draft on the WebSocket, so the engine's prefix cache holds the instructions and the words typed "
+        "before the submit; alone, the engine computes the whole prompt after it.\n",
     ]
-    write_report(args.out, "vllm_engine", "\n".join(lines) + "\n", runs)
+    write_report(args.out, f"front-{args.against}", "\n".join(lines) + "\n", runs)
 
 
 if __name__ == "__main__":
