@@ -22,7 +22,7 @@ from blink.config import EngineConfig, ModelConfig, default_cache_dir
 from blink.worker.engines.openai import OpenAIUpstream
 from blink.worker.replica import Replica
 from blink.worker.upstream import UpstreamReplica
-from tests.e2e.conftest import MODEL, serving
+from tests.e2e.conftest import MODEL, VLLM_TEST_ARGS, serving
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
@@ -78,10 +78,6 @@ class Harness:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
-
-
-# vLLM starts in seconds without torch.compile's minutes of warm-up (its answers are the same)
-VLLM_TEST_ARGS = {"compilation_config": {"mode": 0}}
 
 
 @pytest.fixture(scope="module", params=["blink", "openai", pytest.param("vllm", marks=pytest.mark.vllm)])

@@ -19,6 +19,10 @@ import pytest
 from tests.redis_server import free_port
 
 MODEL = "smollm2-135m-instruct"
+# --engine vllm in tests (opt-in, pytest -m vllm): vLLM starts in seconds without torch.compile's minutes of
+# warm-up (its answers are the same)
+VLLM_TEST_ARGS = {"compilation_config": {"mode": 0}}
+VLLM_FLAGS = ("--engine", "vllm", "--vllm-args", json.dumps(VLLM_TEST_ARGS), "--max-model-len", "1024")
 
 
 class Server:

@@ -22,10 +22,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from blink.gateway.keys import KeyFile
-from tests.e2e.conftest import MODEL, Server, serving
+from tests.e2e.conftest import MODEL, VLLM_FLAGS, Server, serving
 from tests.e2e.test_realtime import recv, until
 from tests.e2e.test_semantic_cache import COMPLETES
-from tests.e2e.test_vllm_engine import VLLM_FLAGS
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow

@@ -17,14 +17,12 @@ import httpx
 import openai
 import pytest
 
-from tests.contract.test_engines import VLLM_TEST_ARGS
-from tests.e2e.conftest import MODEL, Server, serving
+from tests.e2e.conftest import MODEL, VLLM_FLAGS, Server, serving
 from tests.e2e.test_preload import QUESTION, answer, preloads_settled, type_out
 from tests.e2e.test_realtime import ask, session, until
+from tests.e2e.test_tracing import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-
-VLLM_FLAGS = ("--engine", "vllm", "--vllm-args", json.dumps(VLLM_TEST_ARGS), "--max-model-len", "1024")
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +100,32 @@ def test_drafts_preload_vllms_prefix_cache(vserver: Server) -> None:
     # vLLM's cached_tokens: the pre-load's full blocks (32 tokens) held the prompt up to the last words
     assert timings["cached_tokens"] > 0
     assert timings["prompt_tokens"] - timings["cached_tokens"] < 32 + 16
+
+
+def test_vllms_spans_join_the_requests_trace(hf_model_dir: Path, tmp_path: Path) -> None:
+    """With OTEL_TRACES_EXPORTER=otlp, vLLM exports its own span of the request to blink's collector, in the trace
+    blink's gateway started (the request's traceparent, handed to vLLM)."""
+    receiver = Receiver()
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    flags = ("--model", str(hf_model_dir), *VLLM_FLAGS, "--no-semantic-cache")
+    server = Server(tmp_path / "serve.log", *flags, env=env)
+    try:
+        server.wait_ready()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+        assert httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        deadline = time.monotonic() + 30
+        while not any(s.name == "llm_request" for _, s in receiver.spans):  # vLLM's span of a request
+            assert time.monotonic() < deadline, [(svc, s.name) for svc, s in receiver.spans]
+            time.sleep(0.2)
+    finally:
+        server.stop()
+        receiver.server.shutdown()
+        receiver.server.server_close()
+    (root,) = [s for _, s in receiver.spans if s.name == "blink.response"]
+    (theirs,) = [s for _, s in receiver.spans if s.name == "llm_request"]
+    ours = {s.span_id for _, s in receiver.spans if s.name != "llm_request" and s.trace_id == root.trace_id}
+    assert theirs.trace_id == root.trace_id and theirs.parent_span_id in ours  # a child of one of blink's spans
