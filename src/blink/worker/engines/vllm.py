@@ -23,7 +23,7 @@ import logging
 import os
 import warnings
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,34 +102,35 @@ class _Figures:
     kv_blocks: int = 0
     spec_proposed: int = 0
     spec_accepted: int = 0
-    seen: dict[str, Any] = field(default_factory=dict)
 
 
 def _stat_logger(figures: _Figures) -> Any:
-    """A vLLM stat-logger factory writing into `figures` (imported late: vLLM is optional)."""
+    """A vLLM stat-logger class writing into `figures` (made here: vLLM is optional, imported late)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class Figures(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            self.config = vllm_config
+    def init(self: Any, vllm_config: Any, engine_index: int = 0) -> None:
+        self.config = vllm_config
 
-        def record(self, scheduler_stats: Any, iteration_stats: Any, *_: Any, **__: Any) -> None:
-            # called in vLLM's output handler: an exception here would stop every stream, so none leaves
-            with contextlib.suppress(Exception):
-                if scheduler_stats is not None:
-                    figures.running = int(scheduler_stats.num_running_reqs)
-                    figures.waiting = int(scheduler_stats.num_waiting_reqs)
-                    figures.kv_usage = float(scheduler_stats.kv_cache_usage)
-                    spec = scheduler_stats.spec_decoding_stats
-                    if spec is not None:
-                        figures.spec_proposed += int(spec.num_draft_tokens)
-                        figures.spec_accepted += int(spec.num_accepted_tokens)
+    def record(self: Any, scheduler_stats: Any, iteration_stats: Any, *_: Any, **__: Any) -> None:
+        # called in vLLM's output handler: an exception here would stop every stream, so none leaves
+        with contextlib.suppress(Exception):
+            if scheduler_stats is not None:
+                figures.running = int(scheduler_stats.num_running_reqs)
+                figures.waiting = int(scheduler_stats.num_waiting_reqs)
+                figures.kv_usage = float(scheduler_stats.kv_cache_usage)
+                spec = scheduler_stats.spec_decoding_stats
+                if spec is not None:
+                    figures.spec_proposed += int(spec.num_draft_tokens)
+                    figures.spec_accepted += int(spec.num_accepted_tokens)
 
-        def log_engine_initialized(self) -> None:
-            with contextlib.suppress(Exception):
-                figures.kv_blocks = int(self.config.cache_config.num_gpu_blocks or 0)
+    def initialized(self: Any) -> None:
+        with contextlib.suppress(Exception):
+            figures.kv_blocks = int(self.config.cache_config.num_gpu_blocks or 0)
 
-    return Figures
+    # built with type(): a class statement over StatLoggerBase is one over Any where vLLM is not installed
+    return type(
+        "Figures", (StatLoggerBase,), {"__init__": init, "record": record, "log_engine_initialized": initialized}
+    )
 
 
 class VLLMEngine:
