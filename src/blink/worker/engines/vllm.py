@@ -29,7 +29,7 @@ from typing import Any
 
 from blink.bus.messages import FinishStatus, GenerateRequest
 from blink.engine.errors import ContextTooLong
-from blink.errors import BlinkError
+from blink.errors import BlinkError, ContextLengthExceeded
 from blink.models.tokenizer import Tokenizer
 from blink.worker.engines.base import Delta, End, EngineLoad
 from blink.worker.engines.vllm_guard import OWNER_ENV
@@ -242,8 +242,9 @@ class VLLMEngine:
             if request.prefill_only:
                 params = SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
             else:
-                if len(ids) + (s.max_tokens or 1) > self.max_model_len:
-                    raise ContextTooLong(len(ids), s.max_tokens, self.max_model_len)
+                if len(ids) + (s.max_tokens or 1) > self.max_model_len:  # as blink's engine words it
+                    too_long = ContextTooLong(len(ids), s.max_tokens, self.max_model_len)
+                    raise ContextLengthExceeded(str(too_long), param=too_long.param)
                 params = SamplingParams(
                     max_tokens=s.max_tokens or self.max_model_len - len(ids),
                     temperature=s.temperature,
@@ -256,11 +257,6 @@ class VLLMEngine:
                 )
         except BlinkError as exc:
             yield End(FinishStatus.ERROR, error_code=exc.code, error_message=exc.message, error_param=exc.param)
-            return
-        except ContextTooLong as exc:
-            yield End(
-                FinishStatus.ERROR, error_code="context_length_exceeded", error_message=str(exc), error_param=exc.param
-            )
             return
         except ValueError as exc:  # SamplingParams' own checks
             yield End(FinishStatus.ERROR, error_code="invalid_request", error_message=str(exc))
@@ -297,8 +293,9 @@ class VLLMEngine:
 
 
 def _failure(exc: Exception) -> End:
-    kind = type(exc).__name__
-    if "Validation" in kind or "ClientError" in kind:
+    from vllm.exceptions import VLLMClientError  # its validation errors: the request, not the engine
+
+    if isinstance(exc, VLLMClientError):
         return End(FinishStatus.ERROR, error_code="invalid_request", error_message=f"vLLM: {exc}")
     cause = exc.__cause__ or exc
     return End(FinishStatus.ERROR, error_code="engine_failure", error_message=f"vLLM: {cause!r}")
