@@ -321,6 +321,35 @@ class RedisConfig:
     redis_password: str = field(default="", repr=False, metadata={"env": REDIS_PASSWORD_ENV})
 
 
+CORE_KEY_ENV = ("BLINK_CORE_KEY",)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    core: str = _help(
+        "the core gateway's URL (http(s)://host:port): the link to it opens at start, is kept warm and reconnects; "
+        "requests naming the core's models, and `auto` requests the routing table sends there, ride it. The core "
+        "must accept the key in BLINK_CORE_KEY (an admin key, where it has keys)",
+        "",
+    )
+    core_model: str = _help("the core's model `auto` sends core-bound requests to (empty: the first it lists)", "")
+    routing: str = _help(
+        "a JSON file of routing rules replacing the default table for `model: auto` (docs/edge.md lists them)", ""
+    )
+    link_resume_window_s: float = _help(
+        "responses on the core wait this long for a dropped link to come back and resume them; past it they end "
+        "with core_unreachable (keep it within the core's --resume-window-s)",
+        10.0,
+        advanced=True,
+    )
+    link_ping_s: float = _help("the link's ping interval (keeps it warm, measures its round trip)", 1.0, advanced=True)
+    link_timeout_s: float = _help(
+        "a ping unanswered this long drops the link's connection and reconnects", 3.0, advanced=True
+    )
+    # not a flag (argv is visible to every user of the machine): cli.py reads it from the environment
+    core_key: str = field(default="", repr=False, metadata={"env": CORE_KEY_ENV})
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -328,6 +357,7 @@ class ServeConfig:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    edge: EdgeConfig | None = None  # `blink edge`: this gateway serves small requests and links to a core
 
 
 def parse_speculative(value: str) -> tuple[str, str]:

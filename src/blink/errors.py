@@ -167,6 +167,13 @@ class CacheUnavailable(BlinkError):
     code = "cache_unavailable"
 
 
+class CoreUnreachable(NotReady):
+    """An edge's link to its core is down (or lost a response), and the routing policy does not let the edge answer
+    in the core's place (edge/policy.py)."""
+
+    code = "core_unreachable"
+
+
 # InvalidRequest codes that only the realtime protocol sends (as `error` events, never as an HTTP status)
 WS_ONLY_CODES = (
     "invalid_event",
@@ -205,6 +212,7 @@ CODES: dict[str, type[BlinkError]] = {
             DeadlineExceeded,
             EngineFailure,
             CacheUnavailable,
+            CoreUnreachable,
         )
     },
     "invalid_json": InvalidRequest,

@@ -26,13 +26,13 @@ VLLM_FLAGS = ("--engine", "vllm", "--vllm-args", json.dumps(VLLM_TEST_ARGS), "--
 
 
 class Server:
-    def __init__(self, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, log_path: Path, *flags: str, env: dict[str, str] | None = None, command: str = "serve") -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/realtime"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        cmd = [sys.executable, "-m", "blink.cli", "serve", "--port", str(self.port), "--warmup-steps", "1", *flags]
+        cmd = [sys.executable, "-m", "blink.cli", command, "--port", str(self.port), "--warmup-steps", "1", *flags]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 180) -> None:

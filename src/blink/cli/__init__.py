@@ -2,6 +2,7 @@
 (this package: the parser and main here, serve and worker in run.py, keys in keys.py).
 
 blink serve       gateway + in-memory bus + one pre-warmed replica, in one process (--redis: on Redis Streams)
+blink edge        a gateway near the users: a small model here, the rest routed to a core over one warm link
 blink worker      a replica alone, serving the gateways of a Redis bus (--redis)
 blink prepare     convert the model (and the embedding model) once into the cache (serve does this when needed)
 blink models      list the bundled models (--model also takes a .gguf file or a Hugging Face folder)
@@ -26,10 +27,12 @@ from blink.cli.flags import HelpAll, add_flags, from_flags
 from blink.cli.keys import add_keys_parser, keys_command
 from blink.cli.run import _bad_redis_url, _engine_config, _redis_config, serve, worker
 from blink.config import (
+    CORE_KEY_ENV,
     KV_CACHE_DTYPES,
     WEIGHT_FORMATS,
     BenchConfig,
     CacheConfig,
+    EdgeConfig,
     EngineConfig,
     GatewayConfig,
     ModelConfig,
@@ -66,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(serve, cls)
     serve.add_argument("--help-all", action=HelpAll)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    edge = sub.add_parser(
+        "edge",
+        help="serve small requests here with a local model and route the rest to a core gateway (--core URL)",
+        description="An edge gateway: the same HTTP/SSE and WebSocket API as `blink serve`, its own pre-warmed "
+        "replica of a small model (--model), semantic cache and pre-loading, and one warm, multiplexed link to a "
+        "core gateway (--core; its key in BLINK_CORE_KEY). Requests naming the core's models go to the core; "
+        "`model: auto` (the default) is decided by a routing table (--routing), reported as route edge, core or "
+        "cache in response.done, the timings and the X-Blink-Route header.",
+    )
+    for edge_cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, EdgeConfig):
+        add_flags(edge, edge_cls)
+    edge.add_argument("--help-all", action=HelpAll)
+    edge.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     worker = sub.add_parser(
         "worker",
@@ -196,9 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=_engine_config(args),
         gateway=gateway,
         cache=from_flags(CacheConfig, args),
-        redis=_redis_config(args),
+        redis=_redis_config(args) if args.command == "serve" else RedisConfig(),
+        edge=_edge_config(args) if args.command == "edge" else None,
     )
     return serve(config, log_level=args.log_level)
+
+
+def _edge_config(args: argparse.Namespace) -> EdgeConfig:
+    """The flags, and the core's key from the environment (never a flag: argv is visible to every user)."""
+    key = next((os.environ[name] for name in CORE_KEY_ENV if os.environ.get(name)), "")
+    return dataclasses.replace(from_flags(EdgeConfig, args), core_key=key)
 
 
 def _prepare(cfg: ModelConfig) -> int:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from blink.bus.base import Bus
     from blink.gateway.keys import Authenticator
     from blink.gateway.service import Gateway
+    from blink.gateway.sessions import SessionStore
+    from blink.preload.store import TenantStores
+    from blink.semantic_cache.cache import SemanticCache
     from blink.semantic_cache.embedder import LazyEmbedder
     from blink.worker.replica import Replica
     from blink.worker.upstream import UpstreamReplica
@@ -274,8 +277,15 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     password = config.redis.redis_password or None
     sessions = RedisSessions(config.redis.redis, gw.session_ttl_s, password=password) if config.redis.redis else None
     documents = TenantStores(lambda: MemoryContextStore(embedder.embed))
-    gateway = Gateway(bus, gw, [served_name(config.model, config.engine)], documents, cache, sessions, auth)
-    replica = _replica(bus, config.model, config.engine) if local else None
+    name = served_name(config.model, config.engine)
+    replica = _replica(bus, config.model, config.engine) if local else None  # on the local bus, an edge's too
+    if config.edge is None:
+        gateway = Gateway(bus, gw, [name], documents, cache, sessions, auth)
+    else:
+        edge = _edge(config, bus, name, documents, cache, sessions, auth)
+        if edge is None:
+            return 2
+        gateway, bus = edge
 
     lifespan = _lifespan(config, bus, gateway, replica, embedder)
     try:
@@ -297,6 +307,40 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     return 0
 
 
+def _edge(
+    config: ServeConfig,
+    local: Bus,
+    name: str,
+    documents: TenantStores,
+    cache: SemanticCache | None,
+    sessions: SessionStore | None,
+    auth: Authenticator,
+) -> tuple[Gateway, Bus] | None:
+    """`blink edge`: the gateway over the edge's bus (its replica here, the core's models over the link) with the
+    routing table; None after saying why it cannot start."""
+    from blink.edge import AUTO, edge_parts
+    from blink.edge.router import LinkMetrics
+    from blink.gateway.service import Gateway
+
+    assert config.edge is not None
+    if not config.edge.core:
+        print("blink edge: --core is required (the core gateway's http(s)://host:port)", file=sys.stderr)
+        return None
+    try:
+        bus, router = edge_parts(config.edge, local, name)
+    except ValueError as exc:
+        print(f"blink: {exc}", file=sys.stderr)
+        return None
+    gateway = Gateway(bus, config.gateway, [AUTO, name], documents, cache, sessions, auth, router)
+
+    def learn(models: list[str]) -> None:  # the core's models become this gateway's too
+        gateway.models.extend(m for m in models if m not in gateway.models)
+
+    bus.link.on_status = learn
+    gateway.metrics.registry.register(LinkMetrics(bus.link))
+    return gateway, bus
+
+
 def _lifespan(
     config: ServeConfig, bus: Bus, gateway: Gateway, replica: Replica | UpstreamReplica | None, embedder: LazyEmbedder
 ) -> Callable[[Any], AbstractAsyncContextManager[None]]:
@@ -315,6 +359,10 @@ def _lifespan(
         model = config.model
         where = f"http://{config.gateway.host}:{config.gateway.port}"
         name = served_name(model, config.engine)
+        if config.edge is not None:
+            log.info(
+                "edge listening on %s; serving %r here and the core's models from %s", where, name, config.edge.core
+            )
         if replica is None:
             log.info("listening on %s; serving %r from the workers on the bus", where, name)
         else:

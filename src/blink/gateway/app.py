@@ -24,6 +24,7 @@ from blink.gateway import browser, documents, openai_http
 from blink.gateway.auth import AuthMiddleware, tenant_of
 from blink.gateway.keys import Tenant
 from blink.gateway.limits import ConnectionCap
+from blink.gateway.link import link_endpoint
 from blink.gateway.openapi import openapi_endpoint
 from blink.gateway.realtime.session import realtime_endpoint
 from blink.gateway.service import Gateway, gateway_of
@@ -43,6 +44,7 @@ CORS_EXPOSED_HEADERS = (
     *(f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset") for unit in ("requests", "tokens")),
     "Retry-After",
     "X-Blink-Cache",
+    "X-Blink-Route",
 )
 
 
@@ -133,6 +135,7 @@ ROUTES = [
     Route("/v1/chat/completions", openai_http.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_http.completions, methods=["POST"]),
     WebSocketRoute("/v1/realtime", realtime_endpoint),
+    WebSocketRoute("/v1/link", link_endpoint),  # an edge's link (blink edge --core URL)
     Route("/v1/cache", invalidate_cache, methods=["DELETE"]),
 ]
 DOCUMENT_ROUTES = [  # on a server with a document store

@@ -96,7 +96,7 @@ class Generation:
         self.started = started  # monotonic time the client's request arrived
         self.first_delta: float | None = None
         self._last_delta = 0.0
-        self._itl = gateway.metrics.itl_observer(request.model)
+        self._itl: Any = None  # its histogram (labelled by route, known once it is routed)
         self.preloaded = False  # a completed pre-load had prefilled a prefix of its prompt (realtime sets it)
         self.trace: ResponseTrace | None = None  # telemetry/tracing.py; None: not traced
         self.prompt_tokens = 0
@@ -104,6 +104,11 @@ class Generation:
         self.cancel_reason: str | None = None  # "client", "disconnect", "shutdown"
         self.text_parts: list[str] = []
         self.admission: Admission | None = None  # its place in its tenant's limits, given back when it ends
+        # where it is answered: "core" (this gateway's replicas; an edge's link to its core), "edge" (an edge's own
+        # replicas) or "cache"; the edge's routing rule that chose it; whether the edge answered for an unreachable core
+        self.route = "cache" if self.cache_hit else "core"
+        self.rule = ""
+        self.degraded = False
 
     @property
     def done(self) -> bool:
@@ -198,6 +203,8 @@ class Generation:
                 if self.first_delta is None:
                     self.first_delta = now
                 else:
+                    if self._itl is None:
+                        self._itl = self.gateway.metrics.itl_observer(self.request.model, self.route)
                     self._itl.observe(now - self._last_delta)
                 self._last_delta = now
                 self.text_parts.append(text)
@@ -256,6 +263,7 @@ class Generation:
         if self.request.priority == 0:
             self.gateway.metrics.response_done(
                 model=self.request.model,
+                route=self.route,
                 status=finished.status.value,
                 cache=self.cache_status,
                 preloaded=self.preloaded,
@@ -278,7 +286,12 @@ class Generation:
             "blink.preloaded": self.preloaded,
             "blink.cached_tokens": finished.cached_tokens,
             "blink.replica": self.replica_id or "",
+            "blink.route": self.route,
         }
+        if self.rule:
+            attributes["blink.route.rule"] = self.rule
+        if self.degraded:
+            attributes["blink.degraded"] = True
         if self.first_delta is not None:
             attributes["blink.ttft_ms"] = round((self.first_delta - self.started) * 1000, 3)
         if finished.error_code:
@@ -304,4 +317,9 @@ class Generation:
         if self.first_delta is not None:
             out["ttft_ms"] = round((self.first_delta - self.started) * 1000, 3)
         out["total_ms"] = round((now - self.started) * 1000, 3)
+        out["route"] = self.route
+        if self.rule:
+            out["route_rule"] = self.rule
+        if self.degraded:
+            out["degraded"] = True
         return out

@@ -62,6 +62,10 @@ class Authenticator(Protocol):
         """Every tenant's name."""
         ...
 
+    def tenant_named(self, name: str) -> Tenant | None:
+        """The tenant called `name` (an edge's link asserts it for each request it forwards); None: no such tenant."""
+        ...
+
 
 # an open server's one tenant: no rates or concurrency to share out, but what it stores stays bounded
 OPEN_LIMITS = dataclasses.replace(
@@ -86,6 +90,10 @@ class OpenAccess:
 
     def tenants(self) -> list[str]:
         return [self.tenant.name]
+
+    def tenant_named(self, name: str) -> Tenant | None:
+        """An edge's tenant, kept apart by name (its prefix-cache partition, its sessions), under OPEN_LIMITS."""
+        return Tenant(name, OPEN_LIMITS) if TENANT_NAME.fullmatch(name) else None
 
 
 def _limits(raw: Any, where: str) -> dict[str, Any]:
@@ -191,6 +199,10 @@ class KeyFile:
     def tenants(self) -> list[str]:
         self._reload()
         return sorted(self._tenants)
+
+    def tenant_named(self, name: str) -> Tenant | None:
+        self._reload()
+        return self._tenants.get(name)
 
     # managing (`blink keys`) --------------------------------------------------------------------------
     def add(self, tenant: str, *, admin: bool = False, limits: dict[str, Any] | None = None) -> tuple[str, str]:

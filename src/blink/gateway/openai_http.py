@@ -177,13 +177,13 @@ async def _respond(
         use_cache=use_cache,
         traceparent=request.headers.get("traceparent"),  # W3C trace context: the response's trace joins it
     )
-    headers = {"X-Blink-Cache": gen.cache_status, **gateway.limits.headers(tenant)}
+    headers = {"X-Blink-Cache": gen.cache_status, "X-Blink-Route": _route(gen), **gateway.limits.headers(tenant)}
     if stream:
         base = {
             "id": req.request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(req.created),
-            "model": req.model,
+            "model": gen.request.model,  # the model that answers (an edge's `auto` resolved)
         }
         finish = functools.partial(_closing_chunks, base=base, include_usage=include_usage, chat=chat)
         entry = gateway.responses.start(gen, tenant.name, finish, api=_api(chat), base=base)
@@ -218,7 +218,7 @@ def _completion(req: GenerateRequest, gen: Generation, *, chat: bool) -> dict[st
         "id": req.request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(req.created),
-        "model": req.model,
+        "model": gen.request.model,
         "choices": [choice],
         "usage": _usage(gen),
         "timings": gen.timings(),  # blink's (as llama.cpp's server does): queue, prefill, speculative, ...
@@ -238,7 +238,8 @@ def _resume(request: Request, *, chat: bool) -> Response | None:
             "'Last-Event-ID' must be an event id of a blink stream: '<response id>:<index>'", param="Last-Event-ID"
         )
     entry = gateway_of(request).responses.get(response_id, tenant_of(request.scope).name, _api(chat))
-    return _event_stream(entry, max(-1, int(index)), {"X-Blink-Cache": entry.generation.cache_status})
+    gen = entry.generation
+    return _event_stream(entry, max(-1, int(index)), {"X-Blink-Cache": gen.cache_status, "X-Blink-Route": _route(gen)})
 
 
 def _api(chat: bool) -> str:
@@ -321,3 +322,9 @@ async def _until_done_or_disconnect(gen: Generation, request: Request) -> None:
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _route(gen: Generation) -> str:
+    """X-Blink-Route: where the answer comes from (edge, core, cache), "; degraded" when an edge answered for an
+    unreachable core."""
+    return gen.route + ("; degraded" if gen.degraded else "")

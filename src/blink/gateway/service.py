@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from blink.bus.base import Bus
 from blink.bus.messages import (
@@ -81,6 +81,32 @@ def _request_attributes(request: GenerateRequest) -> dict[str, Any]:
     return out
 
 
+class Decision(Protocol):
+    """Where a router sent a request (edge/policy.py's Decision)."""
+
+    @property
+    def model(self) -> str: ...  # the model that answers it
+
+    @property
+    def route(self) -> str: ...  # "edge" (this gateway's replicas) or "core" (over an edge's link)
+
+    @property
+    def rule(self) -> str: ...  # the routing rule that chose it ("" when the request named its model)
+
+    @property
+    def degraded(self) -> bool: ...  # answered here where the core's answer was wanted (the core is unreachable)
+
+
+class Router(Protocol):
+    """An edge's routing (edge/router.py): where a request goes after the semantic cache missed. A gateway
+    without one answers everything from its own replicas, as route "core"."""
+
+    @property
+    def local_model(self) -> str: ...  # the model of the edge's own replicas: it is ready when they are
+
+    def decide(self, request: GenerateRequest) -> Decision: ...
+
+
 class Gateway:
     def __init__(
         self,
@@ -91,8 +117,10 @@ class Gateway:
         cache: SemanticCache | None = None,
         session_store: SessionStore | None = None,
         auth: Authenticator | None = None,
+        router: Router | None = None,
     ) -> None:
         self.bus = bus
+        self.router = router
         self.auth: Authenticator = auth or OpenAccess()  # who a key belongs to (gateway/keys.py)
         self.limits = Limiter()  # each tenant's use of its limits (gateway/limits.py)
         self.config = config
@@ -119,7 +147,8 @@ class Gateway:
         shutting down), and what /readyz shows: every replica's heartbeat, the active responses, the cache."""
         replicas = [_replica_view(r) for r in self.bus.replicas()]
         cache_ready = self.cache is None or self.cache.ready  # its embedder loads beside the model
-        ready = bool(self.ready_replicas()) and cache_ready and not self.shutting_down
+        own = self.ready_replicas(self.router.local_model if self.router is not None else None)  # not a core's
+        ready = bool(own) and cache_ready and not self.shutting_down
         return ready, {
             "status": "ready" if ready else "not_ready",
             "replicas": replicas,
@@ -254,6 +283,12 @@ class Gateway:
             self._idle.clear()
             await generation.wait_accepted()
             return generation
+        decision = None
+        if self.router is not None:
+            decision = self.router.decide(request)
+            request = dataclasses.replace(request, model=decision.model)
+            if request.priority == 0:
+                self.metrics.routes.labels(decision.route, decision.rule or "named").inc()
         self.check_ready(request.model)
         if request.priority == 0:
             self.check_load(request.model)
@@ -266,6 +301,8 @@ class Gateway:
         stream = await self.bus.submit(request, self.route(request))
         generation = Generation(self, request, stream, started, lookup)
         generation.trace, generation.admission = trace, admission
+        if decision is not None:
+            generation.route, generation.rule, generation.degraded = decision.route, decision.rule, decision.degraded
         self._active[request.request_id] = generation
         self._idle.clear()
         try:
@@ -294,8 +331,10 @@ class Gateway:
 
     @property
     def num_live(self) -> int:
-        """Active generations a user is waiting on (not background work such as pre-loads)."""
-        return sum(1 for g in self._active.values() if g.request.priority == 0)
+        """Active generations a user is waiting on and this gateway's replicas compute (not background work such
+        as pre-loads, nor what an edge's link forwards to its core)."""
+        edge = self.router is not None
+        return sum(1 for g in self._active.values() if g.request.priority == 0 and not (edge and g.route == "core"))
 
     @staticmethod
     def new_id(prefix: str) -> str:

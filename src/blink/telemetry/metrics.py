@@ -1,13 +1,15 @@
 """Prometheus metrics of one gateway, served at GET /metrics (text format).
 
-Measured at the gateway, per response (labels: model; route `core` (the edge role is not built, so every response
-is served by the core); cache `hit|miss|off`; preloaded `true|false`):
+Measured at the gateway, per response (labels: model; route `core|edge|cache` (a gateway without an edge's router
+serves everything as `core`); cache `hit|miss|off`; preloaded `true|false`):
     blink_time_to_first_token_seconds        request arrival -> first text delta sent
     blink_inter_token_latency_seconds        gap between consecutive deltas of a response
     blink_e2e_latency_seconds                arrival -> the response's end
     blink_responses_total{status}            ended responses by finish status
     blink_prompt_tokens_total, blink_generation_tokens_total, blink_prefix_cache_hit_tokens_total
     blink_semantic_cache_lookups_total{result=hit|miss}
+    blink_routes_total{route, rule}          an edge's routing decisions (edge/policy.py)
+An edge adds its link's state: blink_edge_link_up, blink_edge_link_rtt_seconds, blink_edge_link_connects_total.
 Read from the replicas' latest heartbeats at scrape time (label replica, model):
     blink_replica_ready, blink_running_sequences, blink_waiting_sequences, blink_kv_blocks_used,
     blink_kv_blocks_free, blink_queue_wait_seconds (estimate), blink_speculative_proposed_tokens_total,
@@ -127,15 +129,22 @@ class Metrics:
         )
         for result in ("hit", "miss"):
             self.cache_lookups.labels(result)  # exported from the start, at 0
+        self.routes = Counter(
+            "blink_routes",
+            "an edge's routing decisions of live requests (rule: the table's, or named)",
+            ("route", "rule"),
+            registry=r,
+        )
         r.register(_Replicas(replicas, unaccepted))
 
-    def itl_observer(self, model: str) -> Any:
-        return self.itl.labels(model, "core")
+    def itl_observer(self, model: str, route: str) -> Any:
+        return self.itl.labels(model, route)
 
     def response_done(
         self,
         *,
         model: str,
+        route: str,
         status: str,
         cache: str,
         preloaded: bool,
@@ -145,7 +154,7 @@ class Metrics:
         completion_tokens: int,
         cached_tokens: int,
     ) -> None:
-        labels = (model, "core", cache, "true" if preloaded else "false")
+        labels = (model, route, cache, "true" if preloaded else "false")
         if ttft_s is not None:
             self.ttft.labels(*labels).observe(ttft_s)
         self.e2e.labels(*labels).observe(e2e_s)

@@ -203,7 +203,9 @@ class Responses:
         assert fin is not None
         status, details = response_status(fin, generation.cancel_reason)
         prompt = fin.prompt_tokens or generation.prompt_tokens
-        extra: dict[str, Any] = {"cache": generation.cache_status}
+        extra: dict[str, Any] = {"cache": generation.cache_status, "route": generation.route}
+        if generation.degraded:
+            extra["degraded"] = True
         if generation.lookup is not None and generation.lookup.hit is not None:
             extra["cache_similarity"] = round(generation.lookup.hit.similarity, 4)
         extra["usage"] = usage(
