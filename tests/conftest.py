@@ -14,13 +14,14 @@ from tests.redis_server import RedisServer
 MODEL = "smollm2-135m-instruct"
 
 
-# markers of opt-in tests: an opt-in model (make install-qwen, make install-gemma) or engine (make install-vllm)
-OPT_IN = ("qwen", "gemma", "vllm")
+# markers of opt-in tests: an opt-in model (make install-qwen, make install-gemma), engine (make install-vllm) or
+# runtime (make install-workerd: Cloudflare's workerd, for the Worker router)
+OPT_IN = ("qwen", "gemma", "vllm", "workerd")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `qwen`, `gemma` or `vllm` need an opt-in install: deselected unless the -m expression names the
-    marker."""
+    """Tests marked `qwen`, `gemma`, `vllm` or `workerd` need an opt-in install: deselected unless the -m expression
+    names the marker."""
     expression = config.getoption("markexpr") or ""
     for marker in OPT_IN:
         if marker in expression:
