@@ -326,26 +326,16 @@ CORE_KEY_ENV = ("BLINK_CORE_KEY",)
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    core: str = _help(
-        "the core gateway's URL (http(s)://host:port): the link to it opens at start, is kept warm and reconnects; "
-        "requests naming the core's models, and `auto` requests the routing table sends there, ride it. The core "
-        "must accept the key in BLINK_CORE_KEY (an admin key, where it has keys)",
-        "",
-    )
+    core: str = _help("the core gateway's http(s)://host:port, linked at start (its key: BLINK_CORE_KEY)", "")
     core_model: str = _help("the core's model `auto` sends core-bound requests to (empty: the first it lists)", "")
-    routing: str = _help(
-        "a JSON file of routing rules replacing the default table for `model: auto` (docs/edge.md lists them)", ""
-    )
+    routing: str = _help("a JSON routing table for `model: auto` replacing the default (docs/edge.md)", "")
     link_resume_window_s: float = _help(
-        "responses on the core wait this long for a dropped link to come back and resume them; past it they end "
-        "with core_unreachable (keep it within the core's --resume-window-s)",
+        "how long responses on the core wait to resume over a dropped link (within the core's --resume-window-s)",
         10.0,
         advanced=True,
     )
     link_ping_s: float = _help("the link's ping interval (keeps it warm, measures its round trip)", 1.0, advanced=True)
-    link_timeout_s: float = _help(
-        "a ping unanswered this long drops the link's connection and reconnects", 3.0, advanced=True
-    )
+    link_timeout_s: float = _help("an unanswered ping drops the link's connection after this long", 3.0, advanced=True)
     # not a flag (argv is visible to every user of the machine): cli.py reads it from the environment
     core_key: str = field(default="", repr=False, metadata={"env": CORE_KEY_ENV})
 

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from blink.bench.netem import Proxy
+from blink.edge.policy import DEFAULT_RULES
 from tests.e2e.conftest import MODEL, Server, serving
 from tests.e2e.test_preload import background_tokens, type_out
 from tests.e2e.test_realtime import ask, session, until
@@ -72,9 +73,13 @@ def link(core: Server) -> Iterator[ProxyThread]:
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory, link: ProxyThread) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("edge") / "edge.log"
+    folder = tmp_path_factory.mktemp("edge")
+    routing = folder / "routing.json"  # an operator's table: the default, with its edge model qualified for short chat
+    table = [{**r, "when": {"edge_model": [MODEL]}} if r["name"] == "short-chat" else r for r in DEFAULT_RULES]
+    routing.write_text(json.dumps(table))
     core_url = f"http://127.0.0.1:{link.proxy.port}"
-    srv = Server(log, "--core", core_url, "--max-num-seqs", "16", "--link-timeout-s", "2", command="edge")
+    flags = ("--core", core_url, "--routing", str(routing), "--max-num-seqs", "16", "--link-timeout-s", "2")
+    srv = Server(folder / "edge.log", *flags, command="edge")
     try:
         srv.wait_ready()
         wait_for(lambda: CORE_MODEL in models(srv), "the edge learns the core's models")

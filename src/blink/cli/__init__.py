@@ -70,19 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--help-all", action=HelpAll)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    edge = sub.add_parser(
-        "edge",
-        help="serve small requests here with a local model and route the rest to a core gateway (--core URL)",
-        description="An edge gateway: the same HTTP/SSE and WebSocket API as `blink serve`, its own pre-warmed "
-        "replica of a small model (--model), semantic cache and pre-loading, and one warm, multiplexed link to a "
-        "core gateway (--core; its key in BLINK_CORE_KEY). Requests naming the core's models go to the core; "
-        "`model: auto` (the default) is decided by a routing table (--routing), reported as route edge, core or "
-        "cache in response.done, the timings and the X-Blink-Route header.",
-    )
-    for edge_cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, EdgeConfig):
-        add_flags(edge, edge_cls)
-    edge.add_argument("--help-all", action=HelpAll)
-    edge.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_edge_parser(sub)
 
     worker = sub.add_parser(
         "worker",
@@ -102,19 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(prepare, ModelConfig)
 
-    evaluate = sub.add_parser(
-        "cache-eval",
-        help="measure the semantic cache on a labelled pair file",
-        description="For each line {a, b, label} of PAIRS (JSON Lines; label 1: b may be answered with a's answer, "
-        "0: it may not), store a in a scope of its own, then look up b. Prints the hit rate on positives, the "
-        "false-hit rate on negatives, the precision of hits and lookup latency percentiles (embedding included).",
-    )
-    evaluate.add_argument("pairs", type=Path, metavar="PAIRS", help="JSON Lines file of {a, b, label}")
-    evaluate.add_argument("--cache-dir", type=Path, default=ModelConfig().cache_dir, help="where the embedder is kept")
-    evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    for cls in (CacheConfig, RedisConfig):
-        add_flags(evaluate, cls, skip=("semantic_cache", "cache_turns", "cache_max_entries", "local_replica"))
-
+    _add_cache_eval_parser(sub)
     sub.add_parser(
         "models",
         help="list the bundled models (--model also takes a .gguf file or a Hugging Face folder)",
@@ -134,6 +110,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(bench, BenchConfig)
     return parser
+
+
+def _add_cache_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    evaluate = sub.add_parser(
+        "cache-eval",
+        help="measure the semantic cache on a labelled pair file",
+        description="For each line {a, b, label} of PAIRS (JSON Lines; label 1: b may be answered with a's answer, "
+        "0: it may not), store a in a scope of its own, then look up b. Prints the hit rate on positives, the "
+        "false-hit rate on negatives, the precision of hits and lookup latency percentiles (embedding included).",
+    )
+    evaluate.add_argument("pairs", type=Path, metavar="PAIRS", help="JSON Lines file of {a, b, label}")
+    evaluate.add_argument("--cache-dir", type=Path, default=ModelConfig().cache_dir, help="where the embedder is kept")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    for cls in (CacheConfig, RedisConfig):
+        add_flags(evaluate, cls, skip=("semantic_cache", "cache_turns", "cache_max_entries", "local_replica"))
+
+
+def _add_edge_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    edge = sub.add_parser(
+        "edge",
+        help="serve small requests here with a local model and route the rest to a core gateway (--core URL)",
+        description="An edge gateway: the same HTTP/SSE and WebSocket API as `blink serve`, its own pre-warmed "
+        "replica of a small model (--model), semantic cache and pre-loading, and one warm, multiplexed link to a "
+        "core gateway (--core; its key in BLINK_CORE_KEY). Requests naming the core's models go to the core; "
+        "`model: auto` (the default) is decided by a routing table (--routing), reported as route edge, core or "
+        "cache in response.done, the timings and the X-Blink-Route header.",
+    )
+    for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, EdgeConfig):
+        add_flags(edge, cls)
+    edge.add_argument("--help-all", action=HelpAll)
+    edge.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def _add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -33,9 +33,6 @@ if TYPE_CHECKING:
     from blink.bus.base import Bus
     from blink.gateway.keys import Authenticator
     from blink.gateway.service import Gateway
-    from blink.gateway.sessions import SessionStore
-    from blink.preload.store import TenantStores
-    from blink.semantic_cache.cache import SemanticCache
     from blink.semantic_cache.embedder import LazyEmbedder
     from blink.worker.replica import Replica
     from blink.worker.upstream import UpstreamReplica
@@ -282,7 +279,9 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
     if config.edge is None:
         gateway = Gateway(bus, gw, [name], documents, cache, sessions, auth)
     else:
-        edge = _edge(config, bus, name, documents, cache, sessions, auth)
+        from blink.cli.edge import edge_gateway
+
+        edge = edge_gateway(config, bus, name, documents, cache, sessions, auth)
         if edge is None:
             return 2
         gateway, bus = edge
@@ -305,40 +304,6 @@ def serve(config: ServeConfig, *, log_level: str = "info") -> int:
 
         tracing.shutdown()
     return 0
-
-
-def _edge(
-    config: ServeConfig,
-    local: Bus,
-    name: str,
-    documents: TenantStores,
-    cache: SemanticCache | None,
-    sessions: SessionStore | None,
-    auth: Authenticator,
-) -> tuple[Gateway, Bus] | None:
-    """`blink edge`: the gateway over the edge's bus (its replica here, the core's models over the link) with the
-    routing table; None after saying why it cannot start."""
-    from blink.edge import AUTO, edge_parts
-    from blink.edge.router import LinkMetrics
-    from blink.gateway.service import Gateway
-
-    assert config.edge is not None
-    if not config.edge.core:
-        print("blink edge: --core is required (the core gateway's http(s)://host:port)", file=sys.stderr)
-        return None
-    try:
-        bus, router = edge_parts(config.edge, local, name)
-    except ValueError as exc:
-        print(f"blink: {exc}", file=sys.stderr)
-        return None
-    gateway = Gateway(bus, config.gateway, [AUTO, name], documents, cache, sessions, auth, router)
-
-    def learn(models: list[str]) -> None:  # the core's models become this gateway's too
-        gateway.models.extend(m for m in models if m not in gateway.models)
-
-    bus.link.on_status = learn
-    gateway.metrics.registry.register(LinkMetrics(bus.link))
-    return gateway, bus
 
 
 def _lifespan(

@@ -214,6 +214,7 @@ class Link:
             pass
         finally:
             pinger.cancel()
+            ws.transport.abort()  # already closed, or the edge is stopping: nothing is left to say
             self._ws, self._down_since = None, time.monotonic()
             self._ready.clear()
             log.warning("link: lost the core at %s; reconnecting", self.url)

@@ -8,6 +8,8 @@ The semantic cache is looked up before any rule (a hit is route "cache"). A rule
 request's features, all of which must hold (an empty `when` always matches):
 
     core_up: bool               the link to the core is connected
+    edge_model: str | [str]     the edge's own model is one of these (a rule that holds only for models measured
+                                to answer that class as well as the core)
     kind: str | [str]           "code" (code fences, code words), "document" (retrieved or pasted documents, a long
                                 message), else "chat"
     context_over: float         (estimated prompt tokens + max_tokens) / the edge model's context is over this
@@ -21,9 +23,11 @@ request's features, all of which must hold (an empty `when` always matches):
 and says `route` ("edge" or "core") and optionally `degraded` (the answer is the edge's where the core's was
 wanted: flagged to the client). Operators replace the table with `blink edge --routing FILE` (a JSON list of rules).
 
-The default table keeps at the edge only the class of request measured to be answered there as well as the core
-does (benchmarks/edge.py reports each class's agreement with the core's answers and each route's latency): short
-chat that is not code, not a document and not judged hard; and everything while the core is unreachable.
+The default table keeps a request at the edge only where a quality rule holds: short chat (not code, not a document,
+not judged hard, the edge not busier than the core) when the edge's model is one measured to answer it as well as the
+core (QUALIFIED_EDGE_MODELS; benchmarks/edge.py reports each class's agreement with the core's answers and each
+route's latency), and everything while the core is unreachable (flagged degraded). No bundled model qualifies yet,
+so by default `auto` goes to the core while it is reachable.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ DEFAULT_ANSWER_TOKENS = 256  # a request without max_tokens is taken to want thi
 DEFAULT_CONTEXT = 2048  # the edge model's context when no replica has said it yet
 CHARS_PER_TOKEN = 3.5
 
+# Edge models measured (benchmarks/edge.py, against the core's answers on the same prompts, by the quality rule in
+# its report) to answer short chat as well as the core does: a rule keeping requests at the edge names them. None of
+# the bundled models is yet: on short factual questions SmolLM2-135M-Instruct agreed with Qwen2.5-Coder-1.5B-Instruct
+# on 15 of 24 and Qwen2.5-Coder-0.5B-Instruct on 18 of 24, under the 80% the rule asks (results/edge.md). An operator
+# who measures their own edge model names it in their table (--routing).
+QUALIFIED_EDGE_MODELS: tuple[str, ...] = ()
+
 DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     {"name": "core-unreachable", "when": {"core_up": False}, "route": "edge", "degraded": True},
     {"name": "too-long-for-edge", "when": {"context_over": 0.75}, "route": "core"},
@@ -49,7 +60,8 @@ DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     {"name": "documents", "when": {"kind": "document"}, "route": "core"},
     {"name": "hard", "when": {"difficulty_over": 0.5}, "route": "core"},
     {"name": "edge-busy", "when": {"edge_slower": True}, "route": "core"},
-    {"name": "short-chat", "when": {}, "route": "edge"},
+    {"name": "short-chat", "when": {"edge_model": list(QUALIFIED_EDGE_MODELS)}, "route": "edge"},
+    {"name": "edge-not-qualified", "when": {}, "route": "core"},
 )
 
 _CODE = re.compile(
@@ -90,9 +102,12 @@ class Features:
     core_wait_s: float
     core_rtt_ms: float
     core_up: bool
+    edge_model: str = ""
 
 
-def features_of(request: GenerateRequest, *, context: int, edge_wait_s: float, core: CoreView) -> Features:
+def features_of(
+    request: GenerateRequest, *, context: int, edge_wait_s: float, core: CoreView, edge_model: str = ""
+) -> Features:
     messages = list(request.messages or ())
     if messages:
         last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
@@ -123,11 +138,13 @@ def features_of(request: GenerateRequest, *, context: int, edge_wait_s: float, c
         core_wait_s=core.wait_s,
         core_rtt_ms=1000 * rtt if rtt is not None else math.inf,
         core_up=core.up,
+        edge_model=edge_model,
     )
 
 
 _CONDITIONS: dict[str, type | tuple[type, ...]] = {
     "core_up": bool,
+    "edge_model": (str, list),
     "kind": (str, list),
     "context_over": (int, float),
     "prompt_tokens_over": int,
@@ -153,8 +170,8 @@ class Rule:
 def _holds(name: str, value: Any, f: Features) -> bool:
     if name == "core_up":
         return f.core_up is value
-    if name == "kind":
-        return f.kind in ([value] if isinstance(value, str) else value)
+    if name in ("kind", "edge_model"):
+        return getattr(f, name) in ([value] if isinstance(value, str) else value)
     if name == "edge_slower":
         return (f.edge_wait_s > f.core_wait_s + f.core_rtt_ms / 1000) is value
     measured = {

@@ -45,7 +45,9 @@ class Router:
         if request.model != AUTO:
             return Decision(request.model, "core" if self.bus.remote(request.model) else "edge")
         wait, context = ready_wait(self.bus.local.replicas(), self.local_model)
-        features = features_of(request, context=context or DEFAULT_CONTEXT, edge_wait_s=wait, core=self._core)
+        features = features_of(
+            request, context=context or DEFAULT_CONTEXT, edge_wait_s=wait, core=self._core, edge_model=self.local_model
+        )
         for rule in self.rules:
             if rule.matches(features):
                 model = self.local_model if rule.route == "edge" else self._core_model()

@@ -283,12 +283,8 @@ class Gateway:
             self._idle.clear()
             await generation.wait_accepted()
             return generation
-        decision = None
-        if self.router is not None:
-            decision = self.router.decide(request)
-            request = dataclasses.replace(request, model=decision.model)
-            if request.priority == 0:
-                self.metrics.routes.labels(decision.route, decision.rule or "named").inc()
+        decision = _decide(self.router, request, self.metrics)
+        request = request if decision is None else dataclasses.replace(request, model=decision.model)
         self.check_ready(request.model)
         if request.priority == 0:
             self.check_load(request.model)
@@ -301,7 +297,7 @@ class Gateway:
         stream = await self.bus.submit(request, self.route(request))
         generation = Generation(self, request, stream, started, lookup)
         generation.trace, generation.admission = trace, admission
-        if decision is not None:
+        if decision is not None:  # where an edge's router sent it
             generation.route, generation.rule, generation.degraded = decision.route, decision.rule, decision.degraded
         self._active[request.request_id] = generation
         self._idle.clear()
@@ -331,8 +327,7 @@ class Gateway:
 
     @property
     def num_live(self) -> int:
-        """Active generations a user is waiting on and this gateway's replicas compute (not background work such
-        as pre-loads, nor what an edge's link forwards to its core)."""
+        """Live generations this gateway's replicas compute (not pre-loads, nor what an edge forwards to its core)."""
         edge = self.router is not None
         return sum(1 for g in self._active.values() if g.request.priority == 0 and not (edge and g.route == "core"))
 
@@ -358,6 +353,16 @@ class Gateway:
             await asyncio.wait_for(self._idle.wait(), self.config.shutdown_grace_s)
         with contextlib.suppress(TimeoutError):  # and each connected client has its response's closing events
             await asyncio.wait_for(self.responses.close(), 2.0)
+
+
+def _decide(router: Router | None, request: GenerateRequest, metrics: Metrics) -> Decision | None:
+    """Where an edge's router sends a request (counted when live); None without a router."""
+    if router is None:
+        return None
+    decision = router.decide(request)
+    if request.priority == 0:
+        metrics.routes.labels(decision.route, decision.rule or "named").inc()
+    return decision
 
 
 def gateway_of(conn: Any) -> Gateway:
