@@ -235,10 +235,13 @@ async def core_path(direct: str, user_url: str, core_model: str, rounds: int) ->
     return {**out, "added_median_ms": statistics.median(diffs), "added_p90_ms": pct(diffs, 0.9)}
 
 
-async def typing(user_ws: str, typists: int, word_ms: float, core: str, model: str = "auto") -> dict[str, Any]:
+async def typing(
+    user_ws: str, typists: int, word_ms: float, core: str, model: str = "auto", seed: int = 11
+) -> dict[str, Any]:
     """Submit -> first token of typists who type a code question (drafts forwarded), at `user_ws`: the edge (model
-    auto, routed to the core) or the core itself (its model named), the baseline."""
-    rng = random.Random(11)
+    auto, routed to the core) or the core itself (its model named), the baseline; `seed` makes each side's prompts
+    its own (the other's are in the core's prefix cache)."""
+    rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     before = await background_tokens(core)
     for t in range(typists + 1):
@@ -410,7 +413,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print("3. typing", flush=True)
         user_ws, direct_ws = (url.replace("http", "ws") + "/v1/realtime" for url in (user_url, direct))
         out["typing"] = await typing(user_ws, args.typists, args.word_ms, direct)
-        out["typing_direct"] = await typing(direct_ws, args.typists, args.word_ms, direct, core_name(args))
+        out["typing_direct"] = await typing(direct_ws, args.typists, args.word_ms, direct, core_name(args), seed=12)
         print("4. mixed", flush=True)
         items = mixed(args.articles, args.open_per_category)
         models = (args.edge_model, core_name(args))
@@ -443,7 +446,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> str:
         "# blink edge in front of a core\n",
         f"`python benchmarks/edge.py --edge-model {args.edge_model} --core-model {args.core_model} --rtt-ms {rtt:g} "
         f"--user-rtt-ms {args.user_rtt_ms:g}{' --no-mixed' if args.no_mixed else ''} --name {args.name}`; "
-        f"{machine()}; core, edge and the two latency proxies (blink.bench.netem) on this one machine.\n",
+        f"{machine(f'edge model {args.edge_model}, core model {args.core_model}')}; core, edge and the two "
+        "latency proxies (blink.bench.netem) on this one machine.\n",
         "| target | measured | holds? |",
         "|---|---|---|",
         f"| edge-served (the edge's model named), {args.users} users: p50 first token < 100 ms, p99 < 200 ms | "

@@ -14,6 +14,8 @@ The prompt may depend on more than the draft's text: with retrieval on, the chun
 `context(text)` (optional) resolves that part for a text, and a Target carries it; the gateway's is the rendered
 chunks, so two targets with equal context build their prompts the same way.
 
+A draft whose stable part falls back (a space-less word after the last space, such as "museum?" after "museum ")
+while it still begins with the text pre-loaded or in flight changes nothing: that text is still the prompt's prefix.
 One pre-load per session is in flight at a time. A draft that extends the target in flight lets it run (typing
 goes forward: it computes the new target's prefix, and the next pre-load starts where it ends), unless its
 context differs (the retrieved chunks changed with the new words: the prompt in flight is now the wrong one; a
@@ -72,6 +74,13 @@ class Target:
 def _same(target: Target, other: Target | None) -> bool:
     """The same draft (their contexts may not be resolved yet)."""
     return other is not None and target.messages == other.messages and target.text == other.text
+
+
+def _fell_back(latest: Target, target: Target, draft: str) -> bool:
+    """The stable part fell behind a new word (not an edit): the draft still begins with the latest target's text,
+    which is still the prompt's prefix, and nothing new is stable yet."""
+    same = latest.messages == target.messages
+    return same and len(target.text) < len(latest.text) <= len(draft) and draft.startswith(latest.text)
 
 
 def _extends(target: Target, other: Target) -> bool:
@@ -138,6 +147,9 @@ class PrefillPlanner:
         if len(text) < self.min_chars:
             return
         target = Target(messages, text)
+        latest = self._pending or (self._current[0] if self._current else self.stats.last_completed)
+        if latest is not None and _fell_back(latest, Target(messages, text), draft):
+            return
         current = self._current[0] if self._current else self.stats.last_completed
         if _same(target, current) or _same(target, self._pending):
             return

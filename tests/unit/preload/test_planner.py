@@ -113,6 +113,30 @@ def test_an_edit_cancels_the_preload_in_flight_once() -> None:
     asyncio.run(main())
 
 
+def test_typing_the_next_word_leaves_the_preload_of_the_words_before_it_running() -> None:
+    async def main() -> None:
+        starts = Starts()
+        planner = PrefillPlanner(starts, debounce_s=0.01)
+        planner.draft((), "Where is the museum ")
+        await settle()
+        first = starts.handles[0]
+        assert first.target.text == "Where is the museum"
+        for text in ("Where is the museum?", "Where is the museum?!"):  # the stable part falls back a word
+            planner.draft((), text)
+        await settle()
+        assert first.cancelled == 0 and len(starts.handles) == 1  # what it computes is still the prompt's prefix
+        first.complete()
+        await settle()
+        assert len(starts.handles) == 1  # nothing new to pre-load
+        assert planner.matches((), "Where is the museum?!") is not None
+        planner.draft((), "Where is the mu")  # an edit (backspaces) still replaces it
+        await settle()
+        assert [h.target.text for h in starts.handles] == ["Where is the museum", "Where is the"]
+        await planner.stop()
+
+    asyncio.run(main())
+
+
 def test_a_deferred_preload_is_retried() -> None:
     async def main() -> None:
         starts = Starts(defer=2)
