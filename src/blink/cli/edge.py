@@ -3,6 +3,7 @@ edge's table (blink/edge/); `blink serve` (run.py) runs it with its own parts.""
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from blink.gateway.sessions import SessionStore
     from blink.preload.store import TenantStores
     from blink.semantic_cache.cache import SemanticCache
+
+log = logging.getLogger("blink.edge")
 
 
 def edge_gateway(
@@ -43,8 +46,13 @@ def edge_gateway(
         return None
     gateway = Gateway(bus, config.gateway, [AUTO, name], documents, cache, sessions, auth, router)
 
+    clashes: set[str] = set()
+
     def learn(models: list[str]) -> None:  # the core's models become this gateway's too
         gateway.models.extend(m for m in models if m not in gateway.models)
+        if name in models and name not in clashes:  # requests naming it stay here: the core's is out of reach
+            clashes.add(name)
+            log.warning("the core serves a model named %r too; give it another (--served-model-name)", name)
 
     bus.link.on_status = learn
     gateway.metrics.registry.register(LinkMetrics(bus.link))
