@@ -63,7 +63,6 @@ class LinkStream:
         self._queue: asyncio.Queue[ResponseEvent] = asyncio.Queue()
         self.after = -1  # index of the last delta received: a resume continues after it
         self.accepted = False
-        self.cancelled = False  # cancelled while the link was down: said to the core on reconnect
         self.ended = False
 
     def feed(self, event: ResponseEvent) -> None:
@@ -116,6 +115,7 @@ class Link:
         self.connects = 0  # connections opened since start (1 + reconnects)
         self._statuses: list[ReplicaStatus] = []
         self._streams: dict[str, LinkStream] = {}
+        self._cancels: dict[str, str | None] = {}  # cancelled while the link was down (id: tenant): said on reconnect
         self._ws: ClientConnection | None = None
         self._down_since: float | None = time.monotonic()
         self._pong = asyncio.Event()
@@ -162,7 +162,7 @@ class Link:
         if stream is None:
             return
         if self._ws is None:  # said on reconnect; the response ends here now
-            stream.cancelled = True
+            self._cancels[request_id] = stream.request.tenant
             stream.feed(Finished(request_id, FinishStatus.CANCELLED))
             return
         await self._send({"op": "cancel", "id": request_id, "tenant": stream.request.tenant})
@@ -201,10 +201,12 @@ class Link:
         self._ws, self._down_since = ws, None
         self.connects += 1
         log.info("link: connected to the core at %s (connection %d)", self.url, self.connects)
+        cancels, self._cancels = self._cancels, {}
+        for rid, tenant in cancels.items():
+            await self._send({"op": "cancel", "id": rid, "tenant": tenant})
         for stream in list(self._streams.values()):  # the responses in flight when the last connection dropped
-            op = "cancel" if stream.cancelled else "resume"
             await self._send(
-                {"op": op, "id": stream.request_id, "tenant": stream.request.tenant, "after": stream.after}
+                {"op": "resume", "id": stream.request_id, "tenant": stream.request.tenant, "after": stream.after}
             )
         pinger = asyncio.create_task(self._ping(ws))
         try:

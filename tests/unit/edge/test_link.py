@@ -112,6 +112,38 @@ def test_a_cancel_over_the_link_frees_the_cores_sequence(serve: Serve) -> None:
     assert replica.held == []
 
 
+def test_a_cancel_while_the_link_is_down_ends_the_response_and_reaches_the_core_on_reconnect(serve: Serve) -> None:
+    replica = FakeReplica(MODEL, hold=True)
+    core = serve(replica, resume_window_s=20)
+
+    async def main() -> list[ResponseEvent]:
+        proxy = Proxy("127.0.0.1", int(core.base.rsplit(":", 1)[1]))
+        await proxy.start()
+        link = await linked(f"http://127.0.0.1:{proxy.port}", ping_interval_s=0.2, ping_timeout_s=0.6)
+        try:
+            stream = await link.submit(request("held"))
+            pending = asyncio.ensure_future(events(stream))
+            while not replica.held:
+                await asyncio.sleep(0.01)
+            proxy.cut("blackhole")
+            while link.connected:
+                await asyncio.sleep(0.05)
+            await link.cancel("held")
+            got = await pending  # at once: the client is not kept waiting for the link
+            proxy.restore()
+            deadline = asyncio.get_running_loop().time() + 20
+            while replica.held:  # the cancel went over the new connection
+                assert asyncio.get_running_loop().time() < deadline, "the cancel never reached the core"
+                await asyncio.sleep(0.05)
+            return got
+        finally:
+            await link.close()
+            await proxy.close()
+
+    got = asyncio.run(main())
+    assert isinstance(got[-1], Finished) and got[-1].status is FinishStatus.CANCELLED
+
+
 def test_bad_frames_get_an_error_and_the_link_stays_open(serve: Serve) -> None:
     core = serve(FakeReplica(MODEL))
 
