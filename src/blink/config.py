@@ -101,9 +101,11 @@ class EngineConfig:
         16,
         advanced=True,
     )
-    background_chunk_tokens: int = _help(
-        "prompt tokens one step may prefill for background work (pre-loading) while live streams decode",
-        4,
+    background_period: int = _help(
+        "while live streams decode, background work (pre-loads) prefills in one step of this many, up to "
+        "--background-step-tokens (such a step leaves the fused decode path: rare and large costs live streams "
+        "least)",
+        128,
         advanced=True,
     )
     background_step_tokens: int = _help(
@@ -193,6 +195,12 @@ class GatewayConfig:
     shutdown_grace_s: float = _help("seconds in-flight streams get to finish on SIGTERM", 5.0, advanced=True)
     preload: bool = _help("pre-load while the user types: prefill the predicted prompt on input_text.draft", True)
     preload_ttl_s: float = _help("a pre-load not done this long after its draft is dropped", 30.0, advanced=True)
+    predecode_tokens: int = _help(
+        "pre-decode: when a draft has been still a moment, decode up to this many tokens of its answer (sent at "
+        "once on a submit of that text); 0: off",
+        8,
+        advanced=True,
+    )
     resume_window_s: float = _help(
         "a streamed response whose client vanished keeps running this long for it to resume (WebSocket "
         "response.resume, SSE Last-Event-ID), and an ended one is kept as long; 0: cancel at once, no resume",
@@ -415,6 +423,14 @@ class BenchConfig:
     warmup: int = _help("unmeasured sessions sent one at a time before the clock starts", 2)
     request_timeout_s: float = _help("a session not finished after this long counts as an error", 120.0)
     seed: int = _help("seed of the arrivals and the sessions (the same seed: the same sessions)", 0)
+    typing: bool = _help(
+        "keystroke replay (bench/typing.py): --concurrency N users (default 8) type questions key by key, with "
+        "typos, pauses and edits from typing studies; reports Enter -> first token",
+        False,
+    )
+    edit_fraction: float = _help("--typing: share of questions whose last word is revised just before Enter", 0.2)
+    enter_pause_ms: float = _help("--typing: mean pause before Enter (the Keystroke-Level Model's M)", 1350.0)
+    context: bool = _help("--typing: paste --max-prompt-tokens words of context before each question", False)
     out: str = _help("folder of the report (NAME.md, NAME.html, NAME.json)", "bench-results")
     name: str = _help("file name of the report, without extension", "bench")
     progress: bool = _help("show a progress bar on stderr", True)

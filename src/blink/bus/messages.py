@@ -53,6 +53,12 @@ class GenerateRequest:
     # single tenant
     tenant: str | None = None
     prediction: str | None = None  # the text the answer is expected to copy (OpenAI Predicted Outputs)
+    # pre-decode: decode this many tokens at background priority, then hold them (and the KV) for a request that
+    # adopts it; its Finished comes when it has them (0: an ordinary request)
+    predecode: int = 0
+    # the pre-decode (its request id) this request asks to go on from: taken when the replica holds it and it has
+    # the same tenant, session, prompt and sampling (max_tokens aside); otherwise the request runs as usual
+    adopt: str | None = None
     v: int = VERSION
 
 
@@ -133,6 +139,7 @@ class ReplicaStatus:
     background_prefill_tokens: int = 0  # prompt tokens computed for pre-loads since start
     background_tokens_used: int = 0  # of those, tokens a live request then found in the cache
     interrupted_steps: int = 0  # engine steps called off for another tenant's newcomer since start
+    parked: int = 0  # pre-decodes holding their first tokens for a submit (worker/predecode.py)
     speculative: str = "off"  # the replica's --speculative
     spec_proposed: int = 0  # guessed tokens verified since start, and of those accepted
     spec_accepted: int = 0

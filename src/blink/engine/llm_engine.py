@@ -5,6 +5,12 @@
     outputs = engine.step()      # schedule -> propose -> run -> commit: a token for each sequence that got one,
                                  # and a final output for each that expired
     engine.abort(request_id)     # frees the sequence (and its KV blocks) before the next step
+    engine.adopt(request_id, max_tokens=None, deadline=None)  # a pre-decode becomes a live request
+
+A pre-decode (`add_request(..., park_after=N)`, background priority) decodes its first N tokens, then parks
+(scheduler.py): the caller holds those tokens, and `adopt` turns it into the live request that asked for the
+same prompt and sampling, decoding on from its next token with its own sampling generator, so the output is the
+one a cold run gives (greedy and seeded: the same tokens).
 
 With a proposer (speculative decoding, see speculative.py), a step may emit several tokens of one sequence: one
 StepOutput per token, in order.
@@ -80,7 +86,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
-            background_chunk_tokens=config.background_chunk_tokens,
+            background_period=config.background_period,
             background_step_tokens=config.background_step_tokens,
         )
         self.runner = ModelRunner(
@@ -110,17 +116,18 @@ class LLMEngine:
         prefill_only: bool = False,
         tenant: str | None = None,
         prediction: list[int] | None = None,
+        park_after: int = 0,
     ) -> None:
         """Queue a request; it joins the running batch at the next step. Raises RequestRejected (engine/errors.py)
         for bad input, ContextTooLong when the prompt plus max_tokens (None: the rest of the context) won't fit.
         `priority`: lower runs first (0 for live requests; above 0 is background work, which gets only
-        `background_chunk_tokens` per step while live streams decode). `deadline`: a time.monotonic() after
+        one step in `background_period` while live streams decode). `deadline`: a time.monotonic() after
         which the request is dropped (finish reason EXPIRED) instead of computed. `prefill_only`: compute the
         prompt's K/V into the prefix cache and finish (PREFILLED, no token): pre-loading. `tenant`: who it
         belongs to: it finds only its tenant's prefix-cache blocks (and declared shared prefixes), and the batch is
         shared fairly between tenants (fairness.py); None: an open server's single tenant. `prediction`: the
         tokens the answer is expected to copy (Predicted Outputs, speculator.py): verified as guesses, so the
-        output is the same as without it."""
+        output is the same as without it. `park_after`: a pre-decode (see the module docstring)."""
         if request_id in self._seqs:
             raise RequestRejected(f"request {request_id!r} is already running")
         if not prompt_token_ids:
@@ -137,6 +144,7 @@ class LLMEngine:
             priority=priority,
             deadline=deadline,
             prefill_only=prefill_only,
+            park_after=park_after,
             salt=self.blocks.salt(prompt_token_ids, tenant),
             max_tokens=params.max_tokens or room,
             # no answer is longer than the context: nor is a prediction it can follow
@@ -152,6 +160,33 @@ class LLMEngine:
         if seq is None:
             return False
         self._finish(seq, FinishReason.ABORTED)
+        return True
+
+    def reserve(self, request_id: str) -> bool:
+        """Any thread: keep a parked pre-decode from expiring or being evicted until `adopt` (False: it is not
+        parked, or gone)."""
+        seq = self._seqs.get(request_id)
+        return seq is not None and self.scheduler.reserve(seq)
+
+    def adopt(self, request_id: str, *, max_tokens: int | None, deadline: float | None) -> bool:
+        """A live request asked for what pre-decode `request_id` computes (the same prompt and sampling): it runs
+        on as that request, at priority 0, with `max_tokens` (None: the rest of the context) and `deadline`.
+        False if it is gone, or has as many tokens as `max_tokens` allows (the caller runs the request anew)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is SeqStatus.FINISHED:
+            return False
+        room = self.max_model_len - len(seq.prompt_token_ids)
+        limit = max_tokens or room
+        if limit > room or len(seq.output_token_ids) >= limit:
+            return False
+        now = time.monotonic()
+        seq.priority, seq.park_after, seq.deadline, seq.max_tokens = 0, 0, deadline, limit
+        seq.arrival = now  # its queue and prefill, as the live request saw them: none (see StepOutput)
+        if seq.first_scheduled is not None:
+            seq.first_scheduled = now
+        if seq.first_token is not None:
+            seq.first_token = now
+        self.scheduler.adopt(seq)
         return True
 
     def has_work(self) -> bool:
@@ -325,6 +360,8 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
+        elif seq.park_after and len(seq.output_token_ids) >= seq.park_after:
+            self.scheduler.park(seq)
         return self._output(seq, token, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

@@ -21,11 +21,24 @@ A chunk's cost grows with the context it attends to, so that budget counts each 
 as long as the first chunk's (measured: 32-token chunks at 1,000 tokens of context took 2x the step time of chunks
 at the start, which broke the inter-token latency target).
 
-Background work (priority above 0: pre-loading's prefill-only sequences) takes what live work leaves: while any
-live sequence decodes, one background sequence per step gets at most `background_chunk_tokens` (so background
-work barely touches live inter-token latency); otherwise background steps take `background_step_tokens` (so a live
-request arriving waits one short step). A live request that finds the batch full preempts the latest background
-sequence.
+Background work (priority above 0: pre-loading's prefill-only sequences, pre-decodes) takes what live work
+leaves. While any live sequence decodes, background prompt chunks go into one step in `background_period` (its
+"turn"), which takes up to `background_step_tokens` of them, whole, as with nobody decoding; the other steps
+carry none. Why not a small chunk every step: any prompt chunk takes the step off the fused decode path
+(fused_decode.py), and measured on 2 cores such a step cost 2x a decode-only one (8 streams: 12.9 -> 25.6 ms
+with a 4-token chunk), whatever the chunk's size: every step 2x slower doubled live streams' p99 inter-token
+latency, while one slow step in 128 leaves the p99 alone and still prefills ~96 tokens per 1.7 s, more than eight
+typists produce. A pre-decode's decode rows stay on the fused path: one per step rides with the live streams.
+With no live stream decoding, background steps take `background_step_tokens` (so a live request arriving waits
+one short step). A live request that finds the batch full preempts the latest background sequence.
+
+Pre-decode (priority above 0, `park_after` tokens): decoding the first tokens of an answer before it is asked
+for. Its decode rows are background work too (while live streams decode, they take the one background place of a
+step). Having its tokens it is parked: it keeps its KV blocks but runs no steps, until `adopt` makes it a live
+request (the submit matched it: it goes on decoding from there) or it ends: abandoned, its deadline passed, or
+evicted (oldest first) when blocks run short, before any running sequence is preempted. `parked_lock` guards the
+parked list: `reserve` (from any thread) keeps a parked sequence from expiring or being evicted while it is
+being adopted.
 
 When blocks run out a running sequence is preempted, instead of the step failing: the lowest-priority one, then the
 one whose tenant holds the most sequences, then the latest to arrive. Preemption is by recompute (as vLLM's): its
@@ -40,6 +53,7 @@ whose deadline has passed is finished (EXPIRED) at the next step, waiting or run
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass, field
 
 from blink.engine.fairness import Shares
@@ -104,23 +118,29 @@ class _Budget:
     tokens: int  # every token of the step: decodes and prompt chunks
     prefill: int  # prompt chunks' cost: small while anything decodes
     background: int  # background prompt chunks' cost
-    background_seqs: int  # background sequences that may still take a chunk
+    background_seqs: int  # background sequences that may still take a chunk or a decode row
     decoding: bool  # some running sequence decodes: prompt chunks are weighted and kept within a block
+    live_decoding: bool  # some live sequence decodes: background prompt chunks only in their turn
+    turn: bool  # background prompt chunks' turn (see the module docstring)
+    background_chunks: int = 0  # background prompt chunks placed
 
     @classmethod
     def start(cls, sched: Scheduler) -> _Budget:
         live_decoding = any(s.priority == 0 and s.num_computed >= s.num_tokens - 1 for s in sched.running)
-        # a burst (see the module docstring): as with nobody decoding, prompt chunks take the whole budget
-        decoding = any(s.num_computed >= s.num_tokens - 1 for s in sched.running) and not _burst(sched)
+        # a burst (see the module docstring): as with nobody decoding, prompt chunks take the whole budget; a
+        # pre-decode decoding alone does not make live prompts wait in small chunks
+        decoding = live_decoding and not _burst(sched)
         budget = sched.max_num_batched_tokens
+        turn = not live_decoding or sched.since_background + 1 >= sched.background_period
         return cls(
             tokens=budget,
             prefill=sched.prefill_chunk_tokens if decoding else budget,
-            background=sched.background_chunk_tokens if live_decoding else sched.background_step_tokens,
-            # each prompt chunk costs a context gather and an attention call per layer besides its tokens: while
-            # live streams decode, one background sequence per step
-            background_seqs=1 if live_decoding else sched.max_num_seqs,
+            background=sched.background_step_tokens if turn else 0,
+            # off their turn, one background sequence per step: a pre-decode's decode row
+            background_seqs=sched.max_num_seqs if turn else 1,
             decoding=decoding,
+            live_decoding=live_decoding,
+            turn=turn,
         )
 
     def allowed(self, seq: Sequence, boosted: bool) -> int:
@@ -129,19 +149,25 @@ class _Budget:
             return self.tokens
         if seq.priority == 0:
             return self.prefill
-        return min(self.prefill, self.background) if self.background_seqs > 0 else 0
+        return self.background if self.background_seqs > 0 else 0
 
-    def chunked(self, boosted: bool) -> bool:
-        return self.decoding and not boosted
+    def chunked(self, seq: Sequence, boosted: bool) -> bool:
+        """Whether `seq`'s prompt chunk is weighted and kept within a block: a background one in its turn is not
+        (the step leaves the fused path anyway: what it carries costs little more)."""
+        return self.decoding and not boosted and seq.priority == 0
 
     def charge(self, seq: Sequence, n: int, cost: int) -> None:
         """`n` tokens of `seq` joined the step; `cost`: of its prompt chunk, 0 for a decode."""
         self.tokens -= n
+        if not cost and seq.priority > 0:  # a pre-decode's row
+            self.background_seqs -= 1
         if cost:
-            self.prefill -= cost
             if seq.priority > 0:
                 self.background -= cost
                 self.background_seqs -= 1
+                self.background_chunks += 1
+            else:
+                self.prefill -= cost
 
 
 def _burst(sched: Scheduler) -> bool:
@@ -175,22 +201,25 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         prefill_chunk_tokens: int,
-        background_chunk_tokens: int = 4,
+        background_period: int = 128,
         background_step_tokens: int = 32,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or prefill_chunk_tokens < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and prefill_chunk_tokens must be positive")
-        if background_chunk_tokens < 0:
-            raise ValueError("background_chunk_tokens must not be negative")
+        if background_period < 1:
+            raise ValueError("background_period must be at least 1")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.background_chunk_tokens = background_chunk_tokens
+        self.background_period = background_period
         self.background_step_tokens = background_step_tokens
+        self.since_background = 0  # steps with live streams decoding since background prompt chunks last ran
         self.background_tokens_used = 0  # prompt tokens of live requests found in blocks background work computed
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.running: list[Sequence] = []  # sorted by (priority, arrival)
+        self.parked: list[Sequence] = []  # pre-decodes holding their tokens, oldest first
+        self.parked_lock = threading.RLock()
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=_order)
@@ -200,9 +229,14 @@ class Scheduler:
 
     def schedule(self, now: float) -> ScheduledBatch:
         batch = ScheduledBatch()
+        with self.parked_lock:  # one decision: a sequence reserved now is not expired
+            expired = [s for s in self.parked if not s.reserved and s.expired(now)]
+            for seq in expired:
+                self.finish(seq, FinishReason.EXPIRED)
         for seq in [s for s in self.waiting + self.running if s.expired(now)]:
             self.finish(seq, FinishReason.EXPIRED)
-            batch.expired.append(seq)
+            expired.append(seq)
+        batch.expired += expired
         self._make_room_for_live()
         step = _Budget.start(self)
         sitting_out = self._sitting_out()
@@ -211,6 +245,9 @@ class Scheduler:
             self._admit(step, batch)
         if sitting_out and all(s.tenant in sitting_out for s in batch.sequences if s.priority == 0):
             self._continue_all(step, batch, set())  # the newcomer did not fit after all: nobody sits out for nothing
+        # a turn's steps count from the last one that carried background chunks (or had no live stream): work
+        # arriving after a quiet while may take its turn at once
+        self.since_background = 0 if step.background_chunks or not step.live_decoding else self.since_background + 1
         return batch
 
     def _continue_all(self, step: _Budget, batch: ScheduledBatch, sitting_out: set[str | None]) -> None:
@@ -224,12 +261,14 @@ class Scheduler:
         """Schedule a running sequence: its next token, or its prompt's next chunk."""
         remaining = seq.num_tokens - seq.num_computed
         n, cost = 1, 1
+        if remaining <= 1 and seq.priority > 0 and step.background_seqs < 1:
+            return  # a pre-decode's next token: only in a step's background place
         if remaining > 1:
             boosted = self._shares().boosted(seq, self.running)
             allowed = step.allowed(seq, boosted)
             if allowed < 1:
                 return
-            n, cost = self._chunk(min(remaining, step.tokens), allowed, seq.num_computed, step.chunked(boosted))
+            n, cost = self._chunk(min(remaining, step.tokens), allowed, seq.num_computed, step.chunked(seq, boosted))
         if n < 1 or n > step.tokens:
             return
         if self._allocate_preempting(seq, seq.num_computed + n, step, batch):
@@ -253,8 +292,10 @@ class Scheduler:
             tokens = seq.token_ids
             prefix = self.blocks.lookup(tokens, seq.salt)
             cached = len(prefix) * self.blocks.block_size
-            n, cost = self._chunk(min(len(tokens) - cached, step.tokens), allowed, cached, step.chunked(boosted))
+            n, cost = self._chunk(min(len(tokens) - cached, step.tokens), allowed, cached, step.chunked(seq, boosted))
             if not self.blocks.allocate(seq.request_id, cached + n, prefix, seq.salt):
+                if self._evict_parked(batch):
+                    continue
                 if not self._preempt_for_share(seq, shares, step, batch):
                     return
                 continue
@@ -324,6 +365,8 @@ class Scheduler:
         then the tenant holding the most, then the latest to arrive (fairness.py's rank). A victim already in this
         step's batch leaves it. False if `seq` itself ranked last and was preempted."""
         while not self.blocks.allocate(seq.request_id, num_tokens):
+            if self._evict_parked(batch):
+                continue
             victim = max(self.running, key=self._shares().rank)
             step.tokens += batch.remove(victim)
             self._preempt(victim)
@@ -331,6 +374,47 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
+
+    def _evict_parked(self, batch: ScheduledBatch) -> bool:
+        """Blocks ran short: end the oldest parked pre-decode not being adopted (it is reported as expired)."""
+        with self.parked_lock:
+            seq = next((s for s in self.parked if not s.reserved), None)
+            if seq is None:
+                return False
+            self.finish(seq, FinishReason.EXPIRED)
+        batch.expired.append(seq)
+        return True
+
+    def park(self, seq: Sequence) -> None:
+        """A pre-decode has its tokens: it stops running and keeps its blocks (see the module docstring)."""
+        if seq.status is not SeqStatus.RUNNING:
+            return
+        self.running.remove(seq)
+        with self.parked_lock:
+            seq.set_status(SeqStatus.PARKED)
+            self.parked.append(seq)
+
+    def reserve(self, seq: Sequence) -> bool:
+        """Keep `seq` from expiring or being evicted while parked (any thread): False if it is not parked."""
+        with self.parked_lock:
+            if seq.status is not SeqStatus.PARKED:
+                return False
+            seq.reserved = True
+            return True
+
+    def adopt(self, seq: Sequence) -> None:
+        """`seq` (a pre-decode, already given priority 0) is a live request now: parked, it runs again from its
+        next token (a batch over its slots waits until one frees); waiting or running, it takes its new place."""
+        if seq.status is SeqStatus.PARKED:
+            with self.parked_lock:
+                self.parked.remove(seq)
+                seq.reserved = False
+                seq.set_status(SeqStatus.RUNNING)
+            bisect.insort(self.running, seq, key=_order)
+            return
+        queue = self.running if seq.status is SeqStatus.RUNNING else self.waiting
+        queue.remove(seq)
+        bisect.insort(queue, seq, key=_order)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -346,6 +430,9 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SeqStatus.PARKED:
+            with self.parked_lock:
+                self.parked.remove(seq)
         self.blocks.free(seq.request_id)
         seq.finish_reason = reason
         seq.set_status(SeqStatus.FINISHED)

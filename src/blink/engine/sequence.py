@@ -42,12 +42,14 @@ class SamplingParams:
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PARKED = "parked"  # a pre-decode that decoded its tokens: it holds its KV blocks, runs no steps, until adopted
     FINISHED = "finished"
 
 
 _TRANSITIONS = {
     SeqStatus.WAITING: {SeqStatus.RUNNING, SeqStatus.FINISHED},
-    SeqStatus.RUNNING: {SeqStatus.WAITING, SeqStatus.FINISHED},  # back to waiting: preempted
+    SeqStatus.RUNNING: {SeqStatus.WAITING, SeqStatus.PARKED, SeqStatus.FINISHED},  # back to waiting: preempted
+    SeqStatus.PARKED: {SeqStatus.RUNNING, SeqStatus.FINISHED},
     SeqStatus.FINISHED: set(),
 }
 
@@ -70,6 +72,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     priority: int = 0  # lower runs first: live requests 0, background prefill work above
     prefill_only: bool = False  # compute the prompt's K/V for the prefix cache, sample nothing (pre-loading)
+    park_after: int = 0  # a pre-decode: park once it has this many output tokens (0: never)
+    reserved: bool = False  # parked and being adopted: the schedule neither expires nor evicts it
     deadline: float | None = None  # time.monotonic() after which nobody waits for it
     salt: CacheSalt = UNSALTED  # its tenant and prefix-cache partition (BlockManager.salt)
     num_computed: int = 0  # tokens whose K/V are in the cache

@@ -385,6 +385,7 @@ def _replica_view(r: ReplicaStatus) -> dict[str, Any]:
         "background_prefill_tokens": r.background_prefill_tokens,
         "background_tokens_used": r.background_tokens_used,
         "interrupted_steps": r.interrupted_steps,
+        "parked": r.parked,
         "speculative": {"mode": r.speculative, "proposed": r.spec_proposed, "accepted": r.spec_accepted},
         "memory": {"architecture": r.architecture, "weights_mib": r.weights_mib, "kv_cache_mib": r.kv_cache_mib},
         "heartbeat_at": r.sent,

@@ -67,6 +67,12 @@ class _Replicas(Collector):
         accepted = CounterMetricFamily(
             "blink_speculative_accepted_tokens", "guessed tokens the target model accepted", labels=labels
         )
+        preloaded = CounterMetricFamily(
+            "blink_preload_prefill_tokens", "prompt tokens pre-loading computed while users typed", labels=labels
+        )
+        preload_used = CounterMetricFamily(
+            "blink_preload_used_tokens", "of those, tokens a live request then found in the cache", labels=labels
+        )
         depth: dict[str, float] = dict(self._unaccepted())
         for r in self._replicas():
             values = [r.replica_id, r.model]
@@ -78,6 +84,8 @@ class _Replicas(Collector):
             families["wait"].add_metric(values, r.queue_wait_s)
             proposed.add_metric(values, r.spec_proposed)
             accepted.add_metric(values, r.spec_accepted)
+            preloaded.add_metric(values, r.background_prefill_tokens)
+            preload_used.add_metric(values, r.background_tokens_used)
             depth[r.model] = depth.get(r.model, 0) + r.waiting
         queue = GaugeMetricFamily(
             "blink_queue_depth", "requests waiting for their first token (bus and replicas)", labels=["model"]
@@ -85,7 +93,7 @@ class _Replicas(Collector):
         for model, n in sorted(depth.items()):
             queue.add_metric([model], n)
         yield from families.values()
-        yield from (proposed, accepted, queue)
+        yield from (proposed, accepted, preloaded, preload_used, queue)
 
 
 class Metrics:
@@ -135,7 +143,18 @@ class Metrics:
             ("route", "rule"),
             registry=r,
         )
+        self.predecode_tokens = Counter(
+            "blink_predecode_tokens",
+            "tokens pre-decoded while users paused: adopted (sent at submit) or wasted (the draft changed)",
+            ("outcome",),
+            registry=r,
+        )
+        for outcome in ("adopted", "wasted"):
+            self.predecode_tokens.labels(outcome)
         r.register(_Replicas(replicas, unaccepted))
+
+    def predecoded(self, outcome: str, tokens: int) -> None:
+        self.predecode_tokens.labels(outcome).inc(tokens)
 
     def itl_observer(self, model: str, route: str) -> Any:
         return self.itl.labels(model, route)

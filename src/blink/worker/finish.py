@@ -21,6 +21,7 @@ class Active:
     events: int = 0
     first_token: float | None = None
     marks: dict[str, float] | None = None  # unix times for the trace (received, queued_s, first token, ...)
+    predecoded: int = 0  # it adopted a pre-decode of this many tokens (worker/predecode.py)
 
 
 def timings(active: Active, out: StepOutput) -> dict[str, Any]:

@@ -188,10 +188,11 @@ class Replica:
                     await requests.cancel(msg.request_id)
                 else:
                     await requests.start(msg)
+            requests.run_pending()
             if not engine.has_work():
                 continue
             try:
-                outputs = await self._step(engine)
+                outputs = await self._step(engine, requests)
             except Exception as exc:  # a bug or resource failure in one step must not kill the replica
                 log.exception("engine step failed")
                 await requests.drop_all(FinishStatus.ERROR, error=f"engine step failed: {exc}")
@@ -208,16 +209,20 @@ class Replica:
         waiting = engine.num_waiting + sum(1 for m in held if isinstance(m, GenerateRequest))
         return max(0, self.engine_config.max_num_seqs - waiting)
 
-    async def _step(self, engine: LLMEngine) -> list[StepOutput]:
-        """One engine step, taking work off the bus meanwhile (held in the inbox until it ends)."""
+    async def _step(self, engine: LLMEngine, requests: Requests) -> list[StepOutput]:
+        """One engine step, taking work off the bus meanwhile (held in the inbox until it ends, except a request
+        that adopts a parked pre-decode: its tokens are sent at once, the engine's part waits for the step's end)."""
         step = asyncio.ensure_future(self._on_engine_thread(engine.step))
         poll = self.bus.step_poll_s
         while not (await asyncio.wait({step}, timeout=poll))[0]:
             work = await self.bus.receive(
                 self.model_name, self.replica_id, wait=0, max_requests=self._room(engine, self._inbox)
             )
-            self._inbox += work
             for msg in work:
+                if isinstance(msg, GenerateRequest) and requests.can_start_in_step(msg):
+                    await requests.start(msg, in_step=True)  # a parked pre-decode's tokens go out now
+                    continue
+                self._inbox.append(msg)
                 if isinstance(msg, GenerateRequest) and msg.priority == 0 and not msg.prefill_only:
                     engine.interrupt_for(msg.tenant)
         return step.result()

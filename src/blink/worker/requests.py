@@ -4,6 +4,11 @@ them back when the replica stops. The engine and the tokenizer are loaded before
 
 The replica never waits on a client: a slow or vanished consumer makes `publish` return False and the request
 is dropped.
+
+Pre-decodes (predecode.py) are held here until a request adopts one. An adopted request keeps the pre-decode's
+engine sequence, so `active` is keyed by engine request id and `_adopted` maps the live request's id to it. An
+adoption may be made while a step runs (`start(req, in_step=True)`: the replica takes it off the bus then, to send
+the held tokens at once): the engine calls it needs wait in `pending` until the step ends (`run_pending`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from blink.bus.base import Bus
 from blink.bus.messages import Accepted, Finished, FinishStatus, GenerateRequest, TokenEvent
@@ -23,6 +29,7 @@ from blink.worker.finish import Active, timings, trace
 from blink.worker.load import LoadEstimator
 from blink.worker.loading import Serving
 from blink.worker.output import TextOutput
+from blink.worker.predecode import Held, Predecodes, adoptable
 from blink.worker.prompt import prompt_ids
 from blink.worker.status import Prefixes
 
@@ -41,14 +48,49 @@ class Requests:
         self.active: dict[str, Active] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._preloads: dict[str, str] = {}  # session id -> its pre-load's request id, while it runs
+        self.predecodes = Predecodes()
+        self._adopted: dict[str, str] = {}  # a live request's id -> the pre-decode's (its engine request id)
+        self.pending: list[Callable[[], object]] = []  # engine calls held until the step in flight ends
+        self._in_step = False
 
-    async def start(self, req: GenerateRequest) -> None:
+    def run_pending(self) -> None:
+        """Between steps: the engine calls adoptions made during the last step left for now."""
+        pending, self.pending = self.pending, []
+        for call in pending:
+            call()
+
+    def _engine_call(self, call: Callable[[], object]) -> None:
+        if self._in_step:
+            self.pending.append(call)
+        else:
+            call()
+
+    def can_start_in_step(self, req: GenerateRequest) -> bool:
+        """Whether `req` adopts a pre-decode that needs no engine step to send its tokens (parked, now reserved
+        for it, or ended), so it may start while a step runs."""
+        held = self.predecodes.held.get(req.adopt) if req.adopt else None
+        return held is not None and (held.ended or self.engine.reserve(held.request.request_id))
+
+    async def start(self, req: GenerateRequest, *, in_step: bool = False) -> None:
         received = time.time()
         if req.request_id in self._cancelled:
             await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
             return
+        self._in_step = in_step
+        try:
+            await self._start(req, received)
+        finally:
+            self._in_step = False
+
+    async def _start(self, req: GenerateRequest, received: float) -> None:
+        for stale in self.predecodes.stale():
+            self.predecodes.forget(stale)
         try:
             prompt = full = prompt_ids(self.tokenizer, req)
+            if req.adopt is not None and await self._adopt(req, prompt, received):
+                return
+            if req.predecode:
+                await self._replace_predecode(req, prompt)
             if req.prefill_only:
                 await self._replace_preload(req)
                 prompt = self._preload_prompt(prompt, req.tenant)
@@ -60,6 +102,7 @@ class Requests:
                     return
             self._add(req, prompt)
         except BlinkError as exc:
+            self.predecodes.forget(req.request_id)
             error = Finished(
                 req.request_id,
                 FinishStatus.ERROR,
@@ -72,8 +115,72 @@ class Requests:
         marks = {"received": received} if req.traceparent is not None and tracing.enabled() else None
         self.active[req.request_id] = Active(req, TextOutput(self.tokenizer, req.sampling.stop), marks=marks)
         self.prefixes.remember(req, full, self.engine.blocks.block_size)
+        if req.predecode:  # its Finished comes when it has its tokens
+            return
         if not await self.bus.publish(Accepted(req.request_id, self.replica_id, len(prompt))):
             await self.drop(req.request_id, FinishStatus.CANCELLED)
+
+    async def _adopt(self, req: GenerateRequest, prompt: list[int], received: float) -> bool:
+        """Go on from the pre-decode `req.adopt` names if it is `req`'s question (predecode.py): its held tokens
+        are sent now. False (the pre-decode, if any, abandoned): `req` runs as usual."""
+        assert req.adopt is not None
+        held = self.predecodes.held.get(req.adopt)
+        if held is None or not adoptable(held, req, prompt):
+            await self._abandon(req.adopt)
+            return False
+        engine_id = held.request.request_id
+        deadline = None if req.deadline is None else time.monotonic() + (req.deadline - time.time())
+        if not held.ended and self._in_step and not self.engine.reserve(engine_id):
+            await self._abandon(engine_id)  # still decoding: only a parked one is taken during a step (the
+            return False  # replica checks can_start_in_step first, so this does not happen)
+        self.predecodes.forget(engine_id)
+        self.active.pop(engine_id, None)
+        if not held.announced:  # adopted before it had its tokens: its own request ends here
+            await self.bus.publish(Finished(engine_id, FinishStatus.STOP, completion_tokens=held.tokens))
+        self._adopted[req.request_id] = engine_id
+        marks = {"received": received} if req.traceparent is not None and tracing.enabled() else None
+        active = Active(req, TextOutput(self.tokenizer, req.sampling.stop), marks=marks, predecoded=held.tokens)
+        active.first_token = time.monotonic()  # the first token is sent now: no prefill to learn from
+        if marks is not None:
+            marks.update(first_token=time.time(), queue_s=0.0)
+        self.active[engine_id] = active
+        if not held.ended:
+            self._engine_call(lambda: self._engine_adopt(engine_id, req, deadline))
+        self.prefixes.remember(req, prompt, self.engine.blocks.block_size)
+        if not await self.bus.publish(Accepted(req.request_id, self.replica_id, len(prompt))):
+            await self.drop(req.request_id, FinishStatus.CANCELLED)
+            return True
+        for out in held.outputs:
+            if engine_id not in self.active:
+                break  # it ended (a stop string, a finish within the held tokens, or the client went away)
+            await self.emit(out)
+        return True
+
+    def _engine_adopt(self, engine_id: str, req: GenerateRequest, deadline: float | None) -> None:
+        """The engine side of an adoption: the sequence runs on as `req` (or, if the request ended meanwhile,
+        is freed)."""
+        active = self.active.get(engine_id)
+        if active is None or active.request is not req:
+            self.engine.abort(engine_id)
+        elif not self.engine.adopt(engine_id, max_tokens=req.sampling.max_tokens, deadline=deadline):
+            raise RuntimeError(f"pre-decode {engine_id} could not be adopted")  # reserved: cannot happen
+
+    async def _replace_predecode(self, req: GenerateRequest, prompt: list[int]) -> None:
+        """One pre-decode per session: a newer one abandons the older."""
+        previous = self.predecodes.add(req, prompt)
+        if previous is not None:
+            await self._abandon(previous)
+
+    async def _abandon(self, request_id: str) -> None:
+        """Free a pre-decode nobody will adopt (its Finished, if not sent yet, says cancelled)."""
+        held = self.predecodes.forget(request_id)
+        if held is None:
+            return
+        if request_id in self.active:
+            self._engine_call(lambda: self.engine.abort(request_id))
+            del self.active[request_id]
+        if not held.announced:
+            await self.bus.publish(Finished(request_id, FinishStatus.CANCELLED, completion_tokens=held.tokens))
 
     def _add(self, req: GenerateRequest, prompt: list[int]) -> None:
         """Queue the request in the engine; what the engine refuses becomes the API's error."""
@@ -98,6 +205,7 @@ class Requests:
                 deadline=deadline,
                 priority=req.priority,
                 prefill_only=req.prefill_only,
+                park_after=req.predecode,
                 tenant=req.tenant,
                 prediction=self.tokenizer.encode(req.prediction, bos=False) if req.prediction else None,
             )
@@ -135,6 +243,10 @@ class Requests:
         active = self.active.get(out.request_id)
         if active is None:  # warm-up or already dropped
             return
+        held = self.predecodes.held.get(out.request_id)
+        if held is not None:
+            await self._hold(held, out)
+            return
         if out.token_id is None:  # ended without a token: a pre-load is done, or the deadline passed
             await self._end_without_token(active, out)
             return
@@ -146,20 +258,43 @@ class Requests:
                 active.marks.update(first_token=time.time(), queue_s=out.queue_s)
         text = active.output.push(out.token_id)
         if active.output.stopped and not out.finished:
-            self.engine.abort(out.request_id)
+            self._engine_call(lambda: self.engine.abort(out.request_id))
         done = out.finished or active.output.stopped
         if done:
             text += active.output.finish()
         if text:
-            event = TokenEvent(out.request_id, active.events, text, out.completion_tokens)
+            event = TokenEvent(active.request.request_id, active.events, text, out.completion_tokens)
             active.events += 1
             if not await self.bus.publish(event):
-                await self.drop(out.request_id, FinishStatus.CANCELLED)
+                await self.drop(active.request.request_id, FinishStatus.CANCELLED)
                 return
             if active.marks is not None:
                 active.marks.setdefault("first_sent", time.time())
         if done:
             await self._finish(active, out)
+
+    async def _hold(self, held: Held, out: StepOutput) -> None:
+        """An output of a pre-decode: held for its adopter; the gateway hears once it has its tokens."""
+        if out.token_id is None:  # its deadline passed, or evicted for blocks
+            self.predecodes.forget(out.request_id)
+            self.active.pop(out.request_id, None)
+            if not held.announced:
+                await self.bus.publish(Finished(out.request_id, FinishStatus.CANCELLED, completion_tokens=held.tokens))
+            return
+        held.outputs.append(out)
+        held.ended = held.ended or out.finished
+        if held.announced or not held.ready():
+            return
+        held.announced = True
+        finished = Finished(
+            out.request_id,
+            FinishStatus.STOP,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=held.tokens,
+            cached_tokens=out.cached_tokens,
+            timings={"prefill_ms": round(out.prefill_s * 1000, 3), "predecoded_tokens": held.tokens},
+        )
+        await self.bus.publish(finished)
 
     async def _finish(self, active: Active, out: StepOutput) -> None:
         if active.request.priority == 0:
@@ -169,21 +304,24 @@ class Requests:
             trace(active, out, ended)
         status = FinishStatus.STOP if active.output.stopped else _FINISH_STATUS[out.finish_reason]  # type: ignore[index]
         del self.active[out.request_id]
+        self._adopted.pop(active.request.request_id, None)
+        extra = {"predecoded_tokens": active.predecoded} if active.predecoded else {}
         finished = Finished(
-            out.request_id,
+            active.request.request_id,
             status,
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
             cached_tokens=out.cached_tokens,
             prediction_accepted=out.prediction_accepted,
             prediction_rejected=out.prediction_rejected,
-            timings=timings(active, out),
+            timings={**timings(active, out), **extra},
             created=ended,
         )
         await self.bus.publish(finished)
 
     async def _end_without_token(self, active: Active, out: StepOutput) -> None:
         del self.active[out.request_id]
+        self._adopted.pop(active.request.request_id, None)
         self._forget_preload(active.request)
         if out.finish_reason is FinishReason.PREFILLED:  # its blocks are in the prefix cache now
             finished = Finished(
@@ -195,7 +333,7 @@ class Requests:
             )
         else:
             finished = Finished(
-                out.request_id,
+                active.request.request_id,
                 FinishStatus.ERROR,
                 prompt_tokens=out.prompt_tokens,
                 completion_tokens=out.completion_tokens,
@@ -206,7 +344,10 @@ class Requests:
 
     # ending early -------------------------------------------------------------------------------------
     async def cancel(self, request_id: str) -> None:
-        if request_id in self.active:
+        if request_id in self.predecodes.held:
+            await self._abandon(request_id)
+            return
+        if self._adopted.get(request_id, request_id) in self.active:
             await self.drop(request_id, FinishStatus.CANCELLED)
             return
         self._cancelled[request_id] = None  # it may still be on its way to us
@@ -214,12 +355,20 @@ class Requests:
             self._cancelled.popitem(last=False)
 
     async def drop(self, request_id: str, status: FinishStatus, *, error: str | None = None) -> None:
-        """End a request early: free its sequence at once, then tell the gateway."""
-        prompt_tokens, completion_tokens = self.engine.num_tokens(request_id)
-        self.engine.abort(request_id)
-        active = self.active.pop(request_id, None)
+        """End a request early (`request_id`: its own, or its engine sequence's): free its sequence at once, then
+        tell the gateway."""
+        engine_id = self._adopted.pop(request_id, request_id)
+        if (held := self.predecodes.forget(engine_id)) is not None and held.announced:
+            self._engine_call(lambda: self.engine.abort(engine_id))
+            self.active.pop(engine_id, None)
+            return  # a pre-decode the gateway has finished with: nothing to tell
+        prompt_tokens, completion_tokens = self.engine.num_tokens(engine_id)
+        self._engine_call(lambda: self.engine.abort(engine_id))
+        active = self.active.pop(engine_id, None)
         if active is not None:
             self._forget_preload(active.request)
+            request_id = active.request.request_id
+            self._adopted.pop(request_id, None)
         finished = Finished(
             request_id,
             status,
@@ -239,10 +388,11 @@ class Requests:
         replica, which continues them); pre-loads, background work not worth a restart elsewhere, end cancelled."""
         handed = 0
         for request_id, active in list(self.active.items()):
-            if active.request.prefill_only:
+            if active.request.prefill_only or active.request.predecode:
                 await self.drop(request_id, FinishStatus.CANCELLED)
             else:
                 self.engine.abort(request_id)
                 del self.active[request_id]
+                self._adopted.pop(active.request.request_id, None)
                 handed += 1
         return handed

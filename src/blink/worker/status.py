@@ -65,6 +65,7 @@ def replica_status(
         background_prefill_tokens=engine.background_prefill_tokens,
         interrupted_steps=engine.interrupted_steps,
         background_tokens_used=engine.scheduler.background_tokens_used,
+        parked=len(engine.scheduler.parked),
         speculative=speculative,
         spec_proposed=engine.speculation.proposed,
         spec_accepted=engine.speculation.accepted,

@@ -135,7 +135,8 @@ class UpstreamReplica:
             for msg in await self.bus.receive(self.model_name, self.replica_id, wait=0.2, max_requests=room):
                 if isinstance(msg, Cancel):
                     await self._cancel(msg.request_id)
-                elif msg.request_id in self._cancelled:
+                elif msg.request_id in self._cancelled or msg.predecode:
+                    # pre-decode needs blink's engine (a sequence held between requests): an upstream has none
                     await self.bus.publish(Finished(msg.request_id, FinishStatus.CANCELLED))
                 else:
                     task = asyncio.create_task(self._serve(msg))

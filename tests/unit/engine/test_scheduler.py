@@ -184,22 +184,23 @@ def test_bad_settings_are_rejected() -> None:
         make(budget=0)
 
 
-def test_background_prefill_gets_only_its_small_budget_while_live_streams_decode() -> None:
+def test_background_prefill_waits_for_its_turn_while_live_streams_decode() -> None:
     sched = Scheduler(
         BlockManager(64, BS),
         max_num_seqs=8,
         max_num_batched_tokens=64,
         prefill_chunk_tokens=8,
-        background_chunk_tokens=2,
+        background_period=3,
         background_step_tokens=10,
     )
     sched.add(seq("live"))
     run(sched)  # live is decoding from now on
-    sched.add(seq("pre", 20, priority=1, first=50))
-    seen = [chunks(run(sched)) for _ in range(3)]
+    sched.add(seq("pre", 30, priority=1, first=50))
+    seen = [chunks(run(sched)) for _ in range(6)]
     assert all(c["live"] == 1 for c in seen)
-    assert [c["pre"] for c in seen] == [2, 2, 2]
-    sched.finish(sched.running[0], FinishReason.STOP)  # nobody live: background steps stay short
+    # one step in three carries background chunks, whole (not a small chunk in each step)
+    assert [c.get("pre", 0) for c in seen] == [0, 0, 10, 0, 0, 10]
+    sched.finish(sched.running[0], FinishReason.STOP)  # nobody live: every step is background's
     assert chunks(run(sched)) == {"pre": 10}
 
 

@@ -88,7 +88,7 @@ def test_a_streams_greedy_tokens_do_not_depend_on_what_shares_its_steps(w8a8_mod
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
 
     def run(company: bool) -> list[int]:
-        config = EngineConfig(max_num_seqs=4, max_model_len=1024, background_step_tokens=32, background_chunk_tokens=4)
+        config = EngineConfig(max_num_seqs=4, max_model_len=1024, background_step_tokens=32, background_period=1)
         engine = LLMEngine(model, tok.stop_token_ids, config)
         engine.add_request("live", prompt, params)
         out: list[int] = []

@@ -7,7 +7,10 @@ The chat template itself is applied on the replica (models/tokenizer.py).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +25,22 @@ if TYPE_CHECKING:
     from blink.gateway.service import Gateway
 
 PRELOAD_PRIORITY = 1  # background: below every live request
+PREDECODE_PRIORITY = 2  # below pre-loads too: a pre-decode is only worth its tokens once its prompt is in
+
+
+def sampling_of(settings: SessionSettings) -> Sampling:
+    """A response's sampling under the session's (or response's) settings; a pre-decode's is the same."""
+    return Sampling(
+        max_tokens=settings.max_output_tokens,
+        temperature=float(settings.temperature),
+        top_p=float(settings.top_p),
+        seed=settings.seed,
+    )
+
+
+def predecode_key(model: str, messages: Messages, sampling: Sampling) -> Hashable:
+    """What a pre-decode answers: a response with an equal key may adopt it (max_tokens aside)."""
+    return model, json.dumps(messages, sort_keys=True), dataclasses.replace(sampling, max_tokens=None)
 
 
 class SessionState(Protocol):
@@ -78,10 +97,10 @@ class Prompter:
 
     # the pre-load planner's hooks --------------------------------------------------------------------
     def _defer_while_live(self) -> None:
-        if self.gateway.num_live:
-            # a pre-load's CPU work (retrieval's embedding, tokenizing, its own prompt chunk in each step) runs on
-            # the cores live streams decode on: measured, four typing sessions raised a live stream's p99
-            # inter-token latency 1.6x even with the engine's background budget; so it waits for them
+        if self.gateway.num_live and self.session.settings.retrieval is not None and self.gateway.store is not None:
+            # retrieval's embedding runs on the cores live streams decode on, in this process: it waits for them.
+            # Without retrieval a pre-load costs the gateway little, and the engine keeps its prompt chunks to
+            # their turn (engine/scheduler.py), so it goes ahead under load
             raise PreloadDeferred("live responses are streaming")
 
     async def preload_context(self, text: str) -> str:
@@ -104,3 +123,23 @@ class Prompter:
             open_last=True,
         )
         return await self.gateway.generate(request, tenant=self.tenant)  # its KV in the tenant's partition
+
+    async def start_predecode(self, messages: Messages, text: str, tokens: int) -> tuple[Generation, Hashable, str]:
+        """The predecoder's hook (preload/predecode.py): decode the first `tokens` of the answer to `text`, sent
+        now after `messages`, as response.create would ask for it; returns it, its key and its request id."""
+        settings = self.session.settings
+        documents = context_block(await self.retrieve(text))
+        prompt = self.compose(documents, messages, text)
+        sampling = sampling_of(settings)
+        request = GenerateRequest(
+            self.gateway.new_id("predecode"),
+            settings.model,
+            sampling,
+            messages=prompt,
+            deadline=time.time() + self.gateway.config.preload_ttl_s,
+            session_id=self.session.id,
+            priority=PREDECODE_PRIORITY,
+            predecode=tokens,
+        )
+        generation = await self.gateway.generate(request, tenant=self.tenant)
+        return generation, predecode_key(settings.model, prompt, sampling), request.request_id

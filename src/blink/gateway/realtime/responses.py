@@ -17,18 +17,19 @@ from typing import Any
 
 from starlette.websockets import WebSocketDisconnect
 
-from blink.bus.messages import GenerateRequest, Sampling
+from blink.bus.messages import GenerateRequest
 from blink.errors import BlinkError, InvalidRequest
 from blink.gateway.generation import Generation
 from blink.gateway.keys import Tenant
 from blink.gateway.realtime.conversation import Conversation
 from blink.gateway.realtime.events import ResponseShape, response_status, usage
-from blink.gateway.realtime.prompt import Prompter
+from blink.gateway.realtime.prompt import Prompter, predecode_key, sampling_of
 from blink.gateway.realtime.protocol import ResponseCreate, ResponseResume, item_text
 from blink.gateway.resume import ResponseLog
 from blink.gateway.service import Gateway
 from blink.gateway.wire import error_event
 from blink.preload.planner import Messages, PrefillPlanner
+from blink.preload.predecode import Predecoder
 
 log = logging.getLogger("blink.gateway.realtime")
 
@@ -44,11 +45,12 @@ class Responses:
         conversation: Conversation,
         prompter: Prompter,
         planner: PrefillPlanner | None,
+        predecoder: Predecoder | None,
         send: Send,
         remember: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
         self.gateway, self.tenant, self.conversation = gateway, tenant, conversation
-        self.prompter, self.planner = prompter, planner
+        self.prompter, self.planner, self.predecoder = prompter, planner, predecoder
         self._send, self._remember = send, remember
         self._task: asyncio.Task[None] | None = None
         self._generation: Generation | None = None
@@ -83,12 +85,7 @@ class Responses:
             raise InvalidRequest(BUSY, code="conversation_already_has_active_response")
         messages = self._messages_of(event)
         settings = event.settings
-        sampling = Sampling(
-            max_tokens=settings.max_output_tokens,
-            temperature=float(settings.temperature),
-            top_p=float(settings.top_p),
-            seed=settings.seed,
-        )
+        sampling = sampling_of(settings)
         session_id = self.conversation.session_id
         request = GenerateRequest(
             self.gateway.new_id("resp"),
@@ -148,13 +145,21 @@ class Responses:
             for key, completed in (("preloaded", True), ("preload_predicted", False)):
                 done = self.planner.matches(prompt.history, prompt.user, completed=completed)
                 preload[key] = done is not None and done.context == prompt.documents
+        adopt = None
+        if self.predecoder is not None:  # the answer's first tokens, decoded while the user paused
+            exact = event.input is None and event.prediction is None
+            adopt = self.predecoder.take(
+                predecode_key(request.model, prompt.messages, request.sampling) if exact else None
+            )
         generation = await self.gateway.generate(
-            dataclasses.replace(request, messages=prompt.messages),
+            dataclasses.replace(request, messages=prompt.messages, adopt=adopt),
             started=started,
             tenant=self.tenant,
             use_cache=event.settings.cache,
             traceparent=event.traceparent,
         )
+        if adopt is not None and generation.cache_hit:  # answered from the cache: nobody adopts it
+            await self.gateway.bus.cancel(adopt, request.model)
         generation.preloaded = bool(preload["preloaded"])
         return generation, preload
 
@@ -212,7 +217,7 @@ class Responses:
             prompt, fin.completion_tokens, fin.cached_tokens, (fin.prediction_accepted, fin.prediction_rejected)
         )
         timings = {"prompt_tokens": prompt, "cached_tokens": fin.cached_tokens, **preload}
-        extra["timings"] = {**generation.timings(), **timings}
+        extra["timings"] = {"predecoded_tokens": 0, **generation.timings(), **timings}
         item, events = shape.closing(status, details, generation.text, extra)
         if shape.in_conversation and generation.text:
             await self._remember(item)

@@ -42,6 +42,7 @@ from blink.gateway.service import Gateway, gateway_of
 from blink.gateway.sessions import SessionRecord
 from blink.gateway.wire import error_event, error_response, ws_api_key
 from blink.preload.planner import PrefillPlanner
+from blink.preload.predecode import Predecoder
 
 log = logging.getLogger("blink.gateway.realtime")
 
@@ -61,6 +62,16 @@ class RealtimeSession:
             if gateway.config.preload
             else None
         )
+        self.predecoder = (
+            Predecoder(
+                self.prompter.start_predecode,
+                self._cancel_predecode,
+                max_tokens=gateway.config.predecode_tokens,
+                on_outcome=gateway.metrics.predecoded,
+            )
+            if gateway.config.preload and gateway.config.predecode_tokens > 0
+            else None
+        )
         self._drafts = Coalescer(self.tenant.limits.drafts_per_second)
         self._send_lock = asyncio.Lock()
         self._start([])
@@ -70,7 +81,14 @@ class RealtimeSession:
         gateway = self.gateway
         self.conversation = Conversation(self.id, items, gateway.session_store, self.tenant.limits, gateway.new_id)
         self.responses = Responses(
-            gateway, self.tenant, self.conversation, self.prompter, self.planner, self.send, self._remember
+            gateway,
+            self.tenant,
+            self.conversation,
+            self.prompter,
+            self.planner,
+            self.predecoder,
+            self.send,
+            self._remember,
         )
 
     async def send(self, *events: dict[str, Any]) -> None:
@@ -111,6 +129,8 @@ class RealtimeSession:
                 del self.gateway.sessions[self.id]
             if self.planner is not None:
                 await self.planner.stop()  # the replica frees its sequences
+            if self.predecoder is not None:
+                await self.predecoder.stop()
             await self.responses.abandon()
 
     async def _open(self) -> bool:
@@ -197,6 +217,11 @@ class RealtimeSession:
     def _plan(self, text: str) -> None:
         if self.planner is not None and not self.responses.busy():
             self.planner.draft(self.conversation.history(), text)
+            if self.predecoder is not None:
+                self.predecoder.draft(self.conversation.history(), text)
+
+    async def _cancel_predecode(self, request_id: str) -> None:
+        await self.gateway.bus.cancel(request_id, self.settings.model)
 
     async def _context_open(self, event: p.ContextOpen) -> None:
         """context.open {document_ids}: documents the user opened; retrieval searches them (unless the session's
