@@ -56,3 +56,18 @@ def test_bench_smoke_run_over_websocket_and_sse(server: Server, tmp_path: Path) 
     for doc_id, _ in documents(1):  # leave the shared server as the other tests expect it
         assert httpx.delete(f"{server.base}/v1/documents/{doc_id}", timeout=10).status_code == 200
     server.wait_idle(timeout=30)
+
+
+def test_bench_typing_replays_keystrokes_and_reports_enter_to_first_token(server: Server, tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "blink.cli", "bench", "--typing", "--url", server.base, "--out", str(tmp_path)]
+    flags = ["--name", "typing", "--concurrency", "2", "--duration-s", "3", "--max-output-tokens", "12",
+             "--temperature", "0", "--edit-fraction", "0", "--enter-pause-ms", "3000", "--warmup", "0"]  # fmt: skip
+    done = subprocess.run([*argv, *flags], capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| Enter→1st p50 |" in done.stdout
+    s = json.loads((tmp_path / "typing.json").read_text())["targets"][0]
+    assert s["errors"] == 0 and s["submits"] == 2 and s["still"]["n"] == 2
+    assert 0 < s["enter_ttft_ms"]["p50"] < 60_000
+    # each user paused 3 s on average before Enter: the answers' first tokens were decoded by then
+    assert s["predecoded_share"] > 0 and s["counters"]["predecode_adopted"] > 0
+    server.wait_idle(timeout=30)

@@ -241,23 +241,29 @@ async def _expect(ws: ClientConnection, kind: str) -> dict[str, Any]:
             return event
 
 
+def chat_body(cfg: BenchConfig, text: str, max_tokens: int, *, ignore_eos: bool) -> dict[str, Any]:
+    """A streamed chat completion of one user message, as every OpenAI-compatible server takes it."""
+    body: dict[str, Any] = {
+        "model": cfg.model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": cfg.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if not cfg.server_cache:
+        body["cache"] = False  # blink's semantic cache; other servers ignore the field
+    return body
+
+
 class SseDriver(_Base):
     """OpenAI chat completions with stream=true: blink, llama.cpp's llama-server, vLLM, ..."""
 
     async def session(self, job: Job, result: Result, t0: float) -> None:
         cfg = self.cfg
-        body: dict[str, Any] = {
-            "model": cfg.model,
-            "messages": [{"role": "user", "content": job.prompt}],
-            "max_tokens": job.max_tokens,
-            "temperature": cfg.temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if cfg.ignore_eos:
-            body["ignore_eos"] = True
-        if not cfg.server_cache:
-            body["cache"] = False  # blink's semantic cache; other servers ignore the field
+        body = chat_body(cfg, job.prompt, job.max_tokens, ignore_eos=cfg.ignore_eos)
         await asyncio.sleep(len(job.question) * cfg.typing_ms / 1000)
         submitted = time.perf_counter()
         result.submit_s = submitted - t0
