@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 
 from blink.bench import typing as t
-from blink.bench.typing_run import _counters, summarize
 from blink.bench.clients import Target
+from blink.bench.typing_run import _counters, summarize
 
 
 def plans(edit: float = 0.0, users: int = 16, questions: int = 30):  # type: ignore[no-untyped-def]
@@ -32,7 +33,7 @@ def test_without_edits_the_submitted_text_is_the_question_and_the_keys_match_the
 def test_every_key_is_one_keystroke_away_from_the_last() -> None:
     for q in plans(edit=0.5, users=4):
         texts = ["", *(k.text for k in q.keys), *(k.text for k in q.revision)]
-        for a, b in zip(texts, texts[1:], strict=False):
+        for a, b in itertools.pairwise(texts):
             assert b == a or (b[:-1] == a) or (a[:-1] == b), (a, b)  # typed one, erased one, or Enter
 
 
