@@ -97,7 +97,7 @@ class LLMEngine:
             kv_dtype=dtype,
         )
         self._seqs: dict[str, Sequence] = {}
-        self.background_prefill_tokens = 0  # prompt tokens computed for prefill-only sequences (pre-loading)
+        self.background_prefill_tokens = 0  # prompt tokens computed by background work (pre-loads, pre-decodes)
         self.interrupted_steps = 0  # steps called off for a newcomer (interrupt_for)
         self._view: _StepView | None = None  # set while an interruptible step runs
         self._last_interrupted = False
@@ -187,6 +187,9 @@ class LLMEngine:
         if seq.first_token is not None:
             seq.first_token = now
         self.scheduler.adopt(seq)
+        bs = self.blocks.block_size
+        prompt_blocks = self.blocks.table(request_id)[: len(seq.prompt_token_ids) // bs]
+        self.scheduler.background_tokens_used += self.blocks.claim([self.blocks.blocks[b] for b in prompt_blocks]) * bs
         return True
 
     def has_work(self) -> bool:
@@ -284,9 +287,12 @@ class LLMEngine:
         """Advance `seq` by its `n` computed tokens (and its kept guesses), register the blocks that filled up,
         and turn its emitted tokens into outputs."""
         bs = self.blocks.block_size
-        if seq.prefill_only:
-            self.background_prefill_tokens += n
         before = seq.num_computed
+        # background work's prompt tokens (pre-loads, pre-decodes), and its blocks flagged until a live request
+        # uses them (BlockManager.claim): the cost of working ahead, and how much of it paid
+        background = seq.priority > 0 and before < len(seq.prompt_token_ids)
+        if background:
+            self.background_prefill_tokens += min(n, len(seq.prompt_token_ids) - before)
         if proposal and proposal.tokens:
             accepted = len(emitted) - 1  # the kept guesses; their K/V are computed, the rejected ones' are not
             self.speculator.commit(seq, proposal, accepted)
@@ -295,14 +301,14 @@ class LLMEngine:
         if seq.num_computed // bs > before // bs:  # a block filled up: register it for prefix reuse, now,
             # before a token that ends the request frees its blocks (the emitted tokens' K/V come next step)
             known = min(seq.num_computed, seq.num_tokens)
-            self.blocks.commit(seq.request_id, seq.token_ids, known, speculative=seq.prefill_only)
+            self.blocks.commit(seq.request_id, seq.token_ids, known, speculative=background)
         outputs = []
         for token in emitted:
             outputs.append(self._postprocess(seq, token))
             if outputs[-1].finished:  # a stop token or max_tokens inside the kept guesses: the rest is dropped
                 return outputs
         if seq.num_computed // bs > before // bs:  # and the blocks of accepted guesses, now in token_ids
-            self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, speculative=seq.prefill_only)
+            self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed, speculative=background)
         if proposal and proposal.tokens:
             self.blocks.trim(seq.request_id, seq.num_computed)  # the rejected guesses' blocks
         if seq.prefill_only and seq.num_computed == seq.num_tokens:
