@@ -8,7 +8,11 @@ While a step runs the loop keeps taking work off the bus (every `bus.step_poll_s
 live request that fairness.py's rule 3 will give a step of its own calls the running step off
 (`engine.interrupt_for`), so one tenant's long flood steps don't hold another tenant's first token back.
 Every torch call (load, warm-up, steps) runs on that one thread: torch's OpenMP pool belongs to the thread that
-uses it, and hopping between executor threads measured ~45% slower decode steps on 2 cores.
+uses it, and hopping between executor threads measured ~45% slower decode steps on 2 cores. The engine thread and
+the event loop share the GIL: a step's Python parts (scheduling, building its tensors) hold it, and with Python's
+default 5 ms switch interval the loop waited up to that long to send a token it already had (measured: a
+pre-decoded first token took 5.3 ms median from response.create to the first delta on an idle server, 1.7 ms with
+SWITCH_INTERVAL_S), so a replica's process switches every 0.5 ms.
 The parts: loading.py (load and warm up: a `Serving`, engine and tokenizer), requests.py (each request from the
 bus message to its Finished), status.py (heartbeats), finish.py (timings, trace spans); prompts are built by
 prompt.py with the model's chat template (models/tokenizer.py).
@@ -20,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +43,7 @@ from blink.worker.status import Prefixes, replica_status
 
 log = logging.getLogger("blink.worker")
 T = TypeVar("T")
+SWITCH_INTERVAL_S = 0.0005  # the GIL's, while a replica runs (see the module docstring)
 
 _TRANSITIONS = {
     ReplicaState.LOADING: {ReplicaState.WARMING, ReplicaState.STOPPED},
@@ -121,6 +127,7 @@ class Replica:
 
     async def run(self) -> None:
         """Load, warm up, serve until `stop()`. Returns when stopped; raises if loading fails."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         await self._heartbeat()
         # heartbeats from the start: a gateway whose response lost its replica waits for one that is still
         # loading or warming (a replacement) only while it hears from it
