@@ -75,7 +75,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"temperature": 5}, "temperature"),
         ({"top_p": "high"}, "top_p"),
@@ -167,3 +167,30 @@ def test_a_prefix_cache_hit_answers_exactly_as_the_cold_request_and_reports_cach
     assert cached[0] == 0, "the first request must be cold (a new system prompt)"
     assert cached[1] is not None and cached[1] >= 160  # the long system prompt's blocks were reused
     assert answers[1] == answers[0]
+
+
+def test_max_tokens_0_prefills_the_prompt_for_the_request_that_follows(client: openai.OpenAI) -> None:
+    import uuid
+
+    system = {"role": "system", "content": f"You answer questions about ships. Session {uuid.uuid4().hex}. " * 6}
+    messages: Any = [system, {"role": "user", "content": "What is a keel?"}]
+    warm = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=0, extra_body={"cache": False})
+    assert warm.choices[0].message.content == "" and warm.choices[0].finish_reason == "length"
+    usage = warm.usage
+    assert usage is not None and usage.completion_tokens == 0 and usage.prompt_tokens > 60
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 0
+    # the same prompt next: all its whole blocks are cached (the last partial block is computed again)
+    answer = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body={"cache": False}
+    )
+    assert answer.choices[0].message.content
+    cached = answer.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    assert cached == (answer.usage.prompt_tokens - 1) // 16 * 16 > 0  # type: ignore[union-attr]
+    # streamed, and a prompt already cached: still an empty answer with its usage
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == usage.prompt_tokens

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import re
 import time
@@ -82,8 +83,24 @@ def _common(gateway: Gateway, body: dict[str, Any]) -> tuple[str, bool, bool, An
         max_tokens_keys=("max_completion_tokens", "max_tokens"),
         max_model_len=gateway.max_model_len(model),
         default_temperature=1.0,
+        allow_zero=True,
     )
     return model, stream, include_usage, sampling
+
+
+def _prefill_only(req: GenerateRequest) -> GenerateRequest:
+    """max_tokens 0: compute the prompt's KV into the prefix cache and answer nothing (a client that knows what it
+    sends next: the request that follows with this prompt prefills only its last partial block and what it adds)."""
+    if req.sampling.max_tokens != 0:
+        return req
+    return dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, max_tokens=1), prefill_only=True)
+
+
+def _finish_reason(gen: Generation) -> str:
+    assert gen.finished is not None
+    if gen.request.prefill_only and gen.finished.status is FinishStatus.STOP:
+        return "length"  # max_tokens 0 reached: no token
+    return gen.finished.status.value
 
 
 def _usage(gen: Generation) -> dict[str, Any]:
@@ -144,7 +161,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         req = GenerateRequest(gateway.new_id("chatcmpl"), model, sampling, messages=messages, prediction=prediction)
     else:
         req = GenerateRequest(gateway.new_id("cmpl"), model, sampling, prompt=_prompt(body), prediction=prediction)
-    return await _respond(request, req, body, started, stream, include_usage, chat=chat)
+    return await _respond(request, _prefill_only(req), body, started, stream, include_usage, chat=chat)
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -203,8 +220,7 @@ def _completion(req: GenerateRequest, gen: Generation, *, chat: bool) -> dict[st
     error = _failure(gen)
     if error is not None:
         raise error
-    assert gen.finished is not None
-    reason = gen.finished.status.value
+    reason = _finish_reason(gen)
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -282,8 +298,7 @@ async def _closing_chunks(gen: Generation, *, base: dict[str, Any], include_usag
     if error is not None:
         out.append(sse(error_body(error)))
     else:
-        assert gen.finished is not None
-        out.append(_chunk(base, None if chat else "", gen.finished.status.value, chat=chat))
+        out.append(_chunk(base, None if chat else "", _finish_reason(gen), chat=chat))
         if include_usage:
             out.append(sse({**base, "choices": [], "usage": _usage(gen), "timings": gen.timings()}))
     out.append(sse("[DONE]"))

@@ -40,7 +40,12 @@ def _responses(ok: str, *errors: int, stream: bool = False) -> dict[str, Any]:
 
 
 def _sampling(max_tokens: int) -> dict[str, Any]:
-    count = {"type": "integer", "minimum": 1, "maximum": max_tokens}
+    count = {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": max_tokens,
+        "description": "0: prefill only (blink): the prompt's KV is computed into the prefix cache, no token",
+    }
     optional = {
         "max_tokens": count,
         "max_completion_tokens": count,

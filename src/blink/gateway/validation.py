@@ -142,12 +142,18 @@ def get_prediction(obj: dict[str, Any], key: str = "prediction", param: str = "p
 
 
 def get_sampling(
-    obj: dict[str, Any], *, max_tokens_keys: tuple[str, ...], max_model_len: int, default_temperature: float
+    obj: dict[str, Any],
+    *,
+    max_tokens_keys: tuple[str, ...],
+    max_model_len: int,
+    default_temperature: float,
+    allow_zero: bool = False,
 ) -> Sampling:
-    """Sampling settings shared by every API. `max_tokens_keys` in order of precedence."""
+    """Sampling settings shared by every API. `max_tokens_keys` in order of precedence; `allow_zero`: 0 is a
+    valid max_tokens (a prefill-only request)."""
     max_tokens = None
     for key in max_tokens_keys:
-        max_tokens = get_number(obj, key, 1, max_model_len, integer=True)
+        max_tokens = get_number(obj, key, 0 if allow_zero else 1, max_model_len, integer=True)
         if max_tokens is not None:
             break
     temperature = get_number(obj, "temperature", 0, 2)

@@ -22,6 +22,7 @@ class Active:
     first_token: float | None = None
     marks: dict[str, float] | None = None  # unix times for the trace (received, queued_s, first token, ...)
     predecoded: int = 0  # it adopted a pre-decode of this many tokens (worker/predecode.py)
+    prompt_tokens: int = 0  # its whole prompt (a prefill-only request computes only its whole blocks)
 
 
 def timings(active: Active, out: StepOutput) -> dict[str, Any]:

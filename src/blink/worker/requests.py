@@ -93,12 +93,15 @@ class Requests:
                 await self._replace_predecode(req, prompt)
             if req.prefill_only:
                 await self._replace_preload(req)
-                prompt = self._preload_prompt(prompt, req.tenant)
+                prompt = self._preload_prompt(prompt, req.tenant, capped=req.priority > 0)
                 if not prompt:  # nothing left to compute: every full block is cached already
                     self._forget_preload(req)
                     self.prefixes.remember(req, full, self.engine.blocks.block_size)
-                    await self.bus.publish(Accepted(req.request_id, self.replica_id, 0))
-                    await self.bus.publish(Finished(req.request_id, FinishStatus.STOP))
+                    cached = self.engine.cached_tokens(full, req.tenant)
+                    await self.bus.publish(Accepted(req.request_id, self.replica_id, len(full)))
+                    await self.bus.publish(
+                        Finished(req.request_id, FinishStatus.STOP, prompt_tokens=len(full), cached_tokens=cached)
+                    )
                     return
             self._add(req, prompt)
         except BlinkError as exc:
@@ -113,7 +116,8 @@ class Requests:
             await self.bus.publish(error)
             return
         marks = {"received": received} if req.traceparent is not None and tracing.enabled() else None
-        self.active[req.request_id] = Active(req, TextOutput(self.tokenizer, req.sampling.stop), marks=marks)
+        active = Active(req, TextOutput(self.tokenizer, req.sampling.stop), marks=marks, prompt_tokens=len(full))
+        self.active[req.request_id] = active
         self.prefixes.remember(req, full, self.engine.blocks.block_size)
         if req.predecode:  # its Finished comes when it has its tokens
             return
@@ -225,12 +229,13 @@ class Requests:
             await self.bus.publish(Finished(previous, FinishStatus.CANCELLED))
         self._preloads[req.session_id] = req.request_id
 
-    def _preload_prompt(self, prompt: list[int], tenant: str | None) -> list[int]:
-        """What a pre-load computes: at most --preload-max-tokens (its cap on speculative KV), and only whole
-        blocks, since only whole blocks enter the prefix cache (a partial one would be recomputed at submit);
-        empty if those blocks are all cached already (in `tenant`'s partition)."""
+    def _preload_prompt(self, prompt: list[int], tenant: str | None, *, capped: bool) -> list[int]:
+        """What a prefill-only request computes: only whole blocks, since only whole blocks enter the prefix cache
+        (a partial one would be recomputed at submit), and for a pre-load (`capped`) at most --preload-max-tokens
+        (its cap on speculative KV); empty if those blocks are all cached already (in `tenant`'s partition)."""
         bs = self.engine.blocks.block_size
-        limit = min(self.config.preload_max_tokens, self.engine.max_model_len - 1, len(prompt))
+        cap = self.config.preload_max_tokens if capped else len(prompt)
+        limit = min(cap, self.engine.max_model_len - 1, len(prompt))
         prompt = prompt[: limit // bs * bs]
         return prompt if self.engine.cached_tokens(prompt, tenant) < len(prompt) else []
 
@@ -327,7 +332,7 @@ class Requests:
             finished = Finished(
                 out.request_id,
                 FinishStatus.STOP,
-                prompt_tokens=out.prompt_tokens,
+                prompt_tokens=active.prompt_tokens or out.prompt_tokens,  # the whole prompt, not its whole blocks
                 cached_tokens=out.cached_tokens,
                 timings=timings(active, out),
             )
