@@ -220,7 +220,10 @@ class ModelRunner:
             seqs = [batch.sequences[i] for i in plain]
             rows = torch.tensor([where[i].start for i in plain])  # type: ignore[union-attr]
             picked = sample(
-                logits.index_select(0, rows), [s.params for s in seqs], [self._generators[s.request_id] for s in seqs]
+                logits.index_select(0, rows),
+                [s.params for s in seqs],
+                [self._generators[s.request_id] for s in seqs],
+                [len(s.output_token_ids) for s in seqs],
             )
             for i, token in zip(plain, picked, strict=True):
                 out[i] = [token]
@@ -229,5 +232,6 @@ class ModelRunner:
                 w = where[i]
                 if proposal and proposal.tokens and w is not None:
                     seq = batch.sequences[i]
-                    out[i] = verify(logits[w], proposal, seq.params, self._generators[seq.request_id])
+                    gen = self._generators[seq.request_id]
+                    out[i] = verify(logits[w], proposal, seq.params, gen, len(seq.output_token_ids))
         return out

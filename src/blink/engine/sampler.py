@@ -7,6 +7,14 @@ own generator, so a seeded request gives the same tokens whatever else is in the
 (speculative.py proposes them): greedy keeps a guess while it is the argmax, sampling accepts it with
 probability min(1, p / q) and draws the first rejected one from the residual, so output is distributed as plain
 sampling's.
+
+A seeded request (`seed` set) draws each token as a function of the distribution, the seed and the token's
+position in the answer alone (`exact`: the exponential race argmax p / E, E drawn from a generator seeded with
+seed and position): the same seed gives the same answer whatever else shares its steps, whether speculative
+decoding guessed (a guess is kept exactly when it is the token plain sampling draws there: for a one-hot guess
+that happens with probability p, as min(1, p / q) accepts it), whether it was preempted, or pre-decoded and
+adopted (llm_engine.py). A draw from the request's own generator could not promise that: how many numbers a
+verification takes from it depends on the guesses.
 """
 
 from __future__ import annotations
@@ -18,13 +26,30 @@ import torch
 from blink.engine.sequence import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] (float32) -> one token id per row."""
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    positions: list[int] | None = None,
+) -> list[int]:
+    """logits [B, V] (float32) -> one token id per row; `positions`: each row's token's index in its answer (for
+    seeded rows; 0 when not given)."""
     out = logits.argmax(dim=-1).tolist()  # greedy for every row; sampled rows are overwritten below
     for i, p in enumerate(params):
-        if not p.greedy:
-            out[i] = draw(probabilities(logits[i], p), generators[i])
+        if p.greedy:
+            continue
+        probs = probabilities(logits[i], p)
+        out[i] = (
+            draw(probs, generators[i]) if p.seed is None else exact(probs, p.seed, positions[i] if positions else 0)
+        )
     return out
+
+
+def exact(probs: torch.Tensor, seed: int, position: int) -> int:
+    """The token a seeded request draws at `position` of its answer from `probs` [V] (see the module docstring)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + position) % (1 << 63))
+    race = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=gen)
+    return int((probs / race).argmax())
 
 
 def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -60,13 +85,21 @@ class Proposal:
         return Proposal(self.tokens[:k], None if self.probs is None else self.probs[:k], self.predicted)
 
 
-def verify(logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator | None) -> list[int]:
+def verify(
+    logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator | None, position: int = 0
+) -> list[int]:
     """logits [k + 1, V] of the target at the last token and each of the k guesses -> the tokens to emit: the
-    kept guesses and one token from the target (1 to k + 1 tokens)."""
+    kept guesses and one token from the target (1 to k + 1 tokens). `position`: the first one's index in the
+    answer (seeded requests)."""
     guesses = proposal.tokens
     assert logits.shape[0] == len(guesses) + 1, "one row per guess, and one for the token before them"
-    if params.greedy:
-        best = logits.argmax(dim=-1).tolist()
+    if params.greedy or params.seed is not None:
+        if params.greedy:
+            best = logits.argmax(dim=-1).tolist()
+        else:  # the token plain sampling draws at each position: a guess is kept when it is that one
+            seed = params.seed
+            assert seed is not None
+            best = [exact(probabilities(logits[i], params), seed, position + i) for i in range(len(logits))]
         out: list[int] = []
         for guess, target in zip(guesses, best, strict=False):
             if guess != target:

@@ -282,6 +282,24 @@ def test_greedy_tokens_with_speculation_equal_plain_decoding_on_a_toy_model(prop
     assert spec.speculation.accepted > 10  # kept guesses (a random draft agrees less than prompt lookup)
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_seeded_sampling_with_speculation_gives_the_tokens_of_plain_decoding(proposer: str) -> None:
+    model = toy_model(1)
+    prompts = [[1, 2, 3] * k + [4] * (k % 3) for k in range(1, 13)]
+    plain = LLMEngine(model, frozenset(), EngineConfig(max_num_seqs=16, max_model_len=128, block_size=4))
+    spec = toy_engine(model, proposer)
+    params = [SamplingParams(max_tokens=20, temperature=0.9, seed=100 + i) for i in range(len(prompts))]
+    expected = [plain.generate(p, params[i], f"p{i}") for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):
+        spec.add_request(f"s{i}", p, params[i])
+    got: dict[str, list[int]] = {}
+    while spec.has_work():
+        for o in spec.step():
+            got.setdefault(o.request_id, []).append(o.token_id)  # type: ignore[arg-type]
+    assert [got[f"s{i}"] for i in range(len(prompts))] == expected
+    assert spec.speculation.accepted > 10  # guesses were kept: the same tokens, fewer steps
+
+
 def blocks_consistent(engine: LLMEngine) -> None:
     """Every running sequence holds exactly the blocks of its computed tokens (no rejected guess's block left
     behind), and every block is either free or referenced."""
