@@ -28,7 +28,8 @@ carry none. Why not a small chunk every step: any prompt chunk takes the step of
 (fused_decode.py), and measured on 2 cores such a step cost 2x a decode-only one (8 streams: 12.9 -> 25.6 ms
 with a 4-token chunk), whatever the chunk's size: every step 2x slower doubled live streams' p99 inter-token
 latency, while one slow step in 128 leaves the p99 alone and still prefills ~96 tokens per 1.7 s, more than eight
-typists produce. A pre-decode's decode rows stay on the fused path: one per step rides with the live streams.
+typists produce. A pre-decode's decode rows stay on the fused path, but each costs the step as much as another
+stream: while live streams decode, one joins one step in PREDECODE_ROW_EVERY.
 With no live stream decoding, background steps take `background_step_tokens` (so a live request arriving waits
 one short step). A live request that finds the batch full preempts the latest background sequence.
 
@@ -91,6 +92,8 @@ class ScheduledBatch:
         return 0
 
 
+PREDECODE_ROW_EVERY = 4  # while live streams decode, a pre-decode's next token joins one step in this many
+
 # context length at which attending costs a prompt token as much again as its weights (SmolLM2-135M on CPU:
 # ~1.3 ms of attention vs ~1.2 ms of linear layers per token at 1,000 tokens of context)
 PREFILL_ATTENTION_TOKENS = 512
@@ -132,12 +135,14 @@ class _Budget:
         decoding = live_decoding and not _burst(sched)
         budget = sched.max_num_batched_tokens
         turn = not live_decoding or sched.since_background + 1 >= sched.background_period
+        # off their turn, a pre-decode's decode row in one step of PREDECODE_ROW_EVERY: a row costs live streams
+        # as much as one more stream (measured: 8 streams 13.9 -> 16.7 ms a step with one more row)
+        row = sched.steps % sched.predecode_row_every == 0
         return cls(
             tokens=budget,
             prefill=sched.prefill_chunk_tokens if decoding else budget,
             background=sched.background_step_tokens if turn else 0,
-            # off their turn, one background sequence per step: a pre-decode's decode row
-            background_seqs=sched.max_num_seqs if turn else 1,
+            background_seqs=sched.max_num_seqs if turn else int(row),
             decoding=decoding,
             live_decoding=live_decoding,
             turn=turn,
@@ -215,6 +220,8 @@ class Scheduler:
         self.background_period = background_period
         self.background_step_tokens = background_step_tokens
         self.since_background = 0  # steps with live streams decoding since background prompt chunks last ran
+        self.steps = 0
+        self.predecode_row_every = PREDECODE_ROW_EVERY
         self.background_tokens_used = 0  # prompt tokens of live requests found in blocks background work computed
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.running: list[Sequence] = []  # sorted by (priority, arrival)
@@ -248,6 +255,7 @@ class Scheduler:
         # a turn's steps count from the last one that carried background chunks (or had no live stream): work
         # arriving after a quiet while may take its turn at once
         self.since_background = 0 if step.background_chunks or not step.live_decoding else self.since_background + 1
+        self.steps += 1
         return batch
 
     def _continue_all(self, step: _Budget, batch: ScheduledBatch, sitting_out: set[str | None]) -> None:

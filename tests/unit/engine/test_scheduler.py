@@ -120,6 +120,7 @@ def test_higher_priority_is_admitted_first() -> None:
 
 def test_running_out_of_blocks_preempts_the_lowest_priority_and_it_resumes() -> None:
     sched = make(blocks=4, budget=64)
+    sched.predecode_row_every = 1  # low decodes in every step beside high
     low, high = seq("low", 7, priority=1), seq("high", 7, priority=0, first=50)
     sched.add(low)
     sched.add(high)
