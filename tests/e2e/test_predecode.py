@@ -138,3 +138,38 @@ def test_a_draft_cleared_after_the_pause_abandons_the_pre_decode(server: Server)
 
     asyncio.run(main())
     server.wait_idle()
+
+
+def test_a_pre_decode_is_adopted_while_another_stream_decodes(server: Server) -> None:
+    """The submit arrives while the engine steps for someone else: the parked tokens go out during the step."""
+    settings = {"instructions": f"Answer briefly. ({uuid.uuid4().hex[:8]})", "temperature": 0, "max_output_tokens": 16}
+
+    async def busy() -> None:
+        body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Count to a thousand."}],
+                "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True, "cache": False}  # fmt: skip
+        url = server.base + "/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=120) as client, client.stream("POST", url, json=body) as response:
+            async for _ in response.aiter_lines():
+                pass
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        ws = await session(server, **settings)
+        other = asyncio.create_task(busy())
+        try:
+            await type_out(ws, QUESTION)
+            await parked(server)
+            assert not other.done()  # still streaming: the submit lands while it steps
+            warm = await answer(ws, QUESTION)
+        finally:
+            await ws.close()
+            await other
+        plain = await session(server, **settings)
+        try:
+            return await answer(plain, QUESTION), warm
+        finally:
+            await plain.close()
+
+    cold, warm = asyncio.run(main())
+    assert warm["timings"]["predecoded_tokens"] >= 2
+    assert text_of(warm) == text_of(cold)
+    server.wait_idle(timeout=60)

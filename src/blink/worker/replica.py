@@ -226,9 +226,8 @@ class Replica:
                 self.model_name, self.replica_id, wait=0, max_requests=self._room(engine, self._inbox)
             )
             for msg in work:
-                if isinstance(msg, GenerateRequest) and requests.can_start_in_step(msg):
-                    await requests.start(msg, in_step=True)  # a parked pre-decode's tokens go out now
-                    continue
+                if isinstance(msg, GenerateRequest) and msg.adopt and await requests.start_in_step(msg):
+                    continue  # it adopted a parked pre-decode: its tokens went out now
                 self._inbox.append(msg)
                 if isinstance(msg, GenerateRequest) and msg.priority == 0 and not msg.prefill_only:
                     engine.interrupt_for(msg.tenant)

@@ -7,8 +7,8 @@ is dropped.
 
 Pre-decodes (predecode.py) are held here until a request adopts one. An adopted request keeps the pre-decode's
 engine sequence, so `active` is keyed by engine request id and `_adopted` maps the live request's id to it. An
-adoption may be made while a step runs (`start(req, in_step=True)`: the replica takes it off the bus then, to send
-the held tokens at once): the engine calls it needs wait in `pending` until the step ends (`run_pending`).
+adoption may be made while a step runs (`start_in_step`: the replica takes it off the bus then, to send the held
+tokens at once): the engine calls it needs wait in `pending` until the step ends (`run_pending`).
 """
 
 from __future__ import annotations
@@ -65,22 +65,31 @@ class Requests:
         else:
             call()
 
-    def can_start_in_step(self, req: GenerateRequest) -> bool:
-        """Whether `req` adopts a pre-decode that needs no engine step to send its tokens (parked, now reserved
-        for it, or ended), so it may start while a step runs."""
+    async def start_in_step(self, req: GenerateRequest) -> bool:
+        """While a step runs: start `req` if it adopts a pre-decode that needs no engine step to send its tokens
+        (parked, now reserved for it, or ended) and is its question; False (nothing done): start it after the
+        step."""
         held = self.predecodes.held.get(req.adopt) if req.adopt else None
-        return held is not None and (held.ended or self.engine.reserve(held.request.request_id))
+        if held is None or req.request_id in self._cancelled:
+            return False
+        try:
+            prompt = prompt_ids(self.tokenizer, req)
+        except BlinkError:
+            return False
+        if not adoptable(held, req, prompt) or not (held.ended or self.engine.reserve(held.request.request_id)):
+            return False
+        self._in_step = True
+        try:
+            return await self._adopt(req, prompt, time.time())
+        finally:
+            self._in_step = False
 
-    async def start(self, req: GenerateRequest, *, in_step: bool = False) -> None:
+    async def start(self, req: GenerateRequest) -> None:
         received = time.time()
         if req.request_id in self._cancelled:
             await self.bus.publish(Finished(req.request_id, FinishStatus.CANCELLED))
             return
-        self._in_step = in_step
-        try:
-            await self._start(req, received)
-        finally:
-            self._in_step = False
+        await self._start(req, received)
 
     async def _start(self, req: GenerateRequest, received: float) -> None:
         for stale in self.predecodes.stale():
@@ -134,9 +143,6 @@ class Requests:
             return False
         engine_id = held.request.request_id
         deadline = None if req.deadline is None else time.monotonic() + (req.deadline - time.time())
-        if not held.ended and self._in_step and not self.engine.reserve(engine_id):
-            await self._abandon(engine_id)  # still decoding: only a parked one is taken during a step (the
-            return False  # replica checks can_start_in_step first, so this does not happen)
         self.predecodes.forget(engine_id)
         self.active.pop(engine_id, None)
         if not held.announced:  # adopted before it had its tokens: its own request ends here
