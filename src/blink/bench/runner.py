@@ -160,10 +160,6 @@ async def _progress(cfg: BenchConfig, target: Target, live: _Live, t0: float) ->
 def main(cfg: BenchConfig) -> int:
     """Runs the benchmark against each target, prints the table, writes NAME.md, NAME.html and NAME.json into
     --out. Returns 0; 2 for settings that cannot make a run; 1 when a target cannot be reached."""
-    if cfg.typing:
-        from blink.bench.typing_run import main as typing_main
-
-        return typing_main(cfg)
     try:
         check(cfg)
         trace: list[TraceRow] = load_trace(Path(cfg.trace)) if cfg.trace else []

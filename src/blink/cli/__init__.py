@@ -203,9 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return run(args.pairs, cache, redis, args.cache_dir, args.json)
     if args.command == "bench":
+        bench_config = from_flags(BenchConfig, args)
+        if bench_config.typing:  # keystroke replay (bench/typing.py)
+            from blink.bench.typing_run import main as typing_bench
+
+            return typing_bench(bench_config)
         from blink.bench.runner import main as bench
 
-        return bench(from_flags(BenchConfig, args))
+        return bench(bench_config)
     if args.command == "keys":
         return keys_command(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
