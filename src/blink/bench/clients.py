@@ -96,6 +96,26 @@ class _Refused(Exception):
     """The server sent an error event for one of the session's events (other than a late response.cancel)."""
 
 
+_FAILURES: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str], ...] = (
+    (TimeoutError, "timeout"),  # before OSError, its base
+    (_Refused, "refused"),
+    ((OSError, InvalidHandshake, httpx.ConnectError), "connect"),
+    ((WebSocketException, httpx.HTTPError), "disconnected"),
+    ((json.JSONDecodeError, KeyError, TypeError, ValueError), "protocol"),
+)
+
+
+def failure(e: Exception, timeout_s: float) -> tuple[str, str]:
+    """(kind, detail) of a session ended by the server's failure (a driver never raises for those); re-raises
+    anything else (a bug in the driver)."""
+    for types, kind in _FAILURES:
+        if isinstance(e, types):
+            if kind == "timeout":
+                return kind, f"no end within {timeout_s:g} s"
+            return kind, str(e) if kind == "refused" else f"{type(e).__name__}: {e}"
+    raise e
+
+
 class _Base:
     def __init__(self, target: Target, cfg: BenchConfig) -> None:
         self.target, self.cfg = target, cfg
@@ -121,16 +141,8 @@ class _Base:
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):
                 await self.session(job, result, t0)
-        except TimeoutError:
-            result.fail("timeout", f"no end within {self.cfg.request_timeout_s:g} s")
-        except _Refused as e:
-            result.fail("refused", str(e))
-        except (OSError, InvalidHandshake, httpx.ConnectError) as e:
-            result.fail("connect", f"{type(e).__name__}: {e}")
-        except (WebSocketException, httpx.HTTPError) as e:
-            result.fail("disconnected", f"{type(e).__name__}: {e}")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            result.fail("protocol", f"{type(e).__name__}: {e}")
+        except Exception as e:
+            result.fail(*failure(e, self.cfg.request_timeout_s))
         result.end_s = time.perf_counter() - t0
         if result.outcome is not Outcome.ERROR and result.output_tokens == 0:
             result.output_tokens = len(result.stamps)
@@ -304,7 +316,13 @@ async def _read_sse(response: httpx.Response, job: Job, result: Result, submitte
     return False
 
 
-def _usage(chunk: dict[str, Any], result: Result) -> None:
+class Usage(Protocol):
+    output_tokens: int
+    prompt_tokens: int | None
+    cached_tokens: int | None
+
+
+def _usage(chunk: dict[str, Any], result: Usage) -> None:
     usage = chunk.get("usage") or {}
     if usage.get("completion_tokens") is not None:
         result.output_tokens = int(usage["completion_tokens"])

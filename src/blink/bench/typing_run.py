@@ -18,9 +18,8 @@ from typing import Any
 
 import httpx
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidHandshake, WebSocketException
 
-from blink.bench.clients import Target, WsDriver, _error_code, _expect, _recv, _Refused, _send, chat_body
+from blink.bench.clients import Target, WsDriver, _error_code, _expect, _recv, _send, _usage, chat_body, failure
 from blink.bench.runner import targets
 from blink.bench.typing import Question, typing_sessions
 from blink.bench.workload import block_text
@@ -41,7 +40,7 @@ class Submit:
     still: bool  # the text submitted is the one the user paused on (no edit just before Enter)
     at_s: float = 0.0  # Enter, seconds after the run's start
     stamps: list[float] = field(default_factory=list)  # each delta's arrival, seconds after Enter
-    tokens: int = 0
+    output_tokens: int = 0
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     predecoded: int = 0
@@ -49,11 +48,14 @@ class Submit:
 
 
 def _counters(text: str) -> dict[str, float]:
+    """The COUNTERS summed over their series (a family's, or one labelled series') in a /metrics text."""
     out = dict.fromkeys((name for _, name in COUNTERS), 0.0)
     for line in text.splitlines():
-        for prefix, name in COUNTERS:
-            if line.startswith(prefix + " ") or (line.startswith(prefix.split("{")[0] + "{") and prefix in line):
-                out[name] += float(line.rsplit(" ", 1)[1])
+        series, _, value = line.rpartition(" ")
+        for key, name in COUNTERS:
+            family, labelled = key.split("{")[0], "{" in key
+            if series == key or (not labelled and series.startswith(family + "{")):
+                out[name] += float(value)
     return out
 
 
@@ -71,14 +73,9 @@ class _User:
                     await self._ws(q, sub, t0)
                 else:
                     await self._sse(q, sub, t0)
-        except TimeoutError:
-            sub.error = "timeout"
-        except _Refused as e:
-            sub.error = f"refused: {e}"
-        except (OSError, InvalidHandshake, WebSocketException, httpx.HTTPError) as e:
-            sub.error = f"connection: {type(e).__name__}: {e}"
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            sub.error = f"protocol: {type(e).__name__}: {e}"
+        except Exception as e:
+            kind, detail = failure(e, self.cfg.request_timeout_s + q.typing_s)
+            sub.error = f"{kind}: {detail}"[:300]
         return sub
 
     async def _ws(self, q: Question, sub: Submit, t0: float) -> None:
@@ -115,7 +112,7 @@ class _User:
                     if response.get("status") not in ("completed", "incomplete"):
                         sub.error = f"response {response.get('status')}: {response.get('status_details')}"[:300]
                     usage = response.get("usage") or {}
-                    sub.tokens = int(usage.get("output_tokens") or len(sub.stamps))
+                    sub.output_tokens = int(usage.get("output_tokens") or len(sub.stamps))
                     sub.prompt_tokens = usage.get("input_tokens")
                     sub.cached_tokens = (usage.get("input_token_details") or {}).get("cached_tokens")
                     sub.predecoded = int((response.get("timings") or {}).get("predecoded_tokens") or 0)
@@ -136,11 +133,7 @@ class _User:
                 if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                     continue
                 chunk = json.loads(line[5:])
-                usage = chunk.get("usage") or {}
-                if usage.get("completion_tokens") is not None:
-                    sub.tokens, sub.prompt_tokens = int(usage["completion_tokens"]), usage.get("prompt_tokens")
-                    details = usage.get("prompt_tokens_details") or {}
-                    sub.cached_tokens = details.get("cached_tokens", (chunk.get("timings") or {}).get("cache_n"))
+                _usage(chunk, sub)
                 if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
                     sub.stamps.append(time.perf_counter() - enter)
         if not sub.stamps and sub.error is None:
@@ -226,7 +219,7 @@ def summarize(
                 "at_s": round(s.at_s, 3),
                 "still": s.still,
                 "ttft_ms": _pct(s.stamps[:1], 0.5),
-                "tokens": s.tokens,
+                "tokens": s.output_tokens,
                 "prompt": s.prompt_tokens,
                 "cached": s.cached_tokens,
                 "predecoded": s.predecoded,

@@ -47,8 +47,10 @@ def test_the_summary_counts_still_and_edited_submits_and_the_servers_counters() 
     from blink.bench.typing_run import Submit
 
     submits = [
-        Submit(0, still=True, stamps=[0.01, 0.02, 0.03], tokens=3, prompt_tokens=40, cached_tokens=32, predecoded=2),
-        Submit(1, still=False, stamps=[0.05, 0.06], tokens=2, prompt_tokens=40, cached_tokens=16),
+        Submit(
+            0, still=True, stamps=[0.01, 0.02, 0.03], output_tokens=3, prompt_tokens=40, cached_tokens=32, predecoded=2
+        ),
+        Submit(1, still=False, stamps=[0.05, 0.06], output_tokens=2, prompt_tokens=40, cached_tokens=16),
         Submit(2, still=True, error="timeout"),
     ]
     counters = _counters(
