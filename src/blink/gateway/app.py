@@ -20,7 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from blink.config import GatewayConfig
 from blink.errors import BlinkError, CacheUnavailable, InvalidRequest, MethodNotAllowed, NotFound, PermissionDenied
-from blink.gateway import browser, documents, openai_http
+from blink.gateway import browser, documents, openai_http, web
 from blink.gateway.auth import AuthMiddleware, tenant_of
 from blink.gateway.keys import Tenant
 from blink.gateway.limits import ConnectionCap
@@ -137,6 +137,7 @@ ROUTES = [
     WebSocketRoute("/v1/realtime", realtime_endpoint),
     WebSocketRoute("/v1/link", link_endpoint),  # an edge's link (blink edge --core URL)
     Route("/v1/cache", invalidate_cache, methods=["DELETE"]),
+    *web.ROUTES,  # the browser client at / (src/blink/web/)
 ]
 DOCUMENT_ROUTES = [  # on a server with a document store
     Route("/v1/documents", documents.create_document, methods=["POST"]),

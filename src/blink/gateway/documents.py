@@ -81,7 +81,13 @@ async def retrieve_document(request: Request) -> Response:
     doc = await _store(request).get(doc_id)
     if doc is None:
         raise NotFound(f"no document with id {doc_id!r}", param="id")
-    return JSONResponse({**_summary(doc), "text": doc.text})
+    body = {**_summary(doc), "text": doc.text}
+    include = request.query_params.get("include")
+    if include not in (None, "chunks"):
+        raise InvalidRequest("'include' may only be 'chunks'", param="include")
+    if include == "chunks":  # how the document was split for retrieval, in order
+        body["chunk_texts"] = [chunk.text for chunk in doc.chunks]
+    return JSONResponse(body)
 
 
 async def delete_document(request: Request) -> Response:

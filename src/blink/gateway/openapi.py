@@ -173,6 +173,9 @@ def _generation(summary: str, schema: str) -> dict[str, Any]:
     }
 
 
+_INCLUDE = {"type": "string", "enum": ["chunks"]}
+
+
 def _documents() -> dict[str, Any]:
     doc_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
@@ -185,7 +188,11 @@ def _documents() -> dict[str, Any]:
             "get": {"summary": "List the documents", "responses": _responses("the documents")},
         },
         "/v1/documents/{id}": {
-            "get": {"summary": "A document", "parameters": doc_id, "responses": _responses("the document", 404)},
+            "get": {
+                "summary": "A document (with include=chunks, its chunks' texts as chunk_texts)",
+                "parameters": [*doc_id, {"name": "include", "in": "query", "required": False, "schema": _INCLUDE}],
+                "responses": _responses("the document", 400, 404),
+            },
             "delete": {"summary": "Delete a document", "parameters": doc_id, "responses": _responses("deleted", 404)},
         },
     }

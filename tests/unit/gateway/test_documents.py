@@ -165,3 +165,11 @@ def test_a_full_store_is_400_until_a_document_is_deleted(client: TestClient) -> 
 def test_the_documents_api_and_its_store_do_not_import_torch() -> None:
     code = "import sys, blink.gateway.documents, blink.preload.store; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_include_chunks_lists_the_chunks_text_in_order(client: TestClient) -> None:
+    client.post("/v1/documents", json={"id": "cats", "text": TEXT})
+    body = client.get("/v1/documents/cats", params={"include": "chunks"}).json()
+    assert body["chunk_texts"] == [c.text for c in chunk_text("cats", TEXT)] and len(body["chunk_texts"]) == 2
+    assert "chunk_texts" not in client.get("/v1/documents/cats").json()
+    assert_error(client.get("/v1/documents/cats", params={"include": "vectors"}), 400, "invalid_request", "include")
