@@ -238,3 +238,17 @@ def test_an_unreachable_core_degrades_auto_and_refuses_its_models(
     wait_for(lambda: link_up(edge), "the link is up again")
     back = chat(edge, SHORT, model=CORE_MODEL, cache=False)
     assert back.status_code == 200 and back.headers["x-blink-route"] == "core"
+
+
+def test_the_web_client_on_the_edge_says_where_each_answer_came_from(core: Server, edge: Server) -> None:
+    from tests.e2e.browser import chromium
+    from tests.e2e.test_web_client import ask, last_answer, open_page
+
+    with chromium() as (_, browser):
+        page = browser.new_page()
+        open_page(page, edge.base, max_tokens="12")
+        assert page.input_value("#model") == "auto"  # the edge session's own model, until the user picks one
+        ask(page, CODE)
+        assert "route core" in last_answer(page, 1)["timings"]
+        ask(page, SHORT)
+        assert "route edge" in last_answer(page, 2)["timings"]

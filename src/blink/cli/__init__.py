@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the model over WebSocket (/v1/realtime) and OpenAI-compatible HTTP",
         description="Start the gateway, the in-memory event bus and one pre-warmed replica in this process "
         "(with --redis: the bus is Redis Streams, which `blink worker` processes join; --no-local-replica leaves "
-        "this process a gateway only). /readyz answers 200 once a replica has loaded and warmed its model.",
+        "this process a gateway only). /readyz answers 200 once a replica has loaded and warmed its model; / is "
+        "blink's web client (a chat page that shows each answer's timings).",
     )
     for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, RedisConfig):
         add_flags(serve, cls)
@@ -135,7 +136,7 @@ def _add_edge_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "replica of a small model (--model), semantic cache and pre-loading, and one warm, multiplexed link to a "
         "core gateway (--core; its key in BLINK_CORE_KEY). Requests naming the core's models go to the core; "
         "`model: auto` (the default) is decided by a routing table (--routing), reported as route edge, core or "
-        "cache in response.done, the timings and the X-Blink-Route header.",
+        "cache in response.done, the timings and the X-Blink-Route header. / is the web client, as on `blink serve`.",
     )
     for cls in (ModelConfig, EngineConfig, GatewayConfig, CacheConfig, EdgeConfig):
         add_flags(edge, cls)

@@ -35,7 +35,7 @@ function sessionSettings() {
     cache: ui.cache.checked,
     instructions: ui.instructions.value.trim() || null, // null: the model's own default
   };
-  if (ui.model.value) settings.model = ui.model.value;
+  if (ui.model.dataset.chosen) settings.model = ui.model.value; // else the session's own (an edge's "auto")
   return settings;
 }
 
@@ -71,6 +71,13 @@ async function connect() {
 function fillModels(ids) {
   const chosen = ui.model.value;
   ui.model.replaceChildren(...ids.map((id) => new Option(id, id, false, id === chosen)));
+}
+
+// Shows the session's model, until the user picks one.
+function showModel(model) {
+  if (ui.model.dataset.chosen || !model) return;
+  if (![...ui.model.options].some((o) => o.value === model)) ui.model.append(new Option(model, model));
+  ui.model.value = model;
 }
 
 function showStatus(status) {
@@ -126,6 +133,7 @@ function cancel() {
 function onEvent(event) {
   switch (event.type) {
     case "session.created":
+      showModel(event.session.model);
       applySettings();
       if (documents.openedIds().length) applyRetrieval();
       break;
@@ -237,6 +245,7 @@ ui.settings.addEventListener("submit", (e) => {
   if (keyChanged) connect();
   else applySettings();
 });
+ui.model.addEventListener("change", () => (ui.model.dataset.chosen = "true"));
 for (const input of [ui.model, ui.temperature, ui.maxTokens, ui.cache, ui.instructions]) input.addEventListener("change", applySettings);
 
 connect();
