@@ -98,6 +98,7 @@ def test_drafts_reach_the_server_and_enter_streams_the_answer(server: Server, pa
     assert "pre-loaded" in answer["timings"] and re.search(r"\d+ of \d+ prompt tokens cached", answer["timings"])
     assert answer["verified"] == "true"  # what the page shows is the server's whole text
     assert page.input_value("#input") == ""
+    assert page.locator("#chart rect").count() == 1 and "Last 1 answers" in page.inner_text("#chart-desc")
     shot = tmp_path / "web-client.png"  # the page answering
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
@@ -119,6 +120,18 @@ def test_stop_and_esc_cancel_and_the_conversation_goes_on(server: Server, page: 
     answer = last_answer(page, 3)
     assert answer["status"] in ("completed", "incomplete") and answer["text"].strip()
     assert int(page.locator("#messages li.user").count()) == 3
+
+
+def test_a_repeated_question_is_answered_from_the_semantic_cache(server: Server, page: Page) -> None:
+    answers = []
+    for _ in range(2):  # two conversations (the cache answers a conversation's first question only)
+        open_page(page, server.base, max_tokens="64", cache="on", instructions="Answer in one short sentence.")
+        ask(page, "Which planet is known as the red planet?")
+        answers.append(last_answer(page))
+    first, second = answers
+    assert first["status"] == "completed" and first["kind"] != "cache", first  # only complete answers are cached
+    assert second["kind"] == "cache" and second["text"] == first["text"]
+    assert re.search(r"semantic cache hit \(similarity (1\.000|0\.9\d\d)\)", second["timings"]), second["timings"]
 
 
 def test_an_uploaded_document_is_chunked_opened_and_quoted(server: Server, page: Page, tmp_path: Path) -> None:

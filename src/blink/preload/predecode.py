@@ -18,7 +18,10 @@ Both knobs adapt per session, to keep wasted decode small against what is used:
   typing speed: a slow typist's every key would otherwise look like a pause; intervals over MAX_IDLE_S are pauses,
   not typing; PRIOR_IKI_S, the mean of Dhakal et al. 2018 (bench/typing.py), until RHYTHM_MIN_SAMPLES are in),
   whichever is longer, at most MAX_IDLE_S. A draft that ends a sentence (?, ., !) waits SENTENCE_RHYTHM times
-  instead: a question mark is a strong sign of a submit. One that ends in whitespace waits MAX_IDLE_S: the
+  instead: a question mark is a strong sign of a submit. While serving has room (`spare()`: no live response
+  streams), such a draft waits only MIN_IDLE_S: a decode nobody waits for costs no one anything then, and the
+  pause before Enter is often shorter than the user's rhythm allows for (measured in the browser:
+  benchmarks/browser_typing.py). One that ends in whitespace waits MAX_IDLE_S: the
   next word is coming. A pause the user then typed on after grows `idle_s` by 1.25x (up to MAX_IDLE_S); one
   that ended in a submit shrinks it by 0.9x (down to MIN_IDLE_S). On keystroke replays with the published typing
   statistics (`blink bench --typing`) this kept wasted tokens below the adopted ones (see docs/predecode.md).
@@ -84,11 +87,12 @@ class Predecoder:
         *,
         max_tokens: int = 8,
         on_outcome: Callable[[str, int], None] | None = None,
+        spare: Callable[[], bool] | None = None,
     ) -> None:
         """`start(messages, text, tokens)` -> (handle, key, request id); `cancel(request id)` frees one the
         replica holds (after its Finished, when the handle can no longer cancel it); `on_outcome(outcome, tokens)`
-        hears "adopted" and "wasted" tokens (metrics)."""
-        self._start, self._cancel, self._on_outcome = start, cancel, on_outcome
+        hears "adopted" and "wasted" tokens (metrics); `spare()`: whether serving has room now (None: never)."""
+        self._start, self._cancel, self._on_outcome, self._spare = start, cancel, on_outcome, spare
         self.max_tokens = max_tokens
         self.idle_s = IDLE_S
         self.tokens = min(TOKENS, max_tokens)
@@ -153,8 +157,11 @@ class Predecoder:
         """How long `draft` must stay still before it is pre-decoded (see the module docstring)."""
         if draft[-1:].isspace():
             return MAX_IDLE_S
+        sentence = draft.rstrip()[-1:] in ("?", ".", "!")
+        if sentence and self._spare is not None and self._spare():
+            return MIN_IDLE_S
         iki = statistics.median(self._intervals) if len(self._intervals) >= RHYTHM_MIN_SAMPLES else PRIOR_IKI_S
-        rhythm = (SENTENCE_RHYTHM if draft.rstrip()[-1:] in ("?", ".", "!") else RHYTHM) * iki
+        rhythm = (SENTENCE_RHYTHM if sentence else RHYTHM) * iki
         return min(MAX_IDLE_S, max(self.idle_s, rhythm))
 
     async def _after_idle(self, draft: tuple[Messages, str]) -> None:

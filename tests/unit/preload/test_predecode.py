@@ -191,3 +191,12 @@ def test_a_sentence_end_waits_less_and_a_trailing_space_waits_longest(monkeypatc
     assert p.wait_s("What time is it?") == max(pd.IDLE_S, pd.SENTENCE_RHYTHM * pd.PRIOR_IKI_S)
     assert p.wait_s("What time is it") == max(pd.IDLE_S, pd.RHYTHM * pd.PRIOR_IKI_S)
     assert p.wait_s("What time is ") == pd.MAX_IDLE_S
+
+
+def test_with_room_to_spare_a_sentence_end_is_pre_decoded_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    busy = [False]
+    p = Fake().predecoder(spare=lambda: not busy[0])
+    assert p.wait_s("What time is it?") == pd.MIN_IDLE_S
+    assert p.wait_s("What time is it") == max(pd.IDLE_S, pd.RHYTHM * pd.PRIOR_IKI_S)  # mid-sentence: as before
+    busy[0] = True  # live streams: the usual wait, not to take decode from them on a guess
+    assert p.wait_s("What time is it?") == max(pd.IDLE_S, pd.SENTENCE_RHYTHM * pd.PRIOR_IKI_S) > pd.MIN_IDLE_S

@@ -68,6 +68,7 @@ class RealtimeSession:
                 self._cancel_predecode,
                 max_tokens=gateway.config.predecode_tokens,
                 on_outcome=gateway.metrics.predecoded,
+                spare=lambda: gateway.num_live == 0,  # no live stream: a question mark is pre-decoded at once
             )
             if gateway.config.preload and gateway.config.predecode_tokens > 0
             else None
