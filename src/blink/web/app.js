@@ -1,6 +1,6 @@
 // The page: a conversation over RealtimeClient, with drafts sent per keystroke (pre-loading), Enter to send,
 // Stop/Esc to cancel, per-answer timings, documents, settings and a latency chart. No network but this server.
-import { RealtimeClient, KeyError, api } from "./client.js";
+import { RealtimeClient, KeyError } from "./client.js";
 import { Documents } from "./documents.js";
 import { drawChart, timingsText, answerKind } from "./timings.js";
 
@@ -58,9 +58,8 @@ async function connect() {
   client.addEventListener("status", (e) => showStatus(e.detail));
   client.addEventListener("event", (e) => onEvent(e.detail));
   try {
-    const models = await api(location.origin, apiKey, "/v1/models");
+    const models = await client.connect();
     fillModels(models.data.map((m) => m.id));
-    await client.connect();
     await documents.refresh();
   } catch (error) {
     showStatus("closed");

@@ -5,7 +5,7 @@
 //   const client = new RealtimeClient({ base: location.origin, apiKey });
 //   client.addEventListener("event", (e) => e.detail /* each server event, as JSON */);
 //   client.addEventListener("status", (e) => e.detail /* "connecting" | "open" | "reconnecting" | "closed" */);
-//   await client.connect();          // rejects with KeyError (a clear message) when the key is refused
+//   await client.connect();          // the models; rejects with KeyError (a clear message) if the key is refused
 //   client.send({ type: "input_text.draft", text });
 //
 // Lifecycle: closed -> connecting -> open -> (connection lost) reconnecting -> open ... -> closed (close()).
@@ -49,9 +49,10 @@ export class RealtimeClient extends EventTarget {
     this.timer = null;
   }
 
-  // Checks the key over HTTP first (a browser never sees why a WebSocket handshake failed), then opens.
+  // Checks the key over HTTP first (a browser never sees why a WebSocket handshake failed), then opens. Resolves
+  // to GET /v1/models' answer, once the session is open.
   async connect() {
-    await api(this.base, this.apiKey, "/v1/models");
+    const models = await api(this.base, this.apiKey, "/v1/models");
     this.wanted = true;
     this._open();
     await new Promise((resolve, reject) => {
@@ -63,6 +64,7 @@ export class RealtimeClient extends EventTarget {
       };
       this.addEventListener("status", settle);
     });
+    return models;
   }
 
   close() {

@@ -166,9 +166,11 @@ class Requests:
             if engine_id not in self.active:
                 break  # it ended (a stop string, a finish within the held tokens, or the client went away)
             await self.emit(out)
-        # a head start for the held tokens: in one process the gateway forwards them on this loop, which the
-        # sequence's next engine step (every core) would otherwise keep waiting for a time slice (2-9 ms measured)
-        await asyncio.sleep(HELD_HEAD_START_S)
+        if not held.ended and not self._in_step:
+            # a head start for the held tokens before the step this adoption starts: in one process the gateway
+            # forwards them on this loop, which that step (every core) would keep waiting for a time slice (2-9 ms
+            # measured). A step already running (start_in_step) gains nothing from waiting
+            await asyncio.sleep(HELD_HEAD_START_S)
         return True
 
     def _engine_adopt(self, engine_id: str, req: GenerateRequest, deadline: float | None) -> None:
